@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine: `make run` (the main job) and `make test` (the suite).
+# Both create .venv on first use. The CPU build of torch is pinned first so pip never pulls a
+# multi-GB CUDA build on CPU-only machines; GPU users add `.[gpu]` for the fla kernels.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: install run test
+install: $(BIN)/.installed
+
+run: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m dtr_core $(ARGS)
+
+test: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

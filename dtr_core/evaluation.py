@@ -1,0 +1,163 @@
+"""Scoring hybrids on a fixed split, reusing the hidden states of layers a candidate leaves unchanged.
+
+A candidate that adds layer ℓ to the current hybrid computes exactly what the current hybrid
+computes before ℓ, so its forward pass can start from the current hybrid's cached input to layer ℓ.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .adapters import ModelAdapter
+from .hybrid import hybrid_view
+
+
+class Scorer(Protocol):
+    """Turns model outputs on a split into one validation score."""
+
+    higher_is_better: bool
+
+    def collect(self, output: Any, batch: Mapping[str, torch.Tensor]) -> Any:
+        """What the score needs from one batch's output (small; kept until ``score``)."""
+
+    def score(self, collected: Sequence[Any]) -> float:
+        """The split's score from every batch's collected values."""
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a layer whose output is already cached: returns its input hidden state."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def _first_difference(a: frozenset[int], b: frozenset[int], num_layers: int) -> int:
+    differing = a ^ b
+    return min(differing) if differing else num_layers
+
+
+class PrefixCachingEvaluator:
+    """Callable ``evaluate(linear_layers) -> score`` for the greedy search.
+
+    Keeps the per-layer input hidden states of one *base* hybrid (the first one evaluated, then
+    whatever ``rebase`` names). A candidate whose first difference from the base is layer ``j``
+    runs only layers ``j..L-1``. It also keeps the states of the best-scoring candidate since the
+    last rebase: the search usually keeps exactly that one, and then rebasing costs nothing.
+    ``prefix_reuse=False`` always runs the whole model.
+    ``layer_forwards`` counts layer passes over the split actually run; ``layer_forwards_full``
+    what running every candidate from the embeddings would have cost.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, students: Mapping[int, nn.Module],
+                 batches: Sequence[Mapping[str, torch.Tensor]], scorer: Scorer, *, prefix_reuse: bool = True,
+                 device: torch.device | str = "cpu") -> None:
+        self.model, self.adapter, self.students = model, adapter, students
+        self.batches, self.scorer = batches, scorer
+        self.prefix_reuse, self.device = prefix_reuse, device
+        self.num_layers = adapter.num_layers
+        self.layer_forwards = 0
+        self.layer_forwards_full = 0
+        self.seconds = 0.0
+        self._base: frozenset[int] | None = None
+        self._base_score: float | None = None
+        self._base_states: list[list[torch.Tensor | None]] = []
+        self._best: tuple[frozenset[int], float, list[list[torch.Tensor | None]]] | None = None
+
+    def __call__(self, linear_layers: Iterable[int]) -> float:
+        layers = frozenset(linear_layers)
+        self.layer_forwards_full += self.num_layers
+        if not self.prefix_reuse:
+            return self.scorer.score(self._run(layers)[0])
+        if layers == self._base and self._base_score is not None:
+            return self._base_score
+        collected, states = self._run(layers)
+        score = self.scorer.score(collected)
+        if self._base is None:
+            self._base, self._base_score, self._base_states = layers, score, states
+        elif self._best is None or self._is_better(score, self._best[1]):
+            self._best = (layers, score, states)
+        return score
+
+    def rebase(self, linear_layers: Iterable[int]) -> None:
+        """Make ``linear_layers`` the hybrid whose hidden states candidates start from."""
+        layers = frozenset(linear_layers)
+        if not self.prefix_reuse or layers == self._base:
+            return
+        if self._best is not None and self._best[0] == layers:
+            self._base, self._base_score, self._base_states = self._best
+        else:
+            _, states = self._run(layers)
+            self._base, self._base_score, self._base_states = layers, None, states
+        self._best = None
+
+    def _is_better(self, a: float, b: float) -> bool:
+        return a > b if self.scorer.higher_is_better else a < b
+
+    def _start_layer(self, layers: frozenset[int]) -> int:
+        if not self.prefix_reuse or self._base is None:
+            return 0
+        # Equal sets still need one layer run to reach the final hidden state.
+        return min(_first_difference(layers, self._base, self.num_layers), self.num_layers - 1)
+
+    @torch.no_grad()
+    def _run(self, layers: frozenset[int]) -> tuple[list[Any], list[list[torch.Tensor | None]]]:
+        """Forward every batch with ``layers`` linear; returns collected values and layer inputs
+        (those before the start layer shared with the base; none without prefix reuse)."""
+        started = time.perf_counter()
+        start = self._start_layer(layers)
+        self.layer_forwards += self.num_layers - start
+        collected, all_states = [], []
+        for index, batch in enumerate(self.batches):
+            states = list(self._base_states[index]) if start > 0 else [None] * self.num_layers
+            with ExitStack() as stack:
+                stack.enter_context(hybrid_view(self.model, self.adapter, self.students, layers))
+                if start > 0:
+                    stack.enter_context(self._resume_at(start, states[start]))
+                if self.prefix_reuse:
+                    stack.enter_context(self._record_inputs(start, states))
+                output = self.model(**{k: v.to(self.device) for k, v in batch.items() if k != "labels"})
+            collected.append(self.scorer.collect(output, batch))
+            all_states.append(states)
+        self.seconds += time.perf_counter() - started
+        return collected, all_states
+
+    @contextmanager
+    def _resume_at(self, start: int, hidden_state: torch.Tensor):
+        """Layers before ``start`` pass their input through; the embeddings emit the cached state."""
+        stack = self.adapter.layer_stack(self.model)
+        skipped = [stack[i] for i in range(start)]
+        handle = self.adapter.embedding_output_module(self.model).register_forward_hook(
+            lambda module, args, output: hidden_state.to(self.device)
+        )
+        for i in range(start):
+            stack[i] = _PassThrough()
+        try:
+            yield
+        finally:
+            handle.remove()
+            for i, layer in enumerate(skipped):
+                stack[i] = layer
+
+    @contextmanager
+    def _record_inputs(self, start: int, states: list[torch.Tensor | None]):
+        stack = self.adapter.layer_stack(self.model)
+
+        def hook_for(layer_idx: int):
+            def keep(module, args, kwargs):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                states[layer_idx] = hidden.detach()
+            return keep
+
+        handles = [stack[i].register_forward_pre_hook(hook_for(i), with_kwargs=True)
+                   for i in range(start, self.num_layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,89 @@
+"""Atomic, verifiable file writes: a reader never sees a half-written file as complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class IntegrityError(RuntimeError):
+    """A stored file does not match the digest its manifest recorded."""
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    # rename is atomic on POSIX within one filesystem, so the final name appears only complete.
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(text)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> str:
+    """Write safetensors atomically; returns the file's sha256."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Load safetensors, first checking the sha256 when one is given."""
+    if expected_sha256 is not None:
+        actual = sha256_file(path)
+        if actual != expected_sha256:
+            raise IntegrityError(
+                f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected_sha256[:12]}…; "
+                "the file was changed or truncated — delete it and rerun the stage that wrote it"
+            )
+    return load_file(str(path))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,46 @@
+"""Build a student for one teacher layer, starting from the teacher's projections."""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import AttentionWeights
+from ..specs import StudentSpec
+from .students import LinearAttentionStudent
+
+
+def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: bool,
+                         backend: str = "auto") -> LinearAttentionStudent:
+    """A student whose q/k/v/o projections are copies of the teacher's (GQA K/V heads expanded).
+
+    The student's own extra parameters (feature maps, gates, beta, output norm) keep the
+    initial values documented in ``students.py``.
+    """
+    weights = weights.with_expanded_kv()
+    student = LinearAttentionStudent(
+        kind=spec.kind,
+        hidden_size=weights.hidden_size,
+        num_heads=weights.num_heads,
+        head_dim=weights.head_dim,
+        causal=causal,
+        feature_map=spec.feature_map,
+        gate_rank=spec.gate_rank,
+        chunk_size=spec.chunk_size,
+        qkv_bias=weights.q_bias is not None,
+        output_proj=weights.o_weight is not None,
+        o_bias=weights.o_bias is not None,
+        backend=backend,
+    )
+    copies = {
+        student.q_proj: (weights.q_weight, weights.q_bias),
+        student.k_proj: (weights.k_weight, weights.k_bias),
+        student.v_proj: (weights.v_weight, weights.v_bias),
+    }
+    if student.o_proj is not None:
+        copies[student.o_proj] = (weights.o_weight, weights.o_bias)
+    with torch.no_grad():
+        for linear, (weight, bias) in copies.items():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+    return student

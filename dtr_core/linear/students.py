@@ -1,0 +1,199 @@
+"""Linear-attention students: drop-in replacements for one softmax attention module.
+
+This file is copied unchanged next to every exported hybrid (with ``ops.py``), so it imports only
+torch and its sibling ``ops``; it must never import dtr_core.
+
+A student keeps the teacher's ``q_proj/k_proj/v_proj/o_proj`` names so teacher weights load
+directly, and is called exactly like the attention module it replaces:
+``student(hidden_states, attention_mask=..., **ignored) -> (output, None)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import gated_delta, gla
+
+# Per-step log-decay floor: keeps the chunked kernels in their stable range; a retention of
+# exp(-8) ≈ 3e-4 per token already means "forget everything", so nothing useful is lost.
+LOG_DECAY_FLOOR = -8.0
+# Initial memory spans (tokens) of the decays, log-spaced across channels (GLA) or heads
+# (Gated DeltaNet): a softmax teacher attends over the whole context, so most channels start
+# with long memory while a few start local — distillation then tunes each.
+INITIAL_SPAN_RANGE = (4.0, 4096.0)
+# Gated DeltaNet's write strength beta = sigmoid(bias) starts at 0.5: half-overwriting keeps the
+# delta rule stable from the first step while letting training move either way.
+INITIAL_BETA_LOGIT = 0.0
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> torch.Tensor | None:
+    """Which of the last ``key_length`` positions are real tokens, as bool ``[B, key_length]``.
+
+    Accepts what Hugging Face passes to attention modules: None (no padding), a 2D ``[B, T]`` mask
+    of 1/0, or a 4D ``[B, 1, T_q, T_k]`` mask (bool: True = attend; float: 0 = attend). The last
+    query row of a 4D mask sees every real key in both causal and bidirectional masks.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :]
+        valid = row if row.dtype == torch.bool else row == 0
+    elif attention_mask.dim() == 2:
+        valid = attention_mask.bool()
+    else:
+        raise ValueError(f"attention_mask must be 2D or 4D, got shape {tuple(attention_mask.shape)}")
+    return valid[:, -key_length:]
+
+
+def _retention_logits(count: int, device=None) -> torch.Tensor:
+    """Logits whose sigmoid is a per-token retention 1 - 1/span, spans log-spaced."""
+    low, high = INITIAL_SPAN_RANGE
+    spans = torch.logspace(math.log10(low), math.log10(high), count, device=device)
+    retention = 1.0 - 1.0 / spans
+    return torch.log(retention) - torch.log1p(-retention)
+
+
+class LinearAttentionStudent(nn.Module):
+    """One layer's linear-attention counterpart.
+
+    Args:
+        kind: "gla" (per-channel data-dependent decay; with positive features the readout is
+            normalised like softmax: sum_s w_ts v_s / sum_s w_ts) or "gated_deltanet" (delta rule
+            with per-head decay and write strength; L2-normalised q/k; RMS-normalised readout).
+        hidden_size, num_heads, head_dim: the teacher's shapes (K/V heads already expanded).
+        causal: decoder (True) or bidirectional encoder (False: forward + backward scans summed).
+        feature_map: "hedgehog" — per head ``[softmax(xW), softmax(-xW)]`` with W initialised to
+            the identity (positive, spiky like exp(q·k)); "identity" — the raw projections.
+        gate_rank: rank of GLA's gate projection (hidden → rank → heads·key_dim).
+        output_proj: whether the replaced module ends with an output projection.
+        backend: operator backend, see ``ops.gla`` ("auto" picks fla on CUDA when installed).
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        causal: bool,
+        feature_map: str = "hedgehog",
+        gate_rank: int = 16,
+        chunk_size: int = 32,
+        qkv_bias: bool = False,
+        output_proj: bool = True,
+        o_bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if kind not in ("gla", "gated_deltanet"):
+            raise ValueError(f"kind={kind!r}: must be 'gla' or 'gated_deltanet'")
+        if feature_map not in ("hedgehog", "identity"):
+            raise ValueError(f"feature_map={feature_map!r}: must be 'hedgehog' or 'identity'")
+        self.kind, self.causal, self.feature_map = kind, causal, feature_map
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.chunk_size, self.backend = chunk_size, backend
+        self._config = dict(
+            kind=kind, hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
+            causal=causal, feature_map=feature_map, gate_rank=gate_rank, chunk_size=chunk_size,
+            qkv_bias=qkv_bias, output_proj=output_proj, o_bias=o_bias,
+        )
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, inner, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=qkv_bias)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=o_bias) if output_proj else None
+
+        if feature_map == "hedgehog":
+            self.feature_weight = nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))
+            self.key_dim = 2 * head_dim
+        else:
+            self.key_dim = head_dim
+
+        if kind == "gla":
+            self.gate_down = nn.Linear(hidden_size, gate_rank, bias=False)
+            self.gate_up = nn.Linear(gate_rank, num_heads * self.key_dim, bias=True)
+            # Zero up-projection: gates start data-independent at the documented spans.
+            nn.init.zeros_(self.gate_up.weight)
+            with torch.no_grad():
+                self.gate_up.bias.copy_(_retention_logits(self.key_dim).repeat(num_heads))
+        else:
+            self.decay_proj = nn.Linear(hidden_size, num_heads)
+            self.beta_proj = nn.Linear(hidden_size, num_heads)
+            nn.init.zeros_(self.decay_proj.weight)
+            nn.init.zeros_(self.beta_proj.weight)
+            with torch.no_grad():
+                self.decay_proj.bias.copy_(_retention_logits(num_heads))
+                self.beta_proj.bias.fill_(INITIAL_BETA_LOGIT)
+
+        # GLA with positive features normalises like softmax; otherwise an RMS norm per head
+        # (its weight learns the teacher's output scale).
+        self.normalised_readout = kind == "gla" and feature_map == "hedgehog"
+        if not self.normalised_readout:
+            self.out_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
+
+    def config_dict(self) -> dict:
+        """Constructor arguments (without backend), JSON-serialisable: rebuilds this student."""
+        return dict(self._config)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] → [B, T, H, key_dim]."""
+        if self.feature_map == "identity":
+            return x
+        projected = torch.einsum("bthd,hde->bthe", x, self.feature_weight)
+        return torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1)
+
+    def _scan(self, q, k, v, g, beta, reverse: bool) -> torch.Tensor:
+        if reverse:
+            q, k, v, g = (t.flip(1) for t in (q, k, v, g))
+            beta = None if beta is None else beta.flip(1)
+        if self.kind == "gla":
+            out, _ = gla(q, k, v, g, scale=1.0, backend=self.backend, chunk_size=self.chunk_size)
+        else:
+            out, _ = gated_delta(q, k, v, g, beta, scale=1.0, backend=self.backend,
+                                 chunk_size=self.chunk_size)
+        return out.flip(1) if reverse else out
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_ignored) -> tuple[torch.Tensor, None]:
+        """hidden_states [B, T, hidden] → ([B, T, hidden or H*D], None), like HF attention."""
+        batch, length, _ = hidden_states.shape
+        heads, dim = self.num_heads, self.head_dim
+        q = self._features(self.q_proj(hidden_states).view(batch, length, heads, dim))
+        k = self._features(self.k_proj(hidden_states).view(batch, length, heads, dim))
+        v = self.v_proj(hidden_states).view(batch, length, heads, dim)
+
+        valid = key_padding_mask(attention_mask, length)
+        if valid is not None:
+            # A zero key writes nothing into the state, so padding never reaches real tokens.
+            k = k * valid[:, :, None, None].to(k.dtype)
+
+        if self.kind == "gla":
+            g = F.logsigmoid(self.gate_up(self.gate_down(hidden_states)).float())
+            g = g.view(batch, length, heads, self.key_dim).clamp_min(LOG_DECAY_FLOOR)
+            beta = None
+        else:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            g = F.logsigmoid(self.decay_proj(hidden_states).float()).clamp_min(LOG_DECAY_FLOOR)
+            beta = torch.sigmoid(self.beta_proj(hidden_states).float()).to(q.dtype)
+        g = g.to(q.dtype)
+
+        if self.normalised_readout:
+            # An all-ones value column makes the same scan accumulate the normaliser sum_s w_ts.
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        out = self._scan(q, k, v, g, beta, reverse=False)
+        if not self.causal:
+            out = out + self._scan(q, k, v, g, beta, reverse=True)
+
+        if self.normalised_readout:
+            out = out[..., :dim] / (out[..., dim:] + 1e-6)
+        else:
+            out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm_weight
+        out = out.reshape(batch, length, heads * dim)
+        if self.o_proj is not None:
+            out = self.o_proj(out)
+        return out, None

@@ -1,0 +1,298 @@
+"""The DtR stages as functions over a run's folder: capture → distill (per layer) → search → export.
+
+Each stage reads its inputs from files written by the stage before and returns a small manifest,
+so an orchestrator (the Prefect flow) can cache and fan them out; ``run_dtr`` runs them in order.
+
+Folder layout under ``RunSpec.output_dir``::
+
+    capture/            teacher activations (see capture.py)
+    students/layer_NNN.safetensors + .json   distilled students and their curves
+    target/probe.safetensors                  the frozen probe (classification targets)
+    search/search.json                        every evaluation and the trajectory
+    hybrid/                                   the exported Hugging Face folder
+    report/                                   report.json, report.md, plots
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .capture import CaptureManifest, capture_teacher, load_layer_activations, tokenize_for_capture
+from .distill import distill_layer
+from .evaluation import PrefixCachingEvaluator
+from .export import ExportManifest, export_hybrid
+from .io import load_tensors, read_json, save_tensors, write_json
+from .linear.build import student_from_teacher
+from .linear.students import LinearAttentionStudent
+from .search import SearchResult, greedy_replace
+from .specs import RunSpec, spec_digest
+from .targets.data import TaskData, load_task_data, read_text_files
+from .targets.tasks import (
+    LinearProbe,
+    Perplexity,
+    ProbeClassification,
+    check_task_fits_model,
+    fit_probe,
+    tokenize_split,
+)
+from .teacher import Teacher, load_teacher, model_fingerprint
+
+
+class OutputDirError(OSError):
+    """The run's output folder cannot be used."""
+
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares: the spec, the loaded teacher and the task data."""
+
+    run: RunSpec
+    teacher: Teacher
+    data: TaskData
+    fingerprint: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run.output_dir)
+
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """The output folder exists (or can be made) and is writable — checked before any heavy work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot create output folder {path}: {err.strerror}; choose another output_dir") from err
+    if not os.access(path, os.W_OK):
+        raise OutputDirError(f"output folder {path} is not writable; choose another output_dir")
+    return path
+
+
+def open_run(run: RunSpec) -> RunContext:
+    """Validate the run and load what every stage needs; fails fast on bad data, model or folder."""
+    check_output_dir(run.output_dir)
+    data = load_task_data(run.target)
+    teacher = load_teacher(run.model, device=run.device)
+    check_task_fits_model(run.target, data, teacher.adapter.causal)
+    return RunContext(run=run, teacher=teacher, data=data, fingerprint=model_fingerprint(teacher.model))
+
+
+# --- capture -----------------------------------------------------------------------------------
+
+def capture_texts(ctx: RunContext) -> list[str]:
+    spec = ctx.run.capture
+    if spec.source == "text_files":
+        return read_text_files(spec.text_files, ctx.run.target.text_field)
+    return list(ctx.data.train.texts)
+
+
+def capture_stage(ctx: RunContext) -> CaptureManifest:
+    spec = ctx.run.capture
+    batches = tokenize_for_capture(ctx.teacher.tokenizer, capture_texts(ctx), spec, pack=ctx.teacher.adapter.causal)
+    return capture_teacher(ctx.teacher.model, ctx.teacher.adapter, batches, spec, ctx.stage_dir("capture"),
+                           ctx.fingerprint, device=ctx.run.device)
+
+
+# --- distill -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """One distilled layer: weights file + what its distillation measured."""
+
+    layer_idx: int
+    weights_file: str
+    weights_sha256: str
+    student_config: dict
+    rel_error_init: float
+    rel_error_final: float
+    loss_curve: list[float]
+    steps: int
+    train_tokens: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def new_student(ctx: RunContext, layer_idx: int) -> LinearAttentionStudent:
+    adapter = ctx.teacher.adapter
+    weights = adapter.read_attention_weights(ctx.teacher.model, layer_idx)
+    return student_from_teacher(ctx.run.student, weights, causal=adapter.causal)
+
+
+def distill_stage(ctx: RunContext, capture: CaptureManifest, layer_idx: int) -> StudentRecord:
+    student = new_student(ctx, layer_idx)
+    result = distill_layer(student, load_layer_activations(capture, layer_idx), ctx.run.distill, layer_idx,
+                           device=ctx.run.device)
+    folder = ctx.stage_dir("students")
+    weights_file = folder / f"layer_{layer_idx:03d}.safetensors"
+    digest = save_tensors(weights_file, result.state_dict)
+    record = StudentRecord(
+        layer_idx=layer_idx, weights_file=str(weights_file), weights_sha256=digest,
+        student_config=student.config_dict(), rel_error_init=result.rel_error_init,
+        rel_error_final=result.rel_error_final, loss_curve=result.loss_curve, steps=result.steps,
+        train_tokens=result.train_tokens, seconds=result.seconds,
+    )
+    write_json(folder / f"layer_{layer_idx:03d}.json", record.to_json())
+    return record
+
+
+def load_student(record: StudentRecord, device: str | torch.device = "cpu") -> LinearAttentionStudent:
+    student = LinearAttentionStudent(**record.student_config)
+    student.load_state_dict(load_tensors(record.weights_file, record.weights_sha256))
+    return student.to(device).eval()
+
+
+# --- target ------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedTarget:
+    scorer: ProbeClassification | Perplexity
+    validation: list[dict[str, torch.Tensor]]
+    test: list[dict[str, torch.Tensor]]
+
+
+def prepare_target(ctx: RunContext) -> PreparedTarget:
+    """Tokenise validation/test once; for classification fit (or load) the frozen probe."""
+    spec, tokenizer = ctx.run.target, ctx.teacher.tokenizer
+    validation = tokenize_split(tokenizer, ctx.data.validation, spec)
+    test = tokenize_split(tokenizer, ctx.data.test, spec)
+    if spec.kind == "perplexity":
+        return PreparedTarget(Perplexity(), validation, test)
+    probe_file = ctx.stage_dir("target") / "probe.safetensors"
+    key = spec_digest(spec, ctx.fingerprint, ctx.data.fingerprint())
+    if probe_file.exists() and read_json(probe_file.with_suffix(".json")).get("key") == key:
+        probe = LinearProbe.from_tensors(load_tensors(probe_file))
+    else:
+        probe = fit_probe(ctx.teacher.model, tokenize_split(tokenizer, ctx.data.train, spec),
+                          seed=spec.seed, device=ctx.run.device)
+        save_tensors(probe_file, probe.to_tensors())
+        write_json(probe_file.with_suffix(".json"), {"key": key})
+    return PreparedTarget(ProbeClassification(probe), validation, test)
+
+
+# --- search ------------------------------------------------------------------------------------
+
+@dataclass
+class SearchOutcome:
+    result: SearchResult
+    layer_forwards: int
+    layer_forwards_without_reuse: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"result": self.result.to_json(), "layer_forwards": self.layer_forwards,
+                "layer_forwards_without_reuse": self.layer_forwards_without_reuse, "seconds": self.seconds}
+
+
+def search_stage(ctx: RunContext, students: Mapping[int, LinearAttentionStudent],
+                 target: PreparedTarget) -> SearchOutcome:
+    evaluator = PrefixCachingEvaluator(
+        ctx.teacher.model, ctx.teacher.adapter, students, target.validation, target.scorer,
+        prefix_reuse=ctx.run.search.prefix_reuse, device=ctx.run.device,
+    )
+    started = time.perf_counter()
+    result = greedy_replace(ctx.teacher.adapter.num_layers, evaluator, ctx.run.search,
+                            higher_is_better=target.scorer.higher_is_better)
+    outcome = SearchOutcome(result, evaluator.layer_forwards, evaluator.layer_forwards_full,
+                            time.perf_counter() - started)
+    write_json(ctx.stage_dir("search") / "search.json", outcome.to_json())
+    return outcome
+
+
+def test_scores(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: PreparedTarget,
+                layer_sets: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
+    """Test-split score of each named layer set (prefix reuse off: each is run once)."""
+    evaluator = PrefixCachingEvaluator(ctx.teacher.model, ctx.teacher.adapter, students, target.test,
+                                       target.scorer, prefix_reuse=False, device=ctx.run.device)
+    return {name: evaluator(layers) for name, layers in layer_sets.items()}
+
+
+# --- whole run ---------------------------------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    output_dir: str
+    model: str
+    family: str
+    num_layers: int
+    metric: str
+    higher_is_better: bool
+    exported: str  # "opt" or "best"
+    linear_layers: tuple[int, ...]
+    scores: dict[str, dict[str, float]]  # {"validation"|"test": {"full"|"m_opt"|"m_best": score}}
+    m_opt: tuple[int, ...]
+    m_best: tuple[int, ...]
+    evaluations: int
+    layer_forwards: int
+    layer_forwards_without_reuse: int
+    stage_seconds: dict[str, float]
+    distillation: list[dict]
+    capture_tokens: int
+    export_dir: str
+    report_dir: str
+    search: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_dtr(run: RunSpec, log: Callable[[str], None] = print) -> RunSummary:
+    """Every stage in order on one machine; returns (and reports) the summary."""
+    from .report import write_report
+
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        started = time.perf_counter()
+        value = fn(*args)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - started
+        return value
+
+    ctx = timed("load", open_run, run)
+    adapter = ctx.teacher.adapter
+    log(f"teacher {ctx.teacher.path} ({adapter.family}, {adapter.num_layers} layers); data {ctx.data.source}")
+    capture = timed("capture", capture_stage, ctx)
+    log(f"captured {capture.tokens} tokens ({capture.sequences} sequences) in {capture.seconds:.1f}s")
+    records = []
+    for layer_idx in range(adapter.num_layers):
+        record = timed("distill", distill_stage, ctx, capture, layer_idx)
+        log(f"layer {layer_idx}: relative error {record.rel_error_init:.3f} → {record.rel_error_final:.3f} "
+            f"({record.seconds:.1f}s)")
+        records.append(record)
+    students = {r.layer_idx: load_student(r, run.device) for r in records}
+    target = timed("target", prepare_target, ctx)
+    outcome = timed("search", search_stage, ctx, students, target)
+    selection = outcome.result.selection
+    log(f"search: {len(outcome.result.evaluations)} evaluations; M_opt {list(selection.m_opt)}, "
+        f"M_best {list(selection.m_best)}")
+    chosen = selection.m_opt if run.export.which == "opt" else selection.m_best
+    tests = timed("test", test_scores, ctx, students, target,
+                  {"full": (), "m_opt": selection.m_opt, "m_best": selection.m_best})
+    export = timed("export", export_hybrid, ctx.teacher.model, adapter, ctx.teacher.tokenizer,
+                   {i: students[i] for i in chosen}, ctx.stage_dir("hybrid"), run.export)
+    summary = RunSummary(
+        output_dir=str(ctx.root), model=ctx.teacher.path, family=adapter.family, num_layers=adapter.num_layers,
+        metric=target.scorer.metric_name, higher_is_better=target.scorer.higher_is_better,
+        exported=run.export.which, linear_layers=tuple(chosen),
+        scores={
+            "validation": {"full": outcome.result.full_score, "m_opt": selection.m_opt_score,
+                           "m_best": selection.m_best_score},
+            "test": tests,
+        },
+        m_opt=selection.m_opt, m_best=selection.m_best, evaluations=len(outcome.result.evaluations),
+        layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
+        stage_seconds=timings, distillation=[r.to_json() for r in records], capture_tokens=capture.tokens,
+        export_dir=export.directory, report_dir=str(ctx.stage_dir("report")), search=outcome.to_json(),
+    )
+    write_report(summary, ctx.stage_dir("report"))
+    return summary

@@ -1,0 +1,190 @@
+"""Greedy layer replacement (Algorithm 1 of arXiv 2601.11667), with the evaluator injected.
+
+Start from the full model. Each round, score every remaining full-attention layer swapped for its
+student (on top of the swaps kept so far), keep the best swap if its score meets P_min, repeat.
+Which swap is best in a round never depends on the tolerance — only where the search stops does —
+so one trajectory recorded with ``run_to_end`` answers every tolerance (``read_off``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from .specs import SearchSpec
+
+Evaluate = Callable[[frozenset[int]], float]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    round: int  # 0 = the full model
+    linear_layers: tuple[int, ...]
+    score: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """The swap kept in one round of the trajectory."""
+
+    round: int
+    added_layer: int
+    linear_layers: tuple[int, ...]
+    score: float
+    meets_p_min: bool
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the search returns for one tolerance."""
+
+    tolerance: float
+    tolerance_mode: str
+    p_min: float
+    m_opt: tuple[int, ...]  # most linear layers on the trajectory before P_min is first missed
+    m_opt_score: float
+    m_best: tuple[int, ...]  # best-scoring hybrid among the evaluations made until then
+    m_best_score: float
+    evaluations_used: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    num_layers: int
+    candidates: tuple[int, ...]
+    higher_is_better: bool
+    tolerance: float
+    tolerance_mode: str
+    full_score: float
+    evaluations: tuple[Evaluation, ...]
+    trajectory: tuple[Step, ...]
+    stopped_because: str
+
+    @property
+    def selection(self) -> Selection:
+        """M_opt and M_best for the tolerance the search ran with."""
+        return read_off(self, self.tolerance, self.tolerance_mode)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "selection": asdict(self.selection)}
+
+
+def minimum_score(full_score: float, tolerance: float, mode: str, higher_is_better: bool) -> float:
+    """P_min: the worst acceptable validation score."""
+    if mode == "relative":
+        margin = abs(full_score) * tolerance
+    elif mode == "absolute":
+        margin = tolerance
+    else:
+        raise ValueError(f"tolerance_mode={mode!r}: must be 'relative' or 'absolute'")
+    return full_score - margin if higher_is_better else full_score + margin
+
+
+def _at_least(score: float, threshold: float, higher_is_better: bool) -> bool:
+    return score >= threshold if higher_is_better else score <= threshold
+
+
+def _better(a: float, b: float, higher_is_better: bool) -> bool:
+    return a > b if higher_is_better else a < b
+
+
+def greedy_replace(num_layers: int, evaluate: Evaluate, spec: SearchSpec, higher_is_better: bool,
+                   clock: Callable[[], float] = time.perf_counter) -> SearchResult:
+    """Run the greedy search; ``evaluate(linear_layers) -> validation score`` is called once per candidate.
+
+    If ``evaluate`` has a ``rebase(linear_layers)`` method it is called each time a swap is kept,
+    so evaluators that cache the current hybrid's hidden states can move to the new one.
+    Ties within a round go to the lowest layer index (deterministic).
+    """
+    candidates = sorted(range(num_layers) if spec.candidate_layers is None else spec.candidate_layers)
+    if any(i >= num_layers for i in candidates):
+        raise ValueError(f"candidate_layers {candidates} include layers outside 0..{num_layers - 1}")
+    rebase = getattr(evaluate, "rebase", None)
+    evaluations: list[Evaluation] = []
+
+    def timed(round_: int, layers: frozenset[int]) -> float:
+        started = clock()
+        score = float(evaluate(layers))
+        evaluations.append(Evaluation(round_, tuple(sorted(layers)), score, clock() - started))
+        return score
+
+    full_score = timed(0, frozenset())
+    p_min = minimum_score(full_score, spec.tolerance, spec.tolerance_mode, higher_is_better)
+    kept: frozenset[int] = frozenset()
+    trajectory: list[Step] = []
+    stopped_because = "every candidate layer is linear"
+    for round_ in range(1, len(candidates) + 1):
+        best_layer, best_score = None, None
+        for layer_idx in candidates:
+            if layer_idx in kept:
+                continue
+            score = timed(round_, kept | {layer_idx})
+            if best_score is None or _better(score, best_score, higher_is_better):
+                best_layer, best_score = layer_idx, score
+        meets = _at_least(best_score, p_min, higher_is_better)
+        if not meets and not spec.run_to_end:
+            stopped_because = f"round {round_}: best candidate scored {best_score:.6g}, below P_min {p_min:.6g}"
+            break
+        kept = kept | {best_layer}
+        trajectory.append(Step(round_, best_layer, tuple(sorted(kept)), best_score, meets))
+        if rebase is not None and round_ < len(candidates):
+            rebase(kept)
+
+    return SearchResult(
+        num_layers=num_layers, candidates=tuple(candidates), higher_is_better=higher_is_better,
+        tolerance=spec.tolerance, tolerance_mode=spec.tolerance_mode, full_score=full_score,
+        evaluations=tuple(evaluations), trajectory=tuple(trajectory), stopped_because=stopped_because,
+    )
+
+
+def read_off(result: SearchResult, tolerance: float, tolerance_mode: str = "relative") -> Selection:
+    """What Algorithm 1 returns for this tolerance, from a recorded trajectory, without re-running.
+
+    Exact when the recorded run went at least as far as this tolerance would have (always true for
+    a ``run_to_end`` trajectory; otherwise a looser tolerance than the run's raises).
+    """
+    hib = result.higher_is_better
+    p_min = minimum_score(result.full_score, tolerance, tolerance_mode, hib)
+    accepted = []
+    stop_round = None
+    for step in result.trajectory:
+        if not _at_least(step.score, p_min, hib):
+            stop_round = step.round
+            break
+        accepted.append(step)
+    if stop_round is None and len(result.trajectory) < len(result.candidates):
+        # The recorded run stopped early: only safe if this tolerance also fails its next round.
+        next_round = len(result.trajectory) + 1
+        round_scores = [e.score for e in result.evaluations if e.round == next_round]
+        if not round_scores:
+            raise ValueError("the recorded search stopped before this tolerance would; rerun with run_to_end")
+        best = max(round_scores) if hib else min(round_scores)
+        if _at_least(best, p_min, hib):
+            raise ValueError(
+                f"tolerance {tolerance} would continue past where the recorded search stopped; "
+                "rerun the search with run_to_end=True"
+            )
+        stop_round = next_round
+    last_round = stop_round if stop_round is not None else len(result.trajectory)
+    used = [e for e in result.evaluations if e.round <= last_round]
+    m_opt = accepted[-1].linear_layers if accepted else ()
+    m_opt_score = accepted[-1].score if accepted else result.full_score
+    hybrids = [e for e in used if e.linear_layers]
+    m_best, m_best_score = (), result.full_score
+    for e in hybrids:
+        # Ties toward more replacements.
+        if (m_best == () or _better(e.score, m_best_score, hib)
+                or (e.score == m_best_score and len(e.linear_layers) > len(m_best))):
+            m_best, m_best_score = e.linear_layers, e.score
+    return Selection(
+        tolerance=tolerance, tolerance_mode=tolerance_mode, p_min=p_min, m_opt=m_opt, m_opt_score=m_opt_score,
+        m_best=m_best, m_best_score=m_best_score, evaluations_used=len(used),
+    )
+
+
+def trajectory_points(result: SearchResult) -> list[tuple[int, float]]:
+    """(number of linear layers, score) along the kept swaps, starting with the full model."""
+    return [(0, result.full_score)] + [(len(s.linear_layers), s.score) for s in result.trajectory]
+

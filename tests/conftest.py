@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random-init models of every supported family, built in code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+
+
+def tiny_config(family: str, num_layers: int = 2):
+    """vocab 100, hidden 64, ``num_layers`` layers, 4 heads / 2 KV heads where the family has GQA."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+    if family == "llama":
+        return LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "qwen2":
+        return Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=100, n_embd=64, n_layer=num_layers, n_head=4, n_positions=256,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "bert":
+        return BertConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                          num_attention_heads=4, max_position_embeddings=256, pad_token_id=0)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 42, num_layers: int = 2):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, num_layers)
+    config._attn_implementation = "sdpa"
+    cls = AutoModel if family == "bert" else AutoModelForCausalLM
+    return cls.from_config(config).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer over "w4".."w99" matching the tiny models' vocabulary of 100."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, **{f"w{i}": i for i in range(4, 100)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]", unk_token="[UNK]")
+
+
+def synthetic_texts(count: int, num_classes: int = 3, seed: int = 42) -> list[tuple[str, int]]:
+    """Texts whose words lean towards a class-specific range, so a probe can learn the label."""
+    rng = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        label = i % num_classes
+        length = int(torch.randint(6, 24, (1,), generator=rng))
+        own = torch.randint(4 + 30 * label, 34 + 30 * label, (length,), generator=rng)
+        noise = torch.randint(4, 100, (length,), generator=rng)
+        words = torch.where(torch.rand(length, generator=rng) < 0.7, own, noise)
+        rows.append((" ".join(f"w{int(w)}" for w in words), label))
+    return rows
+
+
+def save_tiny_model(family: str, folder, num_layers: int = 2):
+    """A tiny model + tokenizer saved as a Hugging Face folder (what users point DtR at)."""
+    tiny_model(family, num_layers=num_layers).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path, rows: list[tuple[str, int]]) -> str:
+    import json
+
+    with open(path, "w") as handle:
+        for text, label in rows:
+            handle.write(json.dumps({"text": text, "label": label}) + "\n")
+    return str(path)

@@ -1,0 +1,97 @@
+"""Whole runs: tiny models through every stage, bad input at the door, and the real MiniLM."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import save_tiny_model, synthetic_texts, write_jsonl
+
+from dtr_core.pipeline import run_dtr
+from dtr_core.specs import CaptureSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, TargetSpec
+
+
+def tiny_run(tmp_path, family, kind, **overrides) -> RunSpec:
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(120))
+    spec = dict(
+        model=ModelSpec(path=save_tiny_model(family, tmp_path / "model", num_layers=3)),
+        capture=CaptureSpec(token_budget=1500, max_length=24, batch_size=16),
+        distill=DistillSpec(epochs=2, batch_size=8),
+        search=SearchSpec(tolerance=0.5, run_to_end=True),
+        target=TargetSpec(dataset=data, kind=kind, max_length=24),
+        output_dir=str(tmp_path / "out"),
+    )
+    return RunSpec(**{**spec, **overrides})
+
+
+@pytest.mark.parametrize("family, kind", [("bert", "classification"), ("llama", "perplexity"),
+                                          ("gpt2", "perplexity")])
+def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
+    summary = run_dtr(tiny_run(tmp_path, family, kind), log=lambda line: None)
+    out = tmp_path / "out"
+    assert summary.num_layers == 3
+    assert summary.evaluations == 1 + 3 * 4 // 2  # run_to_end: the whole trajectory
+    assert summary.layer_forwards < summary.layer_forwards_without_reuse
+    for name in ("report.json", "report.md", "search_trajectory.png", "distill_loss.png"):
+        assert (out / "report" / name).stat().st_size > 0
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["scores"]["test"].keys() == {"full", "m_opt", "m_best"}
+    assert len(report["distillation"]) == 3
+    config = json.loads((out / "hybrid" / "config.json").read_text())
+    assert config["layer_types"].count("linear_attention") == len(summary.linear_layers)
+    assert summary.higher_is_better == (kind == "classification")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tolerance", "1.5"], "SearchSpec.tolerance=1.5"),
+    (["--student", "mamba"], "StudentSpec.kind='mamba'"),
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--dataset", "/no/such/data.jsonl"], "does not exist"),
+    (["--target-kind", "perplexity"], "needs a decoder"),
+], ids=["tolerance", "student", "model-path", "dataset-path", "encoder-perplexity"])
+def test_cli_rejects_bad_input_before_heavy_work(tmp_path, args, message):
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "dtr_core", "--output-dir", str(out), *args],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert message in run.stderr
+    assert not (out / "capture").exists() and not (out / "hybrid").exists()
+
+
+def test_unwritable_output_dir_is_refused(tmp_path):
+    from dtr_core.pipeline import OutputDirError, check_output_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputDirError, match="choose another output_dir"):
+        check_output_dir(blocker / "out")
+
+
+def test_unsupported_model_family_is_named(tmp_path):
+    from transformers import T5Config
+
+    from dtr_core.adapters import UnsupportedModelError
+    from dtr_core.teacher import load_teacher
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=32, vocab_size=100).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="llama-like"):
+        load_teacher(ModelSpec(path=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_minilm_end_to_end_on_a_small_budget(tmp_path):
+    """The real teacher and the built-in BBC task: every layer's student improves on its init."""
+    run = RunSpec(
+        capture=CaptureSpec(token_budget=30_000),
+        distill=DistillSpec(epochs=2),
+        target=TargetSpec(max_examples_per_split=120),
+        search=SearchSpec(tolerance=0.02),
+        output_dir=str(tmp_path / "out"),
+    )
+    summary = run_dtr(run, log=lambda line: None)
+    assert summary.num_layers == 6 and summary.family == "bert"
+    assert summary.scores["validation"]["full"] > 0.85  # the frozen probe on MiniLM works
+    for record in summary.distillation:
+        assert record["rel_error_final"] < 0.8 * record["rel_error_init"], record["layer_idx"]
+    assert (tmp_path / "out" / "hybrid" / "model.safetensors").exists()

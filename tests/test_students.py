@@ -1,0 +1,122 @@
+"""Students: built from teacher weights, documented initial values, padding, causality, drop-in use."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from dtr_core.adapters import adapter_for
+from dtr_core.hybrid import hybrid_view
+from dtr_core.linear import students as students_module
+from dtr_core.linear.build import student_from_teacher
+from dtr_core.linear.students import LinearAttentionStudent, key_padding_mask
+from dtr_core.specs import StudentSpec
+
+KINDS = ("gla", "gated_deltanet")
+
+
+def make_student(family, kind, feature_map="hedgehog", layer_idx=0):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    spec = StudentSpec(kind=kind, feature_map=feature_map)
+    return model, adapter, student_from_teacher(spec, adapter.read_attention_weights(model, layer_idx),
+                                                causal=adapter.causal)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_student_starts_from_teacher_projections(family, kind):
+    model, adapter, student = make_student(family, kind)
+    weights = adapter.read_attention_weights(model, 0).with_expanded_kv()
+    torch.testing.assert_close(student.q_proj.weight, weights.q_weight)
+    torch.testing.assert_close(student.k_proj.weight, weights.k_weight)
+    torch.testing.assert_close(student.v_proj.weight, weights.v_weight)
+    if weights.o_weight is None:
+        assert student.o_proj is None
+    else:
+        torch.testing.assert_close(student.o_proj.weight, weights.o_weight)
+    if weights.q_bias is not None:
+        torch.testing.assert_close(student.k_proj.bias, weights.k_bias)
+
+
+def test_initial_gates_follow_documented_spans():
+    student = LinearAttentionStudent(kind="gla", hidden_size=32, num_heads=2, head_dim=8, causal=True)
+    retention = torch.sigmoid(student.gate_up.bias.view(2, 16))
+    low, high = students_module.INITIAL_SPAN_RANGE
+    torch.testing.assert_close(1 / (1 - retention[0, 0]), torch.tensor(low))
+    torch.testing.assert_close(1 / (1 - retention[0, -1]), torch.tensor(high), rtol=1e-3, atol=0)
+    assert torch.count_nonzero(student.gate_up.weight) == 0  # data-independent at the start
+    delta = LinearAttentionStudent(kind="gated_deltanet", hidden_size=32, num_heads=2, head_dim=8, causal=True)
+    torch.testing.assert_close(torch.sigmoid(delta.beta_proj.bias), torch.full((2,), 0.5))
+    assert math.isclose(torch.sigmoid(delta.decay_proj.bias[0]).item(), 1 - 1 / low, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("feature_map", ["hedgehog", "identity"])
+def test_padding_does_not_change_real_positions(kind, feature_map):
+    torch.manual_seed(42)
+    for causal, side in ((True, "left"), (False, "right"), (True, "right")):
+        student = LinearAttentionStudent(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal,
+                                         feature_map=feature_map)
+        real = torch.randn(1, 9, 32)
+        pad = torch.randn(1, 4, 32)
+        padded = torch.cat([pad, real], 1) if side == "left" else torch.cat([real, pad], 1)
+        mask = torch.zeros(1, 13)
+        if side == "left":
+            mask[:, 4:] = 1
+        else:
+            mask[:, :9] = 1
+        alone, _ = student(real)
+        with_pad, _ = student(padded, attention_mask=mask)
+        kept = with_pad[:, 4:] if side == "left" else with_pad[:, :9]
+        torch.testing.assert_close(kept, alone, rtol=1e-5, atol=1e-5, msg=f"causal={causal} {side} padding")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causal_student_never_looks_ahead_bidirectional_does(kind):
+    torch.manual_seed(42)
+    x = torch.randn(1, 12, 32)
+    changed = x.clone()
+    changed[:, 8:] += 1.0
+    for causal in (True, False):
+        student = LinearAttentionStudent(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal)
+        a, _ = student(x)
+        b, _ = student(changed)
+        prefix_equal = torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+        assert prefix_equal == causal
+
+
+def test_key_padding_mask_reads_hf_masks():
+    two_d = torch.tensor([[0, 1, 1]])
+    assert key_padding_mask(two_d, 3).tolist() == [[False, True, True]]
+    causal_bool = torch.tril(torch.ones(3, 3, dtype=torch.bool))[None, None].clone()
+    causal_bool[..., 0] = False  # key 0 is padding
+    assert key_padding_mask(causal_bool, 3).tolist() == [[False, True, True]]
+    additive = torch.zeros(1, 1, 1, 4)
+    additive[..., :2] = torch.finfo(torch.float32).min
+    assert key_padding_mask(additive, 1).tolist() == [[True]]  # decoding: only the new key
+    assert key_padding_mask(None, 5) is None
+    with pytest.raises(ValueError, match="2D or 4D"):
+        key_padding_mask(torch.ones(3), 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hybrid_runs_with_padding_and_restores_base(family, kind):
+    model, adapter, _ = make_student(family, kind)
+    spec = StudentSpec(kind=kind)
+    students = {i: student_from_teacher(spec, adapter.read_attention_weights(model, i), causal=adapter.causal)
+                for i in range(2)}
+    ids = torch.randint(3, 100, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask)
+        with hybrid_view(model, adapter, students, [1]):
+            assert adapter.attention_module(model, 1) is students[1]
+            hybrid = model(input_ids=ids, attention_mask=mask)
+        after = model(input_ids=ids, attention_mask=mask)
+    key = "last_hidden_state" if family == "bert" else "logits"
+    assert torch.isfinite(hybrid[key]).all()
+    assert not torch.allclose(hybrid[key], before[key])
+    torch.testing.assert_close(after[key], before[key])
+    assert adapter.attention_module(model, 1) is not students[1]
