@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .capture import LayerActivations
+from .linear.students import LinearAttentionStudent
 from .specs import DistillSpec
 
 
@@ -63,7 +64,7 @@ def _subset(data: LayerActivations, index: torch.Tensor) -> LayerActivations:
     return LayerActivations(data.inputs[index], data.outputs[index], data.attention_mask[index])
 
 
-def distill_layer(student: nn.Module, data: LayerActivations, spec: DistillSpec, layer_idx: int,
+def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec: DistillSpec, layer_idx: int,
                   device: torch.device | str = "cpu") -> DistillResult:
     """Train ``student`` (in place) on one layer's activations; only its own parameters move.
 
@@ -82,6 +83,8 @@ def distill_layer(student: nn.Module, data: LayerActivations, spec: DistillSpec,
     variance = _target_variance(train.outputs, train.attention_mask)
 
     student.to(device).float()
+    calibration = train.inputs[:spec.batch_size].to(device, torch.float32)
+    student.calibrate_readout_scale(calibration, train.attention_mask[:spec.batch_size].to(device))
     student.train()
     rel_error_init = evaluate_rel_error(student, holdout, variance, spec.batch_size, device)
 

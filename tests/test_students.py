@@ -1,6 +1,7 @@
 """Students: built from teacher weights, documented initial values, padding, causality, drop-in use."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import tiny_model
 
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
+from dtr_core.linear import ops
 from dtr_core.linear import students as students_module
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.linear.students import LinearAttentionStudent, key_padding_mask
@@ -120,3 +122,38 @@ def test_hybrid_runs_with_padding_and_restores_base(family, kind):
     assert not torch.allclose(hybrid[key], before[key])
     torch.testing.assert_close(after[key], before[key])
     assert adapter.attention_module(model, 1) is not students[1]
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and ops.fla_available()), reason="needs CUDA and fla")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
+    """The student picks fla by itself on CUDA; outputs and gradients agree with the PyTorch path."""
+    torch.manual_seed(42)
+    student = LinearAttentionStudent(kind=kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal).cuda()
+    x = torch.randn(2, 200, 256, device="cuda")
+    mask = torch.ones(2, 200, device="cuda")
+    mask[1, 150:] = 0
+
+    def run(backend, dtype):
+        student.backend = backend
+        model = student.to(dtype)
+        inputs = x.to(dtype).requires_grad_()
+        out, _ = model(inputs, attention_mask=mask)
+        out.float().pow(2).mean().backward()
+        grads = [inputs.grad.float()] + [p.grad.float() for p in model.parameters()]
+        model.zero_grad()
+        return out.float(), grads
+
+    fp32_tol = 1e-4 if os.environ.get("TRITON_F32_DEFAULT") == "ieee" else 5e-3  # TF32 otherwise
+    for dtype, out_tol, grad_tol in ((torch.bfloat16, 1e-2, 2e-2), (torch.float32, fp32_tol, fp32_tol)):
+        reference, ref_grads = run("chunked", dtype)
+        fast, fast_grads = run("auto", dtype)
+        assert rel_err(fast, reference) <= out_tol, dtype
+        for got, want in zip(fast_grads, ref_grads):
+            assert rel_err(got, want) <= grad_tol, dtype
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()

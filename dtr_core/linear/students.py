@@ -140,6 +140,23 @@ class LinearAttentionStudent(nn.Module):
         """Constructor arguments (without backend), JSON-serialisable: rebuilds this student."""
         return dict(self._config)
 
+    @torch.no_grad()
+    def calibrate_readout_scale(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Start an RMS-normalised readout at the teacher's output scale.
+
+        Softmax attention outputs convex mixtures of value vectors, so per head its output has
+        about the RMS of that head's values; a unit-RMS readout would start off by that factor.
+        No-op for the softmax-like normalised GLA readout, which already mixes values.
+        """
+        if self.normalised_readout:
+            return
+        batch, length, _ = hidden_states.shape
+        v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        valid = key_padding_mask(attention_mask, length)
+        values = v.reshape(-1, self.num_heads, self.head_dim) if valid is None else v[valid]
+        rms = values.float().pow(2).mean(dim=(0, 2)).sqrt()  # [H]
+        self.out_norm_weight.copy_(rms[:, None].expand_as(self.out_norm_weight))
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H, D] → [B, T, H, key_dim]."""
         if self.feature_map == "identity":
