@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -240,7 +240,7 @@ class RunSummary:
     capture_tokens: int
     export_dir: str
     report_dir: str
-    search: dict = field(default_factory=dict)
+    search: dict
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -86,7 +86,7 @@ def render_markdown(summary: RunSummary) -> str:
         "|---|---|---|---|---|",
     ]
     for step in summary.search["result"]["trajectory"]:
-        lines.append(f"| {step['round']} | {step['added_layer']} | {step['linear_layers']} | "
+        lines.append(f"| {step['round']} | {step['added_layer']} | {list(step['linear_layers'])} | "
                      f"{step['score']:.4f} | {'yes' if step['meets_p_min'] else 'no'} |")
     lines += [
         f"\nStopped: {summary.search['result']['stopped_because']}.",

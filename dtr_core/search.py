@@ -183,8 +183,3 @@ def read_off(result: SearchResult, tolerance: float, tolerance_mode: str = "rela
         m_best=m_best, m_best_score=m_best_score, evaluations_used=len(used),
     )
 
-
-def trajectory_points(result: SearchResult) -> list[tuple[int, float]]:
-    """(number of linear layers, score) along the kept swaps, starting with the full model."""
-    return [(0, result.full_score)] + [(len(s.linear_layers), s.score) for s in result.trajectory]
-

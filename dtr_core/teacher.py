@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +66,16 @@ def load_teacher(spec: ModelSpec, device: str | torch.device = "cpu") -> Teacher
     if tokenizer.pad_token is None:
         # Decoders often ship without a pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token
+    # HF decoders number positions from the left edge, so right padding keeps real tokens' positions.
+    tokenizer.padding_side = "right"
     return Teacher(model=model.to(device).eval(), tokenizer=tokenizer, adapter=adapter_for(model), path=path)
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """sha256 over the config and every weight: two models with the same fingerprint compute the same."""
-    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    # Where the model was loaded from and which transformers wrote it do not change what it computes.
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())

@@ -76,3 +76,19 @@ def test_layer_index_out_of_range():
     model = tiny_model("bert")
     with pytest.raises(IndexError, match="outside 0..1"):
         adapter_for(model).attention_module(model, 2)
+
+
+def test_fingerprint_follows_weights_not_location(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dtr_core.teacher import model_fingerprint
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        b.model.layers[1].self_attn.k_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(a) != model_fingerprint(b)

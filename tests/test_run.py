@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import save_tiny_model, synthetic_texts, write_jsonl
 
 from dtr_core.pipeline import run_dtr
@@ -95,3 +96,23 @@ def test_minilm_end_to_end_on_a_small_budget(tmp_path):
     for record in summary.distillation:
         assert record["rel_error_final"] < 0.8 * record["rel_error_init"], record["layer_idx"]
     assert (tmp_path / "out" / "hybrid" / "model.safetensors").exists()
+
+
+def test_capture_from_general_text_files(tmp_path):
+    """Distillation data can come from local text instead of the task's train split."""
+    from dtr_core.capture import load_layer_activations
+    from dtr_core.pipeline import capture_stage, open_run
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"w{4 + i % 90}" for i in range(3000)))
+    capture = CaptureSpec(source="text_files", text_files=(str(corpus),), token_budget=1500, max_length=24,
+                          batch_size=16, dtype="float32")
+    ctx = open_run(tiny_run(tmp_path, "llama", "perplexity", capture=capture))
+    manifest = capture_stage(ctx)
+    assert 1500 <= manifest.tokens < 1500 + 24
+    data = load_layer_activations(manifest, 0)
+    first_block = ctx.teacher.tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"][:24]
+    with torch.no_grad():
+        embedded = ctx.teacher.model.model.embed_tokens(torch.tensor([first_block]))
+        expected = ctx.teacher.model.model.layers[0].input_layernorm(embedded)
+    torch.testing.assert_close(data.inputs[:1], expected)
