@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +27,11 @@ from .capture import CaptureManifest, capture_teacher, load_layer_activations, t
 from .distill import distill_layer
 from .evaluation import PrefixCachingEvaluator
 from .export import ExportManifest, export_hybrid
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import load_tensors, save_tensors, write_json
 from .linear.build import student_from_teacher
 from .linear.students import LinearAttentionStudent
 from .search import SearchResult, greedy_replace
-from .specs import RunSpec, spec_digest
+from .specs import RunSpec
 from .targets.data import TaskData, load_task_data, read_text_files
 from .targets.tasks import (
     LinearProbe,
@@ -95,10 +95,10 @@ def capture_texts(ctx: RunContext) -> list[str]:
     return list(ctx.data.train.texts)
 
 
-def capture_stage(ctx: RunContext) -> CaptureManifest:
+def capture_stage(ctx: RunContext, out_dir: str | Path) -> CaptureManifest:
     spec = ctx.run.capture
     batches = tokenize_for_capture(ctx.teacher.tokenizer, capture_texts(ctx), spec, pack=ctx.teacher.adapter.causal)
-    return capture_teacher(ctx.teacher.model, ctx.teacher.adapter, batches, spec, ctx.stage_dir("capture"),
+    return capture_teacher(ctx.teacher.model, ctx.teacher.adapter, batches, spec, out_dir,
                            ctx.fingerprint, device=ctx.run.device)
 
 
@@ -129,12 +129,12 @@ def new_student(ctx: RunContext, layer_idx: int) -> LinearAttentionStudent:
     return student_from_teacher(ctx.run.student, weights, causal=adapter.causal)
 
 
-def distill_stage(ctx: RunContext, capture: CaptureManifest, layer_idx: int) -> StudentRecord:
+def distill_stage(ctx: RunContext, capture: CaptureManifest, layer_idx: int, weights_file: str | Path) -> StudentRecord:
+    """Distil one layer; writes ``weights_file`` and, beside it, its record as ``.json`` (last)."""
     student = new_student(ctx, layer_idx)
     result = distill_layer(student, load_layer_activations(capture, layer_idx), ctx.run.distill, layer_idx,
                            device=ctx.run.device)
-    folder = ctx.stage_dir("students")
-    weights_file = folder / f"layer_{layer_idx:03d}.safetensors"
+    weights_file = Path(weights_file)
     digest = save_tensors(weights_file, result.state_dict)
     record = StudentRecord(
         layer_idx=layer_idx, weights_file=str(weights_file), weights_sha256=digest,
@@ -142,7 +142,7 @@ def distill_stage(ctx: RunContext, capture: CaptureManifest, layer_idx: int) -> 
         rel_error_final=result.rel_error_final, loss_curve=result.loss_curve, steps=result.steps,
         train_tokens=result.train_tokens, seconds=result.seconds,
     )
-    write_json(folder / f"layer_{layer_idx:03d}.json", record.to_json())
+    write_json(weights_file.with_suffix(".json"), record.to_json())
     return record
 
 
@@ -161,22 +161,22 @@ class PreparedTarget:
     test: list[dict[str, torch.Tensor]]
 
 
-def prepare_target(ctx: RunContext) -> PreparedTarget:
-    """Tokenise validation/test once; for classification fit (or load) the frozen probe."""
+def fit_probe_stage(ctx: RunContext, probe_file: str | Path) -> str:
+    """Fit the frozen probe on the full model's train embeddings; returns the file's sha256."""
+    probe = fit_probe(ctx.teacher.model, tokenize_split(ctx.teacher.tokenizer, ctx.data.train, ctx.run.target),
+                      seed=ctx.run.target.seed, device=ctx.run.device)
+    return save_tensors(probe_file, probe.to_tensors())
+
+
+def prepare_target(ctx: RunContext, probe_file: str | Path | None = None, probe_sha256: str | None = None
+                   ) -> PreparedTarget:
+    """Tokenise validation/test once; classification loads the probe ``fit_probe_stage`` wrote."""
     spec, tokenizer = ctx.run.target, ctx.teacher.tokenizer
     validation = tokenize_split(tokenizer, ctx.data.validation, spec)
     test = tokenize_split(tokenizer, ctx.data.test, spec)
     if spec.kind == "perplexity":
         return PreparedTarget(Perplexity(), validation, test)
-    probe_file = ctx.stage_dir("target") / "probe.safetensors"
-    key = spec_digest(spec, ctx.fingerprint, ctx.data.fingerprint())
-    if probe_file.exists() and read_json(probe_file.with_suffix(".json")).get("key") == key:
-        probe = LinearProbe.from_tensors(load_tensors(probe_file))
-    else:
-        probe = fit_probe(ctx.teacher.model, tokenize_split(tokenizer, ctx.data.train, spec),
-                          seed=spec.seed, device=ctx.run.device)
-        save_tensors(probe_file, probe.to_tensors())
-        write_json(probe_file.with_suffix(".json"), {"key": key})
+    probe = LinearProbe.from_tensors(load_tensors(probe_file, probe_sha256))
     return PreparedTarget(ProbeClassification(probe), validation, test)
 
 
@@ -194,18 +194,21 @@ class SearchOutcome:
                 "layer_forwards_without_reuse": self.layer_forwards_without_reuse, "seconds": self.seconds}
 
 
-def search_stage(ctx: RunContext, students: Mapping[int, LinearAttentionStudent],
-                 target: PreparedTarget) -> SearchOutcome:
-    evaluator = PrefixCachingEvaluator(
-        ctx.teacher.model, ctx.teacher.adapter, students, target.validation, target.scorer,
-        prefix_reuse=ctx.run.search.prefix_reuse, device=ctx.run.device,
-    )
+def candidate_evaluator(ctx: RunContext, students: Mapping[int, LinearAttentionStudent],
+                        target: PreparedTarget) -> PrefixCachingEvaluator:
+    return PrefixCachingEvaluator(ctx.teacher.model, ctx.teacher.adapter, students, target.validation,
+                                  target.scorer, prefix_reuse=ctx.run.search.prefix_reuse, device=ctx.run.device)
+
+
+def search_stage(ctx: RunContext, evaluator: PrefixCachingEvaluator, out_file: str | Path,
+                 evaluate: Callable[[frozenset[int]], float] | None = None) -> SearchOutcome:
+    """Greedy search; ``evaluate`` may wrap ``evaluator`` (e.g. with a per-evaluation cache)."""
     started = time.perf_counter()
-    result = greedy_replace(ctx.teacher.adapter.num_layers, evaluator, ctx.run.search,
-                            higher_is_better=target.scorer.higher_is_better)
+    result = greedy_replace(ctx.teacher.adapter.num_layers, evaluate or evaluator, ctx.run.search,
+                            higher_is_better=evaluator.scorer.higher_is_better)
     outcome = SearchOutcome(result, evaluator.layer_forwards, evaluator.layer_forwards_full,
                             time.perf_counter() - started)
-    write_json(ctx.stage_dir("search") / "search.json", outcome.to_json())
+    write_json(out_file, outcome.to_json())
     return outcome
 
 
@@ -246,6 +249,26 @@ class RunSummary:
         return asdict(self)
 
 
+def build_summary(ctx: RunContext, records: Sequence[StudentRecord], outcome: SearchOutcome,
+                  target: PreparedTarget, tests: Mapping[str, float], export: ExportManifest, capture_tokens: int,
+                  timings: Mapping[str, float], report_dir: str | Path) -> RunSummary:
+    selection = outcome.result.selection
+    return RunSummary(
+        output_dir=str(ctx.root), model=ctx.teacher.path, family=ctx.teacher.adapter.family,
+        num_layers=ctx.teacher.adapter.num_layers,
+        metric=target.scorer.metric_name, higher_is_better=target.scorer.higher_is_better, exported=ctx.run.export.which, linear_layers=tuple(export.linear_layers),
+        scores={
+            "validation": {"full": outcome.result.full_score, "m_opt": selection.m_opt_score,
+                           "m_best": selection.m_best_score},
+            "test": dict(tests),
+        },
+        m_opt=selection.m_opt, m_best=selection.m_best, evaluations=len(outcome.result.evaluations),
+        layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
+        stage_seconds=dict(timings), distillation=[r.to_json() for r in records], capture_tokens=capture_tokens,
+        export_dir=export.directory, report_dir=str(report_dir), search=outcome.to_json(),
+    )
+
+
 def run_dtr(run: RunSpec, log: Callable[[str], None] = print) -> RunSummary:
     """Every stage in order on one machine; returns (and reports) the summary."""
     from .report import write_report
@@ -261,17 +284,21 @@ def run_dtr(run: RunSpec, log: Callable[[str], None] = print) -> RunSummary:
     ctx = timed("load", open_run, run)
     adapter = ctx.teacher.adapter
     log(f"teacher {ctx.teacher.path} ({adapter.family}, {adapter.num_layers} layers); data {ctx.data.source}")
-    capture = timed("capture", capture_stage, ctx)
+    capture = timed("capture", capture_stage, ctx, ctx.stage_dir("capture"))
     log(f"captured {capture.tokens} tokens ({capture.sequences} sequences) in {capture.seconds:.1f}s")
     records = []
     for layer_idx in range(adapter.num_layers):
-        record = timed("distill", distill_stage, ctx, capture, layer_idx)
+        record = timed("distill", distill_stage, ctx, capture, layer_idx,
+                       ctx.stage_dir("students") / f"layer_{layer_idx:03d}.safetensors")
         log(f"layer {layer_idx}: relative error {record.rel_error_init:.3f} → {record.rel_error_final:.3f} "
             f"({record.seconds:.1f}s)")
         records.append(record)
     students = {r.layer_idx: load_student(r, run.device) for r in records}
-    target = timed("target", prepare_target, ctx)
-    outcome = timed("search", search_stage, ctx, students, target)
+    probe_file = ctx.stage_dir("target") / "probe.safetensors"
+    probe_sha = timed("target", fit_probe_stage, ctx, probe_file) if run.target.kind == "classification" else None
+    target = timed("target", prepare_target, ctx, probe_file, probe_sha)
+    evaluator = candidate_evaluator(ctx, students, target)
+    outcome = timed("search", search_stage, ctx, evaluator, ctx.stage_dir("search") / "search.json")
     selection = outcome.result.selection
     log(f"search: {len(outcome.result.evaluations)} evaluations; M_opt {list(selection.m_opt)}, "
         f"M_best {list(selection.m_best)}")
@@ -280,19 +307,7 @@ def run_dtr(run: RunSpec, log: Callable[[str], None] = print) -> RunSummary:
                   {"full": (), "m_opt": selection.m_opt, "m_best": selection.m_best})
     export = timed("export", export_hybrid, ctx.teacher.model, adapter, ctx.teacher.tokenizer,
                    {i: students[i] for i in chosen}, ctx.stage_dir("hybrid"), run.export)
-    summary = RunSummary(
-        output_dir=str(ctx.root), model=ctx.teacher.path, family=adapter.family, num_layers=adapter.num_layers,
-        metric=target.scorer.metric_name, higher_is_better=target.scorer.higher_is_better,
-        exported=run.export.which, linear_layers=tuple(chosen),
-        scores={
-            "validation": {"full": outcome.result.full_score, "m_opt": selection.m_opt_score,
-                           "m_best": selection.m_best_score},
-            "test": tests,
-        },
-        m_opt=selection.m_opt, m_best=selection.m_best, evaluations=len(outcome.result.evaluations),
-        layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
-        stage_seconds=timings, distillation=[r.to_json() for r in records], capture_tokens=capture.tokens,
-        export_dir=export.directory, report_dir=str(ctx.stage_dir("report")), search=outcome.to_json(),
-    )
+    summary = build_summary(ctx, records, outcome, target, tests, export, capture.tokens, timings,
+                            report_dir=ctx.stage_dir("report"))
     write_report(summary, ctx.stage_dir("report"))
     return summary

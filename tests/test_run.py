@@ -108,7 +108,7 @@ def test_capture_from_general_text_files(tmp_path):
     capture = CaptureSpec(source="text_files", text_files=(str(corpus),), token_budget=1500, max_length=24,
                           batch_size=16, dtype="float32")
     ctx = open_run(tiny_run(tmp_path, "llama", "perplexity", capture=capture))
-    manifest = capture_stage(ctx)
+    manifest = capture_stage(ctx, tmp_path / "capture")
     assert 1500 <= manifest.tokens < 1500 + 24
     data = load_layer_activations(manifest, 0)
     first_block = ctx.teacher.tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"][:24]
