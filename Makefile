@@ -13,11 +13,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test
+.PHONY: install run test mlflow-ui
 install: $(BIN)/.installed
 
+# The DtR Prefect flow on the embedded default (MiniLM + BBC News); ARGS takes Hydra overrides.
 run: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python -m dtr_core $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m flows.dtr $(ARGS)
+
+# Browse runs at http://127.0.0.1:5000 (the flow's default SQLite store under outputs/).
+mlflow-ui: $(BIN)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/outputs/mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

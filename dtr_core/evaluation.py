@@ -68,6 +68,7 @@ class PrefixCachingEvaluator:
         self._base_score: float | None = None
         self._base_states: list[list[torch.Tensor | None]] = []
         self._best: tuple[frozenset[int], float, list[list[torch.Tensor | None]]] | None = None
+        self._pending_base: frozenset[int] | None = None
 
     def __call__(self, linear_layers: Iterable[int]) -> float:
         layers = frozenset(linear_layers)
@@ -76,6 +77,7 @@ class PrefixCachingEvaluator:
             return self.scorer.score(self._run(layers)[0])
         if layers == self._base and self._base_score is not None:
             return self._base_score
+        self._materialise_pending_base()
         collected, states = self._run(layers)
         score = self.scorer.score(collected)
         if self._base is None:
@@ -92,9 +94,16 @@ class PrefixCachingEvaluator:
         if self._best is not None and self._best[0] == layers:
             self._base, self._base_score, self._base_states = self._best
         else:
-            _, states = self._run(layers)
-            self._base, self._base_score, self._base_states = layers, None, states
+            # Computed only when a candidate needs it: with cached scores it may never be.
+            self._pending_base = layers
         self._best = None
+
+    def _materialise_pending_base(self) -> None:
+        if self._pending_base is None:
+            return
+        layers, self._pending_base = self._pending_base, None
+        _, states = self._run(layers)
+        self._base, self._base_score, self._base_states = layers, None, states
 
     def _is_better(self, a: float, b: float) -> bool:
         return a > b if self.scorer.higher_is_better else a < b

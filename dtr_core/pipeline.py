@@ -126,7 +126,7 @@ class StudentRecord:
 def new_student(ctx: RunContext, layer_idx: int) -> LinearAttentionStudent:
     adapter = ctx.teacher.adapter
     weights = adapter.read_attention_weights(ctx.teacher.model, layer_idx)
-    return student_from_teacher(ctx.run.student, weights, causal=adapter.causal)
+    return student_from_teacher(ctx.run.student, weights, causal=adapter.causal, seed=ctx.run.seed + layer_idx)
 
 
 def distill_stage(ctx: RunContext, capture: CaptureManifest, layer_idx: int, weights_file: str | Path) -> StudentRecord:

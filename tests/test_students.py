@@ -157,3 +157,17 @@ def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def test_student_construction_is_seeded_and_leaves_global_rng_alone():
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    weights = adapter.read_attention_weights(model, 0)
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    a = student_from_teacher(StudentSpec(), weights, causal=True, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = student_from_teacher(StudentSpec(), weights, causal=True, seed=3)
+    c = student_from_teacher(StudentSpec(), weights, causal=True, seed=4)
+    torch.testing.assert_close(a.gate_down.weight, b.gate_down.weight)
+    assert not torch.equal(a.gate_down.weight, c.gate_down.weight)

@@ -102,8 +102,9 @@ def export_hybrid(model: nn.Module, adapter: ModelAdapter, tokenizer, students: 
     auto_class = _auto_class(model)
     linear_layers = tuple(sorted(students))
     types = tuple(layer_types(adapter.num_layers, linear_layers))
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None,
-                                    prefix=f".{out_dir.name}.tmp-"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside the destination so the final rename stays on one filesystem (atomic).
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         with hybrid_view(model, adapter, students, linear_layers):
             config = copy.deepcopy(model.config)

@@ -1,0 +1,85 @@
+"""Hydra config → dtr_core specs (validated) + the pipeline's own options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtr_core.specs import (
+    CaptureSpec,
+    DistillSpec,
+    ExportSpec,
+    ModelSpec,
+    RunSpec,
+    SearchSpec,
+    SpecError,
+    StudentSpec,
+    TargetSpec,
+    spec_from_dict,
+)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TASK_RUNNERS = ("thread", "dask")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What the flow needs beyond the method's specs."""
+
+    cache_dir: str
+    refresh: frozenset[str]
+    task_runner: str
+    max_workers: int
+    dask_address: str | None
+    dask_workers: int
+    tracking_enabled: bool
+    tracking_uri: str
+    experiment: str
+
+    def __post_init__(self) -> None:
+        if self.task_runner not in TASK_RUNNERS:
+            raise SpecError(f"runtime.task_runner={self.task_runner!r}: must be one of {list(TASK_RUNNERS)}")
+        if self.max_workers < 1 or self.dask_workers < 1:
+            raise SpecError("runtime.max_workers and runtime.dask_workers must be >= 1")
+
+
+def compose(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved config for ``overrides`` (as on the command line), as a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOptions]:
+    """Validate every group into its spec; unknown keys and bad values raise SpecError naming them."""
+    runtime, tracking = dict(cfg["runtime"]), dict(cfg["tracking"])
+    run = RunSpec(
+        model=spec_from_dict(ModelSpec, cfg["model"]),
+        student=spec_from_dict(StudentSpec, cfg["student"]),
+        capture=spec_from_dict(CaptureSpec, cfg["capture"]),
+        distill=spec_from_dict(DistillSpec, {**cfg["distill"], "seed": cfg["seed"]}),
+        search=spec_from_dict(SearchSpec, cfg["search"]),
+        target=spec_from_dict(TargetSpec, {**cfg["target"], "seed": cfg["seed"]}),
+        export=spec_from_dict(ExportSpec, cfg["export"]),
+        output_dir=run_dir,
+        device=runtime.pop("device", "cpu"),
+        seed=cfg["seed"],
+    )
+    root = Path(cfg["output_dir"])
+    options = PipelineOptions(
+        cache_dir=str(cfg["cache_dir"]),
+        refresh=frozenset(cfg["refresh"]),
+        task_runner=runtime.get("task_runner", "thread"),
+        max_workers=int(runtime.get("max_workers", 1)),
+        dask_address=runtime.get("dask_address"),
+        dask_workers=int(runtime.get("dask_workers", 2)),
+        tracking_enabled=bool(tracking["enabled"]),
+        tracking_uri=tracking["tracking_uri"] or f"sqlite:///{(root / 'mlflow.db').resolve()}",
+        experiment=tracking["experiment"],
+    )
+    return run, options

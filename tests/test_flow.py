@@ -1,0 +1,140 @@
+"""The Prefect flow: cached stages, resume after SIGKILL, Hydra sweeps sharing the cache, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny_model, synthetic_texts, write_jsonl
+
+from dtr_core.io import sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def flow_env(tmp_path) -> dict:
+    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    model = save_tiny_model("llama", tmp_path / "model", num_layers=3)
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(300))
+    return model, data
+
+
+def overrides(model, data, out, **extra) -> list[str]:
+    values = {
+        "model": "local", "model.path": model, "target": "local_jsonl", "target.dataset": data,
+        "target.kind": "perplexity", "target.max_length": 32, "capture.token_budget": 3000,
+        "capture.max_length": 32, "capture.batch_size": 16, "distill.epochs": 6, "distill.batch_size": 8,
+        "search.run_to_end": "true", "search.tolerance": 0.5, "output_dir": str(out), **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_flow(args, tmp_path, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.dtr", *args], cwd=REPO, env=flow_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def exported_weights(out: Path) -> str:
+    (summary,) = [json.loads(p.read_text()) for p in (out / "runs").glob("*/report/report.json")][-1:]
+    return sha256_file(Path(summary["export_dir"]) / "model.safetensors")
+
+
+def test_second_run_reuses_every_stage(tmp_path, tiny_setup):
+    out = tmp_path / "out"
+    first = run_flow(overrides(*tiny_setup, out), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cache_files = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
+    second = run_flow(overrides(*tiny_setup, out) + ["hydra.run.dir=" + str(out / "runs" / "second")], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stderr + second.stdout
+    assert "capture: cache hit" in log
+    assert log.count("cache hit") >= 1 + 3 + 1  # capture, 3 layers, export
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == cache_files  # nothing rewritten
+    reports = sorted((out / "runs").glob("*/report/report.json"))
+    assert len(reports) == 2
+    a, b = (json.loads(p.read_text()) for p in reports)
+    assert a["scores"] == b["scores"] and a["linear_layers"] == b["linear_layers"]
+
+
+def kill_when(process: subprocess.Popen, ready, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if ready():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the flow ended (rc={process.returncode}) before the kill point")
+
+
+def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_setup):
+    reference = run_flow(overrides(*tiny_setup, tmp_path / "reference"), tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "flows.dtr", *overrides(*tiny_setup, out)]
+    distilled = lambda: len(list((out / "cache" / "distill").glob("*.json")))  # noqa: E731
+    evaluated = lambda: len(list((out / "cache" / "evaluate").glob("*.json")))  # noqa: E731
+
+    # Killed during distillation: finished layers stay finished.
+    process = subprocess.Popen(args, cwd=REPO, env=flow_env(tmp_path), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: distilled() >= 1)
+    done_layers = {p: p.stat().st_mtime_ns for p in (out / "cache" / "distill").glob("*.json")}
+    assert 1 <= len(done_layers) < 3
+
+    # Killed during the search: finished evaluations stay finished.
+    process = subprocess.Popen(args, cwd=REPO, env=flow_env(tmp_path), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: evaluated() >= 3)
+    done_evaluations = {p: p.stat().st_mtime_ns for p in (out / "cache" / "evaluate").glob("*.json")}
+    assert {p: p.stat().st_mtime_ns for p in done_layers} == done_layers
+    assert 3 <= len(done_evaluations) < 1 + 3 * 4 // 2
+
+    final = run_flow(overrides(*tiny_setup, out), tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in done_evaluations} == done_evaluations
+    assert exported_weights(out) == exported_weights(tmp_path / "reference")
+
+
+def test_sweep_runs_capture_once(tmp_path, tiny_setup):
+    out = tmp_path / "out"
+    result = run_flow(["-m", "student=gla,gated_deltanet", "search.tolerance=0.1,0.5",
+                       *[o for o in overrides(*tiny_setup, out) if not o.startswith("search.tolerance")]], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((out / "cache" / "capture").glob("*.json"))) == 1
+    assert len(list((out / "cache" / "distill").glob("*.json"))) == 2 * 3  # per student kind, not per job
+    assert len(list((out / "sweeps").glob("*/*/report/report.json"))) == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["student=mamba"], "Could not find 'student/mamba'"),
+    (["search.tolerance=1.5"], "SearchSpec.tolerance=1.5"),
+    (["distill.learning_rte=0.1"], "distill.learning_rte"),
+    (["model.path=/no/such/model"], "does not exist"),
+    (["target.dataset=/no/such/data.jsonl"], "does not exist"),
+], ids=["unknown-option", "tolerance-range", "unknown-key", "missing-model", "missing-data"])
+def test_bad_input_fails_before_heavy_work(tmp_path, tiny_setup, extra, message):
+    out = tmp_path / "out"
+    args = [o for o in overrides(*tiny_setup, out) if not any(o.startswith(e.split("=")[0] + "=") for e in extra)]
+    result = run_flow(args + extra, tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (out / "cache" / "capture").exists()
+
+
+def test_unwritable_cache_dir_is_refused(tmp_path, tiny_setup):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    result = run_flow(overrides(*tiny_setup, tmp_path / "out", cache_dir=str(blocker / "cache")), tmp_path)
+    assert result.returncode != 0
+    assert "choose another" in result.stderr + result.stdout
