@@ -7,6 +7,7 @@ evaluation) → export → report, with MLflow tracking.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import datetime
@@ -75,6 +76,7 @@ def distill_layers(run: RunSpec, capture: dict, num_layers: int, cache: StageCac
 def run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | None) -> dict[str, Any]:
     """Wire the stage tasks; returns the run summary as JSON."""
     logger = get_run_logger()
+    logger.info("flow process %d, task runner %s", os.getpid(), options.task_runner)
     timings: dict[str, float] = {}
     cache = StageCache(options.cache_dir, options.refresh)
     started = time.perf_counter()
@@ -138,13 +140,15 @@ def run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | Non
 
 @flow(name="dtr")
 def dtr_flow(overrides: list[str] | None = None, run_dir: str | None = None, sweep: str = "",
-             config: dict[str, Any] | None = None) -> dict[str, Any]:
+             config: dict[str, Any] | None = None, base_overrides: list[str] | None = None) -> dict[str, Any]:
     """Run DtR for a Hydra config given as overrides (e.g. ["student=gated_deltanet"]).
 
-    ``config`` (already composed, as by ``python -m flows.dtr``) takes precedence over ``overrides``.
+    ``base_overrides`` come first (a deployment's defaults), then the run's ``overrides``.
+    ``config`` (already composed, as by ``python -m flows.dtr``) takes precedence over both.
     """
     from omegaconf import OmegaConf
 
+    overrides = [*(base_overrides or []), *(overrides or [])]
     config = config or compose(overrides)
     run_dir = run_dir or str(Path(config["output_dir"]) / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
     run, options = build_specs(config, run_dir)

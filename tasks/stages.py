@@ -4,6 +4,7 @@ dtr_core stage and records its manifest."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -90,8 +91,8 @@ def distill_task(run: RunSpec, capture: dict, layer_idx: int, cache: StageCache)
         return cached
     weights_file = cache.folder("distill", key).with_suffix(".safetensors")
     record = distill_stage(ctx, CaptureManifest.from_json(capture["manifest"]), layer_idx, weights_file)
-    logger.info("distill layer %d: relative error %.3f → %.3f in %.1fs", layer_idx, record.rel_error_init,
-                record.rel_error_final, record.seconds)
+    logger.info("distill layer %d: relative error %.3f → %.3f in %.1fs (process %d)", layer_idx,
+                record.rel_error_init, record.rel_error_final, record.seconds, os.getpid())
     return cache.store("distill", key, record.to_json(), files={record.weights_file: record.weights_sha256})
 
 
