@@ -21,6 +21,7 @@ from dtr_core.specs import (
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TASK_RUNNERS = ("thread", "dask")
+DASK_CLUSTERS = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class PipelineOptions:
     max_workers: int
     dask_address: str | None
     dask_workers: int
+    dask_cluster: str
     tracking_enabled: bool
     tracking_uri: str
     experiment: str
@@ -40,6 +42,8 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if self.task_runner not in TASK_RUNNERS:
             raise SpecError(f"runtime.task_runner={self.task_runner!r}: must be one of {list(TASK_RUNNERS)}")
+        if self.dask_cluster not in DASK_CLUSTERS:
+            raise SpecError(f"runtime.dask_cluster={self.dask_cluster!r}: must be one of {list(DASK_CLUSTERS)}")
         if self.max_workers < 1 or self.dask_workers < 1:
             raise SpecError("runtime.max_workers and runtime.dask_workers must be >= 1")
 
@@ -78,6 +82,7 @@ def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOpt
         max_workers=int(runtime.get("max_workers", 1)),
         dask_address=runtime.get("dask_address"),
         dask_workers=int(runtime.get("dask_workers", 2)),
+        dask_cluster=runtime.get("dask_cluster", "cpu"),
         tracking_enabled=bool(tracking["enabled"]),
         tracking_uri=tracking["tracking_uri"] or f"sqlite:///{(root / 'mlflow.db').resolve()}",
         experiment=tracking["experiment"],

@@ -30,7 +30,7 @@ from dtr_core.pipeline import (
 )
 from dtr_core.export import ExportManifest
 from dtr_core.report import format_summary, write_report
-from dtr_core.specs import RunSpec
+from dtr_core.specs import RunSpec, SpecError
 from flows.config import PipelineOptions, build_specs, compose
 from tasks.cache import StageCache
 from tasks.stages import (
@@ -52,6 +52,14 @@ def task_runner_for(options: PipelineOptions):
 
         if options.dask_address:
             return DaskTaskRunner(address=options.dask_address)
+        if options.dask_cluster == "cuda":
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError as err:
+                raise SpecError("runtime.dask_cluster=cuda needs dask-cuda: pip install -e '.[gpu]'") from err
+            # One worker per visible GPU, each pinned to its own device.
+            return DaskTaskRunner(cluster_class=LocalCUDACluster,
+                                  cluster_kwargs={"host": "127.0.0.1", "dashboard_address": None})
         return DaskTaskRunner(cluster_kwargs={"n_workers": options.dask_workers, "threads_per_worker": 1,
                                               "host": "127.0.0.1", "dashboard_address": None})
     from prefect.task_runners import ThreadPoolTaskRunner

@@ -64,6 +64,15 @@ def test_second_run_reuses_every_stage(tmp_path, tiny_setup):
     a, b = (json.loads(p.read_text()) for p in reports)
     assert a["scores"] == b["scores"] and a["linear_layers"] == b["linear_layers"]
 
+    # refresh=[distill] recomputes the students (same result: seeded) and nothing upstream.
+    third = run_flow(overrides(*tiny_setup, out) + ["refresh=[distill]", "hydra.run.dir=" + str(out / "runs" / "third")],
+                     tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    log = third.stderr + third.stdout
+    assert "capture: cache hit" in log and "distill layer 0: cache hit" not in log
+    distill_records = [p for p in cache_files if p.parent.name == "distill"]
+    assert all(p.stat().st_mtime_ns != cache_files[p] for p in distill_records)
+
 
 def kill_when(process: subprocess.Popen, ready, timeout=300) -> None:
     deadline = time.time() + timeout

@@ -1,0 +1,65 @@
+"""Hydra config → specs and pipeline options; task runners chosen from the runtime group."""
+
+import importlib.util
+
+import pytest
+
+from dtr_core.specs import SpecError
+from flows.config import build_specs, compose
+from flows.dtr import task_runner_for
+from tasks.cache import StageCache
+
+
+def options_for(*overrides):
+    return build_specs(compose(list(overrides)), "/tmp/run")
+
+
+def test_default_config_is_the_embedded_demo():
+    run, options = options_for()
+    assert run.model.path == "minilm" and run.target.dataset == "bbc_news"
+    assert run.student.kind == "gla" and run.output_dir == "/tmp/run"
+    assert options.cache_dir == "outputs/cache" and options.tracking_uri.endswith("outputs/mlflow.db")
+    assert options.task_runner == "thread"
+
+
+def test_groups_map_onto_specs():
+    run, options = options_for("student=gated_deltanet", "search.tolerance=0.05", "experiment=quick",
+                               "refresh=[distill]", "tracking=off")
+    assert run.student.kind == "gated_deltanet" and run.search.tolerance == 0.05
+    assert run.capture.token_budget == 16000 and run.distill.epochs == 1
+    assert options.refresh == frozenset({"distill"}) and not options.tracking_enabled
+
+
+def test_task_runners():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    threads = task_runner_for(options_for()[1])
+    assert isinstance(threads, ThreadPoolTaskRunner)
+    local = task_runner_for(options_for("runtime=dask", "runtime.dask_workers=3")[1])
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3
+    remote = task_runner_for(options_for("runtime=dask", "runtime.dask_address=tcp://10.0.0.5:8786")[1])
+    assert remote.address == "tcp://10.0.0.5:8786"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is not None, reason="dask-cuda installed")
+def test_gpu_cluster_without_dask_cuda_says_what_to_install():
+    with pytest.raises(SpecError, match=r"dask-cuda: pip install -e '.\[gpu\]'"):
+        task_runner_for(options_for("runtime=dask_gpus")[1])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runtime.task_runner=ray", "runtime.task_runner='ray'"),
+    ("+runtime.dask_cluster=tpu", "runtime.dask_cluster='tpu'"),
+    ("student.kind=mamba", "StudentSpec.kind='mamba'"),
+    ("+capture.tokens=5", "unknown field(s) ['tokens']"),
+], ids=["runner", "cluster", "student-kind", "unknown-key"])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(SpecError) as err:
+        options_for(override)
+    assert message in str(err.value)
+
+
+def test_refresh_names_real_stages():
+    with pytest.raises(ValueError, match="unknown stage"):
+        StageCache("/tmp/cache", frozenset({"distil"}))
