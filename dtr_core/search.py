@@ -96,31 +96,38 @@ def greedy_replace(num_layers: int, evaluate: Evaluate, spec: SearchSpec, higher
 
     If ``evaluate`` has a ``rebase(linear_layers)`` method it is called each time a swap is kept,
     so evaluators that cache the current hybrid's hidden states can move to the new one.
+    If it has ``evaluate_round(layer_sets) -> [(score, seconds), ...]``, each round's candidates
+    (independent of each other) are handed over together, e.g. to score them in parallel.
     Ties within a round go to the lowest layer index (deterministic).
     """
     candidates = sorted(range(num_layers) if spec.candidate_layers is None else spec.candidate_layers)
     if any(i >= num_layers for i in candidates):
         raise ValueError(f"candidate_layers {candidates} include layers outside 0..{num_layers - 1}")
     rebase = getattr(evaluate, "rebase", None)
+    evaluate_round = getattr(evaluate, "evaluate_round", None)
     evaluations: list[Evaluation] = []
 
-    def timed(round_: int, layers: frozenset[int]) -> float:
+    def timed(layers: frozenset[int]) -> tuple[float, float]:
         started = clock()
-        score = float(evaluate(layers))
-        evaluations.append(Evaluation(round_, tuple(sorted(layers)), score, clock() - started))
-        return score
+        score = evaluate(layers)
+        return score, clock() - started
 
-    full_score = timed(0, frozenset())
+    def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[float]:
+        results = evaluate_round(layer_sets) if evaluate_round else [timed(s) for s in layer_sets]
+        for layers, (score, seconds) in zip(layer_sets, results, strict=True):
+            evaluations.append(Evaluation(round_, tuple(sorted(layers)), float(score), seconds))
+        return [float(score) for score, _ in results]
+
+    (full_score,) = score_round(0, [frozenset()])
     p_min = minimum_score(full_score, spec.tolerance, spec.tolerance_mode, higher_is_better)
     kept: frozenset[int] = frozenset()
     trajectory: list[Step] = []
     stopped_because = "every candidate layer is linear"
     for round_ in range(1, len(candidates) + 1):
+        remaining = [layer_idx for layer_idx in candidates if layer_idx not in kept]
+        scores = score_round(round_, [kept | {layer_idx} for layer_idx in remaining])
         best_layer, best_score = None, None
-        for layer_idx in candidates:
-            if layer_idx in kept:
-                continue
-            score = timed(round_, kept | {layer_idx})
+        for layer_idx, score in zip(remaining, scores):
             if best_score is None or _better(score, best_score, higher_is_better):
                 best_layer, best_score = layer_idx, score
         meets = _at_least(best_score, p_min, higher_is_better)

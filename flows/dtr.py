@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from tasks.cache import StageCache
 from tasks.stages import (
     capture_task,
     distill_task,
+    evaluate_on_worker_task,
     evaluate_task,
     evaluation_key,
     export_task,
@@ -46,30 +49,43 @@ from tasks.stages import (
 from tasks.tracking import RunTracker
 
 
-def task_runner_for(options: PipelineOptions):
+def task_runner_for(options: PipelineOptions, dask_address: str | None = None):
+    """Threads, or Dask workers at ``dask_address`` (a cluster from ``dask_cluster``)."""
     if options.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
-        if options.dask_address:
-            return DaskTaskRunner(address=options.dask_address)
-        if options.dask_cluster == "cuda":
-            try:
-                from dask_cuda import LocalCUDACluster
-            except ImportError as err:
-                raise SpecError("runtime.dask_cluster=cuda needs dask-cuda: pip install -e '.[gpu]'") from err
-            # One worker per visible GPU, each pinned to its own device.
-            return DaskTaskRunner(cluster_class=LocalCUDACluster,
-                                  cluster_kwargs={"host": "127.0.0.1", "dashboard_address": None})
-        return DaskTaskRunner(cluster_kwargs={"n_workers": options.dask_workers, "threads_per_worker": 1,
-                                              "host": "127.0.0.1", "dashboard_address": None})
+        return DaskTaskRunner(address=dask_address or options.dask_address)
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=options.max_workers)
 
 
+@contextmanager
+def dask_cluster(options: PipelineOptions) -> Iterator[str | None]:
+    """The scheduler address for this flow run: the configured one, or a local cluster started here
+    (one per flow run, so workers keep the loaded teacher across stages) and closed at the end."""
+    if options.task_runner != "dask" or options.dask_address:
+        yield options.dask_address
+        return
+    from distributed import LocalCluster
+
+    if options.dask_cluster == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as err:
+            raise SpecError("runtime.dask_cluster=cuda needs dask-cuda: pip install -e '.[gpu]'") from err
+        # One worker per visible GPU, each pinned to its own device.
+        cluster = LocalCUDACluster(host="127.0.0.1", dashboard_address=None)
+    else:
+        cluster = LocalCluster(n_workers=options.dask_workers, threads_per_worker=1, host="127.0.0.1",
+                               dashboard_address=None)
+    with cluster:
+        yield cluster.scheduler_address
+
+
 @flow(name="distill layers")
 def distill_layers(run: RunSpec, capture: dict, num_layers: int, cache: StageCache) -> list[dict]:
-    """Every layer's distillation submitted at once to the configured task runner (threads or Dask)."""
+    """Every layer's distillation submitted at once to the task runner (threads or Dask workers)."""
     logger = get_run_logger()
     started = time.perf_counter()
     futures = [distill_task.submit(run, capture, layer_idx, cache) for layer_idx in range(num_layers)]
@@ -81,8 +97,23 @@ def distill_layers(run: RunSpec, capture: dict, num_layers: int, cache: StageCac
     return records
 
 
+@flow(name="evaluate candidates")
+def evaluate_candidates(run: RunSpec, records: list[dict], probe: dict | None, layer_sets: list[frozenset[int]],
+                        key: str, cache: StageCache) -> list[tuple[float, float]]:
+    """One search round's candidates (independent of each other) scored in parallel on the workers."""
+    futures = [evaluate_on_worker_task.submit(run, records, probe, layers, str(sorted(layers)), key, cache)
+               for layers in layer_sets]
+    return [future.result() for future in futures]
+
+
 def run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | None) -> dict[str, Any]:
     """Wire the stage tasks; returns the run summary as JSON."""
+    with dask_cluster(options) as address:
+        runner = task_runner_for(options, address)
+        return _run_stages(run, options, tracker, runner)
+
+
+def _run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | None, runner) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("flow process %d, task runner %s", os.getpid(), options.task_runner)
     timings: dict[str, float] = {}
@@ -97,7 +128,7 @@ def run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | Non
     timings["capture"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    records = distill_layers.with_options(task_runner=task_runner_for(options))(run, capture, num_layers, cache)
+    records = distill_layers.with_options(task_runner=runner)(run, capture, num_layers, cache)
     timings["distill"] = time.perf_counter() - started
     if tracker:
         tracker.log_distillation(records)
@@ -114,14 +145,28 @@ def run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | Non
     total = num_layers * (num_layers + 1) // 2 + 1
     done = 0
 
-    def evaluate(linear_layers: frozenset[int]) -> float:
+    def report(layer_sets, results) -> None:
         nonlocal done
-        score = evaluate_task(evaluator, linear_layers, str(sorted(linear_layers)), key, cache)
-        done += 1
-        logger.info("search: evaluation %d (at most %d) %s → %.4f", done, total, sorted(linear_layers), score)
-        return score
+        for layers, (score, _) in zip(layer_sets, results):
+            done += 1
+            elapsed = time.perf_counter() - started
+            logger.info("search: evaluation %d (at most %d) %s → %.4f; ETA at most %.0fs", done, total,
+                        sorted(layers), score, elapsed / done * (total - done))
+
+    def evaluate(linear_layers: frozenset[int]) -> float:
+        result = evaluate_task(evaluator, linear_layers, str(sorted(linear_layers)), key, cache)
+        report([linear_layers], [result])
+        return result[0]
+
+    def evaluate_round(layer_sets: list[frozenset[int]]) -> list[tuple[float, float]]:
+        """Dask: a round's candidates are independent, so workers score them in parallel."""
+        results = evaluate_candidates.with_options(task_runner=runner)(run, records, probe, layer_sets, key, cache)
+        report(layer_sets, results)
+        return results
 
     evaluate.rebase = evaluator.rebase
+    if options.task_runner == "dask":
+        evaluate.evaluate_round = evaluate_round
     outcome: SearchOutcome = search_stage(ctx, evaluator, Path(run.output_dir) / "search.json", evaluate)
     timings["search"] = time.perf_counter() - started
     if tracker:

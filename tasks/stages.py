@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from dtr_core.pipeline import (
     fit_probe_stage,
     load_student,
     open_run,
+    prepare_target,
 )
 from dtr_core.specs import RunSpec, spec_to_dict
 
@@ -117,15 +119,53 @@ def evaluation_key(ctx: RunContext, target: Mapping | None, records: Sequence[Ma
                        [r["weights_sha256"] for r in records], ctx.fingerprint, code_version())
 
 
-@task(name="evaluate", task_run_name="evaluate {label}", cache_policy=NO_CACHE)
-def evaluate_task(evaluator: PrefixCachingEvaluator, linear_layers: frozenset[int], label: str, key: str,
-                  cache: StageCache) -> float:
-    """Validation score of one candidate hybrid (cached per layer set)."""
+def _cached_score(cache: StageCache, key: str, linear_layers: frozenset[int],
+                  evaluator: PrefixCachingEvaluator) -> tuple[float, float]:
+    """(score, seconds) of one candidate; a cached score costs nothing."""
     layers_key = content_key(key, sorted(linear_layers))
     cached = cache.lookup("evaluate", layers_key)
     if cached is not None:
-        return cached
-    return cache.store("evaluate", layers_key, evaluator(linear_layers))
+        return cached, 0.0
+    started = time.perf_counter()
+    score = evaluator(linear_layers)
+    return cache.store("evaluate", layers_key, score), time.perf_counter() - started
+
+
+@task(name="evaluate", task_run_name="evaluate {label}", cache_policy=NO_CACHE)
+def evaluate_task(evaluator: PrefixCachingEvaluator, linear_layers: frozenset[int], label: str, key: str,
+                  cache: StageCache) -> tuple[float, float]:
+    """Validation score of one candidate hybrid, in the flow's process (sharing its prefix cache)."""
+    return _cached_score(cache, key, linear_layers, evaluator)
+
+
+_worker_evaluators: dict[tuple, PrefixCachingEvaluator] = {}
+_worker_evaluators_lock = threading.Lock()
+
+
+def score_on_worker(run: RunSpec, records: Sequence[Mapping], probe: Mapping | None, linear_layers: frozenset[int],
+                    key: str, cache: StageCache) -> tuple[float, float]:
+    """Score with this process's own evaluator, built once from the stage files (no prefix reuse:
+    hidden states are not shared between processes)."""
+    evaluator_key = (run, tuple(r["weights_sha256"] for r in records), probe and probe["sha256"])
+    # One lock for building and scoring: candidates swap modules in the process's one model.
+    with _worker_evaluators_lock:
+        if evaluator_key not in _worker_evaluators:
+            ctx = shared_context(run)
+            target = prepare_target(ctx, probe and probe["file"], probe and probe["sha256"])
+            _worker_evaluators[evaluator_key] = PrefixCachingEvaluator(
+                ctx.teacher.model, ctx.teacher.adapter, load_students(records, run.device), target.validation,
+                target.scorer, prefix_reuse=False, device=run.device)
+        return _cached_score(cache, key, linear_layers, _worker_evaluators[evaluator_key])
+
+
+@task(name="evaluate on worker", task_run_name="evaluate {label}", cache_policy=NO_CACHE)
+def evaluate_on_worker_task(run: RunSpec, records: Sequence[Mapping], probe: Mapping | None,
+                            linear_layers: frozenset[int], label: str, key: str,
+                            cache: StageCache) -> tuple[float, float]:
+    """Validation score of one candidate hybrid on whichever worker the task runner picks."""
+    score, seconds = score_on_worker(run, records, probe, linear_layers, key, cache)
+    get_run_logger().info("evaluate %s: %.4f in %.1fs (process %d)", label, score, seconds, os.getpid())
+    return score, seconds
 
 
 @task(name="export", cache_policy=NO_CACHE)

@@ -6,7 +6,7 @@ import pytest
 
 from dtr_core.specs import SpecError
 from flows.config import build_specs, compose
-from flows.dtr import task_runner_for
+from flows.dtr import dask_cluster, task_runner_for
 from tasks.cache import StageCache
 
 
@@ -34,18 +34,28 @@ def test_task_runners():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    threads = task_runner_for(options_for()[1])
-    assert isinstance(threads, ThreadPoolTaskRunner)
-    local = task_runner_for(options_for("runtime=dask", "runtime.dask_workers=3")[1])
-    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3
+    assert isinstance(task_runner_for(options_for()[1]), ThreadPoolTaskRunner)
     remote = task_runner_for(options_for("runtime=dask", "runtime.dask_address=tcp://10.0.0.5:8786")[1])
-    assert remote.address == "tcp://10.0.0.5:8786"
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
+
+
+def test_local_dask_cluster_is_started_and_closed():
+    from distributed import Client
+
+    options = options_for("runtime=dask", "runtime.dask_workers=2")[1]
+    with dask_cluster(options) as address:
+        assert address.startswith("tcp://127.0.0.1:")
+        with Client(address) as client:
+            assert len(client.scheduler_info()["workers"]) == 2
+    with pytest.raises(OSError):
+        Client(address, timeout=2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is not None, reason="dask-cuda installed")
 def test_gpu_cluster_without_dask_cuda_says_what_to_install():
     with pytest.raises(SpecError, match=r"dask-cuda: pip install -e '.\[gpu\]'"):
-        task_runner_for(options_for("runtime=dask_gpus")[1])
+        with dask_cluster(options_for("runtime=dask_gpus")[1]):
+            pass
 
 
 @pytest.mark.parametrize("override, message", [
@@ -53,7 +63,8 @@ def test_gpu_cluster_without_dask_cuda_says_what_to_install():
     ("+runtime.dask_cluster=tpu", "runtime.dask_cluster='tpu'"),
     ("student.kind=mamba", "StudentSpec.kind='mamba'"),
     ("+capture.tokens=5", "unknown field(s) ['tokens']"),
-], ids=["runner", "cluster", "student-kind", "unknown-key"])
+    ("search.tolerance=1.5", "SearchSpec.tolerance=1.5"),
+], ids=["runner", "cluster", "student-kind", "unknown-key", "tolerance-range"])
 def test_bad_values_are_named(override, message):
     with pytest.raises(SpecError) as err:
         options_for(override)

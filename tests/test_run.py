@@ -84,9 +84,9 @@ def test_unsupported_model_family_is_named(tmp_path):
 def test_minilm_end_to_end_on_a_small_budget(tmp_path):
     """The real teacher and the built-in BBC task: every layer's student improves on its init."""
     run = RunSpec(
-        capture=CaptureSpec(token_budget=30_000),
+        capture=CaptureSpec(token_budget=20_000),
         distill=DistillSpec(epochs=2),
-        target=TargetSpec(max_examples_per_split=120),
+        target=TargetSpec(max_examples_per_split=80),
         search=SearchSpec(tolerance=0.02),
         output_dir=str(tmp_path / "out"),
     )

@@ -114,3 +114,21 @@ def test_minimum_score_directions():
 def test_bad_search_specs_are_named(kwargs, field):
     with pytest.raises(SpecError, match=f"SearchSpec.{field}="):
         SearchSpec(**kwargs)
+
+
+def test_rounds_can_be_scored_together():
+    """An evaluator with evaluate_round gets each round's candidates at once, with the same outcome."""
+    sequential = greedy_replace(5, Scripted(COSTS), SearchSpec(tolerance=0.03), higher_is_better=True)
+    batched = Scripted(COSTS)
+    rounds = []
+
+    def evaluate_round(layer_sets):
+        rounds.append(len(layer_sets))
+        return [(batched(s), 0.5) for s in layer_sets]
+
+    batched.evaluate_round = evaluate_round
+    result = greedy_replace(5, batched, SearchSpec(tolerance=0.03), higher_is_better=True)
+    assert rounds == [1, 5, 4, 3, 2]
+    assert result.trajectory == sequential.trajectory and result.selection == sequential.selection
+    assert [e.score for e in result.evaluations] == [e.score for e in sequential.evaluations]
+    assert all(e.seconds == 0.5 for e in result.evaluations)
