@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: install run test mlflow-ui
+.PHONY: install run test mlflow-ui bench-cpu
 install: $(BIN)/.installed
 
 # The DtR Prefect flow on the embedded default (MiniLM + BBC News); ARGS takes Hydra overrides.
@@ -26,3 +26,7 @@ mlflow-ui: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# CPU regression guard: chunked vs recurrent linear attention, prefix-reuse saving (about a minute).
+bench-cpu: $(BIN)/.installed
+	$(BIN)/python -m bench.cpu
