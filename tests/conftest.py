@@ -88,3 +88,11 @@ def write_jsonl(path, rows: list[tuple[str, int]]) -> str:
         for text, label in rows:
             handle.write(json.dumps({"text": text, "label": label}) + "\n")
     return str(path)
+
+
+@pytest.fixture
+def tiny_setup(tmp_path) -> tuple[str, str]:
+    """A saved 3-layer tiny Llama and a jsonl task: what the flow tests point the pipeline at."""
+    model = save_tiny_model("llama", tmp_path / "model", num_layers=3)
+    data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(300))
+    return model, data

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_model, synthetic_texts, write_jsonl
 
 from dtr_core.io import sha256_file
 
@@ -19,13 +18,6 @@ REPO = Path(__file__).resolve().parent.parent
 def flow_env(tmp_path) -> dict:
     return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture
-def tiny_setup(tmp_path):
-    model = save_tiny_model("llama", tmp_path / "model", num_layers=3)
-    data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(300))
-    return model, data
 
 
 def overrides(model, data, out, **extra) -> list[str]:

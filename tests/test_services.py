@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_flow import REPO, exported_weights, flow_env, overrides, run_flow, tiny_setup  # noqa: F401
+from test_flow import REPO, exported_weights, flow_env, overrides, run_flow
 
 VENV_BIN = Path(sys.executable).parent
 
