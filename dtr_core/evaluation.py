@@ -6,7 +6,6 @@ computes before ℓ, so its forward pass can start from the current hybrid's cac
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
@@ -63,7 +62,6 @@ class PrefixCachingEvaluator:
         self.num_layers = adapter.num_layers
         self.layer_forwards = 0
         self.layer_forwards_full = 0
-        self.seconds = 0.0
         self._base: frozenset[int] | None = None
         self._base_score: float | None = None
         self._base_states: list[list[torch.Tensor | None]] = []
@@ -118,7 +116,6 @@ class PrefixCachingEvaluator:
     def _run(self, layers: frozenset[int]) -> tuple[list[Any], list[list[torch.Tensor | None]]]:
         """Forward every batch with ``layers`` linear; returns collected values and layer inputs
         (those before the start layer shared with the base; none without prefix reuse)."""
-        started = time.perf_counter()
         start = self._start_layer(layers)
         self.layer_forwards += self.num_layers - start
         collected, all_states = [], []
@@ -133,7 +130,6 @@ class PrefixCachingEvaluator:
                 output = self.model(**{k: v.to(self.device) for k, v in batch.items() if k != "labels"})
             collected.append(self.scorer.collect(output, batch))
             all_states.append(states)
-        self.seconds += time.perf_counter() - started
         return collected, all_states
 
     @contextmanager

@@ -9,6 +9,7 @@ the stage finished; the files it lists are checked against their sha256 before a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -24,8 +25,11 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Digest of every dtr_core source file: a change to the method invalidates cached stages."""
+    """Digest of every dtr_core source file: a change to the method invalidates cached stages.
+
+    Computed once per process: every stage key includes it."""
     import dtr_core
 
     root = Path(dtr_core.__file__).parent
