@@ -25,6 +25,8 @@ def install_students(model: nn.Module, adapter: ModelAdapter,
     for layer_idx, student in students.items():
         path = adapter.attention_path(model, layer_idx)
         originals[layer_idx] = model.get_submodule(path)
+        # Attention modules know their index (it names their slot in a generation cache).
+        student.layer_idx = layer_idx
         _set_module(model, path, student)
     return originals
 

@@ -9,6 +9,23 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _benchmark_one_triton_config() -> None:
+    """Let Triton's autotuners try only their first valid config.
+
+    fla's kernels autotune on first use, compiling every config one after another: minutes per
+    kernel, which a GPU test call cannot afford. Every config computes the same function, so the
+    correctness tests lose nothing; never set this for benchmarks.
+    """
+    from triton.runtime.autotuner import Autotuner
+
+    prune = Autotuner.prune_configs
+    Autotuner.prune_configs = lambda self, *args, **kwargs: prune(self, *args, **kwargs)[:1]
+
+
+if os.environ.get("DTR_TRITON_FIRST_CONFIG") == "1":
+    _benchmark_one_triton_config()
+
 FAMILIES = ("llama", "qwen2", "gpt2", "bert")
 
 

@@ -174,6 +174,17 @@ def test_dispatcher_cpu_backends(mechanism):
 
 
 @mechanisms
+def test_dispatcher_auto_decodes_one_token_step_by_step(mechanism):
+    # A decoding step (one token) takes the step-by-step form, not a one-token chunk.
+    m = MECHANISMS[mechanism]
+    inputs = m.make(t=1)
+    o_ref, s_ref = m.run(m.recurrent, inputs)
+    o, s = m.run(m.dispatch, inputs, backend="auto")
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+
+
+@mechanisms
 def test_dispatcher_unknown_backend(mechanism):
     m = MECHANISMS[mechanism]
     with pytest.raises(ValueError, match="valid backends: auto, recurrent, chunked, fla"):

@@ -130,10 +130,14 @@ def test_hybrid_runs_with_padding_and_restores_base(family, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
-    """The student picks fla by itself on CUDA; outputs and gradients agree with the PyTorch path."""
+    """On CUDA the student picks fla by itself. In fp32 it matches the PyTorch path to 1e-4 (outputs
+    and gradients); in bf16 it stays within 1e-2 of the fp32 PyTorch reference."""
     torch.manual_seed(42)
     student = LinearAttentionStudent(kind=kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal).cuda()
-    x = torch.randn(2, 200, 256, device="cuda")
+    # Round weights and inputs to bf16 once, so the bf16 comparison measures the kernels' arithmetic,
+    # not the rounding of the fp32 reference's inputs.
+    student.to(torch.bfloat16).float()
+    x = torch.randn(2, 200, 256, device="cuda").bfloat16().float()
     mask = torch.ones(2, 200, device="cuda")
     mask[1, 150:] = 0
 
@@ -148,12 +152,13 @@ def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
         return out.float(), grads
 
     fp32_tol = 1e-4 if os.environ.get("TRITON_F32_DEFAULT") == "ieee" else 5e-3  # TF32 otherwise
-    for dtype, out_tol, grad_tol in ((torch.bfloat16, 1e-2, 2e-2), (torch.float32, fp32_tol, fp32_tol)):
-        reference, ref_grads = run("chunked", dtype)
+    reference, ref_grads = run("chunked", torch.float32)
+    for dtype, tol in ((torch.float32, fp32_tol), (torch.bfloat16, 1e-2)):
         fast, fast_grads = run("auto", dtype)
-        assert rel_err(fast, reference) <= out_tol, dtype
+        assert rel_err(fast, reference) <= tol, dtype
         for got, want in zip(fast_grads, ref_grads):
-            assert rel_err(got, want) <= grad_tol, dtype
+            assert rel_err(got, want) <= tol, dtype
+
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()

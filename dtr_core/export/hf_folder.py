@@ -36,8 +36,10 @@ up on CUDA); load with ``from_pretrained(folder, trust_remote_code=True)``.
 """
 
 import copy
+import inspect
 
 from transformers import {base_class} as _BaseModel
+from transformers.cache_utils import DynamicCache
 
 from .students import LinearAttentionStudent
 
@@ -67,7 +69,19 @@ class {class_name}(_BaseModel):
         for entry in config.dtr_hybrid["students"]:
             parent_path, _, name = entry["module_path"].rpartition(".")
             parent = self.get_submodule(parent_path) if parent_path else self
-            setattr(parent, name, LinearAttentionStudent(**entry["student_config"]))
+            student = LinearAttentionStudent(**entry["student_config"])
+            student.layer_idx = entry["layer_idx"]
+            setattr(parent, name, student)
+
+    if hasattr(_BaseModel, "generate"):
+        def generate(self, *args, **kwargs):
+            # transformers would build the cache from config.layer_types and then fail to find a
+            # sequence length when every layer is linear; an empty cache lets each student put its
+            # own recurrent-state layer in (students.RecurrentStateLayer).
+            cache_arg = "cache" if "cache" in inspect.signature(super().forward).parameters else "past_key_values"
+            if kwargs.get(cache_arg) is None and kwargs.get("use_cache", True):
+                kwargs[cache_arg] = DynamicCache()
+            return super().generate(*args, **kwargs)
 '''
 
 

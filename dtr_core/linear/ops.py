@@ -381,7 +381,11 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "fla" if q.is_cuda and fla_available() else "chunked"
+        # One-token steps (decoding) take the step-by-step forms; longer inputs the chunked ones.
+        step = q.shape[1] == 1
+        if q.is_cuda and fla_available():
+            return "fla_recurrent" if step else "fla"
+        return "recurrent" if step else "chunked"
     if backend.startswith("fla"):
         if not fla_available():
             raise RuntimeError(
@@ -410,7 +414,8 @@ def gla(
     """GLA with a selectable implementation; arguments and returns as in `gla_chunked`.
 
     backend:
-        "auto": fla's chunk kernel for CUDA tensors when fla is installed, else "chunked".
+        "auto": on CUDA with fla installed, "fla" (or "fla_recurrent" for one token); otherwise
+            "chunked" (or "recurrent" for one token).
         "recurrent" / "chunked": the pure-PyTorch implementations in this file.
         "fla": `fla.ops.gla.chunk_gla` (CUDA, differentiable).
         "fla_recurrent": `fla.ops.gla.fused_recurrent_gla` (CUDA; meant for decoding).
@@ -446,7 +451,8 @@ def gated_delta(
     `gated_delta_chunked`. q and k must already be L2-normalised (no in-kernel norm).
 
     backend:
-        "auto": fla's chunk kernel for CUDA tensors when fla is installed, else "chunked".
+        "auto": on CUDA with fla installed, "fla" (or "fla_recurrent" for one token); otherwise
+            "chunked" (or "recurrent" for one token).
         "recurrent" / "chunked": the pure-PyTorch implementations in this file.
         "fla": `fla.ops.gated_delta_rule.chunk_gated_delta_rule` (CUDA, differentiable).
         "fla_recurrent": `fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`

@@ -1,11 +1,15 @@
 """Linear-attention students: drop-in replacements for one softmax attention module.
 
 This file is copied unchanged next to every exported hybrid (with ``ops.py``), so it imports only
-torch and its sibling ``ops``; it must never import dtr_core.
+torch, transformers and its sibling ``ops``; it must never import dtr_core.
 
 A student keeps the teacher's ``q_proj/k_proj/v_proj/o_proj`` names so teacher weights load
 directly, and is called exactly like the attention module it replaces:
-``student(hidden_states, attention_mask=..., **ignored) -> (output, None)``.
+``student(hidden_states, attention_mask=..., cache=..., **ignored) -> (output, None)``.
+
+Decoding: a causal student given a transformers ``Cache`` (``cache=``, or ``past_key_values=`` in
+older transformers) continues from the recurrent state it left there and stores the new one, so a
+linear layer's cache stays one fixed-size state however long the sequence grows.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from transformers.cache_utils import DynamicLayer
 
 from .ops import gated_delta, gla
 
@@ -47,6 +53,59 @@ def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> to
     else:
         raise ValueError(f"attention_mask must be 2D or 4D, got shape {tuple(attention_mask.shape)}")
     return valid[:, -key_length:]
+
+
+class RecurrentStateLayer(DynamicLayer):
+    """A transformers cache layer for a linear-attention layer: one recurrent state, no keys.
+
+    It still counts the tokens it has seen, because transformers reads the sequence length (for
+    positions and masks) from layer 0, which may be a linear layer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    def advance(self, state: torch.Tensor, num_tokens: int) -> None:
+        self.state, self.seen_tokens = state, self.seen_tokens + num_tokens
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen_tokens
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("a linear-attention layer keeps a recurrent state, not keys and values")
+
+    def reset(self) -> None:
+        self.state, self.seen_tokens = None, 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a recurrent state cannot be rolled back to an earlier length")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state[indices, ...]
+
+
+def _state_layer(cache, layer_idx: int) -> RecurrentStateLayer:
+    """This layer's slot in ``cache``, put there on first use.
+
+    The slot a cache made for this index (a key/value layer, or transformers' own linear layer
+    when built from a hybrid config) has not been written yet, so it is simply replaced.
+    """
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    if not isinstance(cache.layers[layer_idx], RecurrentStateLayer):
+        cache.layers[layer_idx] = RecurrentStateLayer()
+    return cache.layers[layer_idx]
 
 
 def _retention_logits(count: int, device=None) -> torch.Tensor:
@@ -97,6 +156,8 @@ class LinearAttentionStudent(nn.Module):
         self.kind, self.causal, self.feature_map = kind, causal, feature_map
         self.num_heads, self.head_dim = num_heads, head_dim
         self.chunk_size, self.backend = chunk_size, backend
+        # Position in the layer stack, set when the student is installed: names its cache slot.
+        self.layer_idx: int | None = None
         self._config = dict(
             kind=kind, hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
             causal=causal, feature_map=feature_map, gate_rank=gate_rank, chunk_size=chunk_size,
@@ -164,20 +225,29 @@ class LinearAttentionStudent(nn.Module):
         projected = torch.einsum("bthd,hde->bthe", x, self.feature_weight)
         return torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1)
 
-    def _scan(self, q, k, v, g, beta, reverse: bool) -> torch.Tensor:
+    def _scan(self, q, k, v, g, beta, reverse: bool = False, initial_state=None, output_final_state=False):
         if reverse:
             q, k, v, g = (t.flip(1) for t in (q, k, v, g))
             beta = None if beta is None else beta.flip(1)
+        state_kwargs = dict(backend=self.backend, chunk_size=self.chunk_size, initial_state=initial_state,
+                            output_final_state=output_final_state)
         if self.kind == "gla":
-            out, _ = gla(q, k, v, g, scale=1.0, backend=self.backend, chunk_size=self.chunk_size)
+            out, state = gla(q, k, v, g, scale=1.0, **state_kwargs)
         else:
-            out, _ = gated_delta(q, k, v, g, beta, scale=1.0, backend=self.backend,
-                                 chunk_size=self.chunk_size)
-        return out.flip(1) if reverse else out
+            out, state = gated_delta(q, k, v, g, beta, scale=1.0, **state_kwargs)
+        return (out.flip(1) if reverse else out), state
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **_ignored) -> tuple[torch.Tensor, None]:
-        """hidden_states [B, T, hidden] → ([B, T, hidden or H*D], None), like HF attention."""
+                cache=None, past_key_values=None, **_ignored) -> tuple[torch.Tensor, None]:
+        """hidden_states [B, T, hidden] → ([B, T, hidden or H*D], None), like HF attention.
+
+        ``cache`` / ``past_key_values``: a transformers Cache (one name per transformers version);
+        a causal student continues from its state there and stores the new one.
+        """
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and self.causal and self.layer_idx is None:
+            raise RuntimeError("a student used with a cache needs its layer_idx (set when installed)")
+        use_cache = cache is not None and self.causal
         batch, length, _ = hidden_states.shape
         heads, dim = self.num_heads, self.head_dim
         q = self._features(self.q_proj(hidden_states).view(batch, length, heads, dim))
@@ -202,9 +272,13 @@ class LinearAttentionStudent(nn.Module):
         if self.normalised_readout:
             # An all-ones value column makes the same scan accumulate the normaliser sum_s w_ts.
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        out = self._scan(q, k, v, g, beta, reverse=False)
+        state_layer = _state_layer(cache, self.layer_idx) if use_cache else None
+        out, state = self._scan(q, k, v, g, beta, output_final_state=use_cache,
+                                initial_state=None if state_layer is None else state_layer.state)
+        if use_cache:
+            state_layer.advance(state, length)
         if not self.causal:
-            out = out + self._scan(q, k, v, g, beta, reverse=True)
+            out = out + self._scan(q, k, v, g, beta, reverse=True)[0]
 
         if self.normalised_readout:
             out = out[..., :dim] / (out[..., dim:] + 1e-6)
