@@ -376,7 +376,7 @@ def gated_delta_chunked(
 # --------------------------------------------------------------------------- dispatchers
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Map "auto" to a concrete backend and check that an fla backend can run."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
@@ -421,7 +421,7 @@ def gla(
         "fla_recurrent": `fla.ops.gla.fused_recurrent_gla` (CUDA; meant for decoding).
     chunk_size only affects "chunked"; fla picks its own.
     """
-    backend = _resolve_backend(backend, q)
+    backend = resolve_backend(backend, q)
     if backend == "recurrent":
         return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
     if backend == "chunked":
@@ -459,7 +459,7 @@ def gated_delta(
             (CUDA, forward only: for decoding).
     chunk_size only affects "chunked"; fla picks its own.
     """
-    backend = _resolve_backend(backend, q)
+    backend = resolve_backend(backend, q)
     if backend == "recurrent":
         return gated_delta_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
     if backend == "chunked":

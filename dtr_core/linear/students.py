@@ -22,7 +22,7 @@ from torch import nn
 
 from transformers.cache_utils import DynamicLayer
 
-from .ops import gated_delta, gla
+from .ops import gated_delta, gla, resolve_backend
 
 # Per-step log-decay floor: keeps the chunked kernels in their stable range; a retention of
 # exp(-8) ≈ 3e-4 per token already means "forget everything", so nothing useful is lost.
@@ -158,6 +158,8 @@ class LinearAttentionStudent(nn.Module):
         self.chunk_size, self.backend = chunk_size, backend
         # Position in the layer stack, set when the student is installed: names its cache slot.
         self.layer_idx: int | None = None
+        # The operator backend the last forward ran ("fla", "chunked", ...), for benchmarks and tests.
+        self.last_backend: str | None = None
         self._config = dict(
             kind=kind, hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
             causal=causal, feature_map=feature_map, gate_rank=gate_rank, chunk_size=chunk_size,
@@ -229,7 +231,8 @@ class LinearAttentionStudent(nn.Module):
         if reverse:
             q, k, v, g = (t.flip(1) for t in (q, k, v, g))
             beta = None if beta is None else beta.flip(1)
-        state_kwargs = dict(backend=self.backend, chunk_size=self.chunk_size, initial_state=initial_state,
+        self.last_backend = resolve_backend(self.backend, q)
+        state_kwargs = dict(backend=self.last_backend, chunk_size=self.chunk_size, initial_state=initial_state,
                             output_final_state=output_final_state)
         if self.kind == "gla":
             out, state = gla(q, k, v, g, scale=1.0, **state_kwargs)
