@@ -117,10 +117,11 @@ def write_report(summary: RunSummary, out_dir: str | Path) -> Path:
     """Write the three report artefacts; returns the folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The numbers first: they should survive a plotting failure.
+    write_json(out_dir / "report.json", summary.to_json())
+    write_text(out_dir / "report.md", render_markdown(summary))
     _plot_trajectory(summary, out_dir / TRAJECTORY_PLOT)
     _plot_distillation(summary, out_dir / DISTILL_PLOT)
-    write_text(out_dir / "report.md", render_markdown(summary))
-    write_json(out_dir / "report.json", summary.to_json())
     return out_dir
 
 
