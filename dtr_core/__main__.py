@@ -1,33 +1,65 @@
-"""``python -m dtr_core``: run every DtR stage in order on one machine and print a summary."""
+"""``python -m dtr_core``: run every DtR stage in order on one machine and print a summary.
+
+Under ``torchrun --nproc_per_node N -m dtr_core ...`` the distillation streams data-parallel over
+the N processes (one GPU each with ``--device cuda``); rank 0 then runs the remaining stages.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from .specs import CaptureSpec, ModelSpec, RunSpec, SearchSpec, SpecError, StudentSpec, TargetSpec
+from .specs import (
+    TARGET_KINDS,
+    CaptureSpec,
+    DistillSpec,
+    ModelSpec,
+    RunSpec,
+    SearchSpec,
+    SpecError,
+    StudentSpec,
+    TargetSpec,
+)
 from .report import format_summary
 
 
 def parse_args(argv: list[str] | None = None) -> RunSpec:
     parser = argparse.ArgumentParser(prog="python -m dtr_core", description=__doc__)
-    parser.add_argument("--model", default=ModelSpec.path, help="HF folder, hub id, or 'minilm' (default)")
+    parser.add_argument("--model", default=ModelSpec.path,
+                        help="HF folder, hub id, 'minilm' (default) or 'smollm2-135m'")
     parser.add_argument("--dataset", default=TargetSpec.dataset, help="'bbc_news' (default) or a local path")
-    parser.add_argument("--target-kind", default=TargetSpec.kind, help="classification | perplexity")
+    parser.add_argument("--max-examples", type=int, default=TargetSpec.max_examples_per_split,
+                        help="cap on examples per split (train/validation/test); default: all")
+    parser.add_argument("--target-kind", default=TargetSpec.kind, help=" | ".join(TARGET_KINDS))
     parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance)
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
     parser.add_argument("--run-to-end", action="store_true", help="record the whole trajectory")
     parser.add_argument("--token-budget", type=int, default=CaptureSpec.token_budget)
+    parser.add_argument("--text-files", nargs="+", default=(),
+                        help="distil from these .txt/.jsonl files of general text instead of the task's train split")
+    parser.add_argument("--max-length", type=int, default=CaptureSpec.max_length, help="tokens per distillation row")
+    parser.add_argument("--batch-size", type=int, default=CaptureSpec.batch_size, help="rows per teacher batch")
+    parser.add_argument("--mode", default=CaptureSpec.mode,
+                        help="auto | disk | stream: capture activations to disk or stream them (auto: by disk budget)")
+    parser.add_argument("--disk-budget-gb", type=float, default=CaptureSpec.disk_budget_gb)
+    parser.add_argument("--epochs", type=int, default=DistillSpec.epochs, help="passes over the distillation tokens")
+    parser.add_argument("--checkpoint-every", type=int, default=DistillSpec.checkpoint_every,
+                        help="stream mode: steps between checkpoints (a rerun resumes from the last)")
+    parser.add_argument("--model-dtype", default=ModelSpec.dtype, help="float32 | bfloat16 | float16")
     parser.add_argument("--output-dir", default=RunSpec.output_dir)
     parser.add_argument("--device", default=RunSpec.device)
     args = parser.parse_args(argv)
     return RunSpec(
-        model=ModelSpec(path=args.model),
+        model=ModelSpec(path=args.model, dtype=args.model_dtype),
         student=StudentSpec(kind=args.student),
-        capture=CaptureSpec(token_budget=args.token_budget),
+        capture=CaptureSpec(token_budget=args.token_budget, source="text_files" if args.text_files else "task_train",
+                            text_files=tuple(args.text_files), max_length=args.max_length, batch_size=args.batch_size,
+                            mode=args.mode, disk_budget_gb=args.disk_budget_gb),
+        distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end),
-        target=TargetSpec(dataset=args.dataset, kind=args.target_kind),
+        target=TargetSpec(dataset=args.dataset, kind=args.target_kind, max_examples_per_split=args.max_examples),
         output_dir=args.output_dir,
         device=args.device,
     )
@@ -36,15 +68,22 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
 def main(argv: list[str] | None = None) -> int:
     from .adapters import UnsupportedModelError
     from .pipeline import OutputDirError, run_dtr
+    from .streaming import close_distributed, init_distributed, rank_and_world
     from .targets.data import DataError
     from .teacher import ModelLoadError
 
     try:
-        summary = run_dtr(parse_args(argv))
+        run = parse_args(argv)
+        run = dataclasses.replace(run, device=init_distributed(run.device))
+        rank = rank_and_world()[0]
+        summary = run_dtr(run, log=print if rank == 0 else lambda line: None)  # one voice for N processes
     except (SpecError, DataError, ModelLoadError, UnsupportedModelError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
+    finally:
+        close_distributed()
+    if summary is not None:
+        print(format_summary(summary))
     return 0
 
 

@@ -109,23 +109,33 @@ def tokenize_for_capture(tokenizer, texts: Iterable[str], spec: CaptureSpec, pac
         yield flush(rows)
 
 
-class _AttentionRecorder:
-    """Forward hooks that keep each attention module's input and output for the current batch."""
+class AttentionRecorder:
+    """Forward hooks that keep each attention module's input and output for the current batch.
 
-    def __init__(self, modules: list[nn.Module], dtype: torch.dtype) -> None:
+    ``device``/``dtype`` None keep the tensors where and as the teacher computed them (streaming
+    trains on them in place, with no copy to the host).
+    """
+
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype | None = None,
+                 device: str | torch.device | None = None) -> None:
         self.inputs: list[torch.Tensor | None] = [None] * len(modules)
         self.outputs: list[torch.Tensor | None] = [None] * len(modules)
         self.handles = [
             module.register_forward_hook(self._hook(i), with_kwargs=True) for i, module in enumerate(modules)
         ]
-        self.dtype = dtype
+        self.dtype, self.device = dtype, device
 
     def _hook(self, index: int):
         def record(module, args, kwargs, output):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.inputs[index] = hidden.detach().to("cpu", self.dtype)
-            self.outputs[index] = output[0].detach().to("cpu", self.dtype)
+            self.inputs[index] = hidden.detach().to(device=self.device, dtype=self.dtype)
+            self.outputs[index] = output[0].detach().to(device=self.device, dtype=self.dtype)
         return record
+
+    def clear(self) -> None:
+        """Drop the last batch's tensors (so they do not coexist with the next batch's)."""
+        self.inputs = [None] * len(self.inputs)
+        self.outputs = [None] * len(self.outputs)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -151,7 +161,7 @@ def capture_teacher(
     (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an old manifest must not vouch for new shards
     num_layers = adapter.num_layers
     dtype = getattr(torch, spec.dtype)
-    recorder = _AttentionRecorder([adapter.attention_module(model, i) for i in range(num_layers)], dtype)
+    recorder = AttentionRecorder([adapter.attention_module(model, i) for i in range(num_layers)], dtype, "cpu")
     shards: dict[int, list[ShardInfo]] = {i: [] for i in range(num_layers)}
     pending: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = []
     pending_tokens = total_tokens = total_sequences = 0

@@ -27,11 +27,23 @@ class DistillResult:
     seconds: float
 
 
+def masked_squared_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over real (``mask``) positions and channels of (pred - target)², in fp32. [B, T, D], [B, T]."""
+    weights = mask[..., None].to(torch.float32)
+    return ((pred.float() - target.float()) ** 2 * weights).sum()
+
+
 def _masked_rel_error(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, variance: float) -> torch.Tensor:
     """Masked MSE divided by the teacher output's variance: 1.0 = as bad as predicting the mean."""
-    weights = mask[..., None].to(pred.dtype)
-    mse = ((pred - target) ** 2 * weights).sum() / (weights.sum() * pred.shape[-1])
-    return mse / variance
+    return masked_squared_error(pred, target, mask) / (mask.sum() * pred.shape[-1]) / variance
+
+
+def warmup_cosine(step: int, warmup_steps: int, progress: float) -> float:
+    """Learning-rate factor: linear warm-up over the first ``warmup_steps`` steps, then a cosine
+    from 1 down to 0 as ``progress`` (fraction of the training done, clipped to 1) grows."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _target_variance(outputs: torch.Tensor, mask: torch.Tensor) -> float:
@@ -48,9 +60,8 @@ def evaluate_rel_error(student: nn.Module, data: LayerActivations, variance: flo
         y = data.outputs[start:start + batch_size].to(device, torch.float32)
         m = data.attention_mask[start:start + batch_size].to(device)
         pred, _ = student(x, attention_mask=m)
-        w = m[..., None].float()
-        total_sq += float(((pred - y) ** 2 * w).sum())
-        total_count += int(w.sum()) * y.shape[-1]
+        total_sq += float(masked_squared_error(pred, y, m))
+        total_count += int(m.sum()) * y.shape[-1]
     return total_sq / max(total_count, 1) / variance
 
 
@@ -94,10 +105,7 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
     warmup = min(spec.warmup_steps, total_steps // 2)
 
     def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warmup_cosine(step, warmup, (step - warmup) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     curve: list[float] = []

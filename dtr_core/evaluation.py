@@ -2,6 +2,7 @@
 
 A candidate that adds layer ℓ to the current hybrid computes exactly what the current hybrid
 computes before ℓ, so its forward pass can start from the current hybrid's cached input to layer ℓ.
+Scores from generation (``GenerationEvaluator``) run the whole model for every candidate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .hybrid import hybrid_view
+from .targets.tasks import model_inputs
 
 
 class Scorer(Protocol):
@@ -127,7 +129,7 @@ class PrefixCachingEvaluator:
                     stack.enter_context(self._resume_at(start, states[start]))
                 if self.prefix_reuse:
                     stack.enter_context(self._record_inputs(start, states))
-                output = self.model(**{k: v.to(self.device) for k, v in batch.items() if k != "labels"})
+                output = self.model(**model_inputs(batch, self.device))
             collected.append(self.scorer.collect(output, batch))
             all_states.append(states)
         return collected, all_states
@@ -166,3 +168,54 @@ class PrefixCachingEvaluator:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class GenerationScorer(Protocol):
+    """Turns greedy generations on a split into one validation score."""
+
+    higher_is_better: bool
+    max_new_tokens: int
+
+    def collect(self, generated: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> Any:
+        """What the score needs from one batch's new tokens ``[B, ≤ max_new_tokens]``."""
+
+    def score(self, collected: Sequence[Any]) -> float:
+        """The split's score from every batch's collected values."""
+
+
+class GenerationEvaluator:
+    """Callable ``evaluate(linear_layers) -> score`` from greedy generation (e.g. exact match).
+
+    ``batches`` are left-padded prompts, so every row's new tokens follow its last real token.
+    No prefix reuse: ``generate`` feeds the prompt once and then one token at a time through every
+    layer with its cache, so there is no single forward whose unchanged prefix could be reused.
+    ``layer_forwards`` counts, like ``PrefixCachingEvaluator``, one pass over the split per layer.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, students: Mapping[int, nn.Module],
+                 batches: Sequence[Mapping[str, torch.Tensor]], scorer: GenerationScorer, *, pad_token_id: int,
+                 device: torch.device | str = "cpu") -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.adapter, self.students = model, adapter, students
+        self.batches, self.scorer, self.device = batches, scorer, device
+        self.num_layers = adapter.num_layers
+        self.layer_forwards = 0
+        self.layer_forwards_full = 0
+        # A fresh config, so sampling settings shipped in the model's generation_config never apply.
+        self.generation_config = GenerationConfig(
+            do_sample=False, max_new_tokens=scorer.max_new_tokens, pad_token_id=pad_token_id,
+            eos_token_id=model.generation_config.eos_token_id,
+        )
+
+    @torch.no_grad()
+    def __call__(self, linear_layers: Iterable[int]) -> float:
+        self.layer_forwards += self.num_layers
+        self.layer_forwards_full += self.num_layers
+        collected = []
+        with hybrid_view(self.model, self.adapter, self.students, linear_layers):
+            for batch in self.batches:
+                inputs = model_inputs(batch, self.device)
+                generated = self.model.generate(**inputs, generation_config=self.generation_config)
+                collected.append(self.scorer.collect(generated[:, inputs["input_ids"].shape[1]:].cpu(), batch))
+        return self.scorer.score(collected)

@@ -72,13 +72,36 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load safetensors, first checking the sha256 when one is given."""
     if expected_sha256 is not None:
-        actual = sha256_file(path)
-        if actual != expected_sha256:
-            raise IntegrityError(
-                f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected_sha256[:12]}…; "
-                "the file was changed or truncated — delete it and rerun the stage that wrote it"
-            )
+        verify_sha256(path, expected_sha256)
     return load_file(str(path))
+
+
+def verify_sha256(path: str | os.PathLike, expected_sha256: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise IntegrityError(
+            f"{path}: sha256 {actual[:12]}… does not match the manifest's {expected_sha256[:12]}…; "
+            "the file was changed or truncated — delete it and rerun the stage that wrote it"
+        )
+
+
+def save_torch_state(path: str | os.PathLike, state: dict[str, Any]) -> str:
+    """``torch.save`` atomically (tensors and plain Python values only); returns the file's sha256."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        torch.save(state, tmp)
+        digest = sha256_file(tmp)
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def load_torch_state(path: str | os.PathLike, expected_sha256: str) -> dict[str, Any]:
+    """Load what ``save_torch_state`` wrote, after checking its sha256; never unpickles code."""
+    verify_sha256(path, expected_sha256)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

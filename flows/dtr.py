@@ -1,5 +1,6 @@
 """The DtR flow: capture → distill (one task per layer, fanned out) → greedy search (one task per
-evaluation) → export → report, with MLflow tracking.
+evaluation) → export → report, with MLflow tracking. In stream mode (``capture.mode``) one task
+replaces capture and distill: the teacher streams and every layer trains together.
 
     python -m flows.dtr [hydra overrides]            one run
     python -m flows.dtr -m student=gla,gated_deltanet search.tolerance=0.01,0.05   a sweep
@@ -26,6 +27,7 @@ from dtr_core.pipeline import (
     build_summary,
     candidate_evaluator,
     check_output_dir,
+    distill_mode,
     prepare_target,
     search_stage,
     test_scores,
@@ -45,6 +47,7 @@ from tasks.stages import (
     load_students,
     probe_task,
     shared_context,
+    stream_distill_task,
 )
 from tasks.tracking import RunTracker
 
@@ -123,13 +126,22 @@ def _run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | No
     timings["load"] = time.perf_counter() - started
     num_layers = ctx.teacher.adapter.num_layers
 
-    started = time.perf_counter()
-    capture = capture_task(run, cache)
-    timings["capture"] = time.perf_counter() - started
+    choice = distill_mode(ctx)
+    logger.info("distillation mode: %s (%s)", choice.mode, choice.reason)
+    if choice.mode == "stream":
+        started = time.perf_counter()
+        streamed = stream_distill_task(run, cache)
+        records, capture_tokens = streamed["records"], streamed["tokens"]
+        timings["distill"] = time.perf_counter() - started
+    else:
+        started = time.perf_counter()
+        capture = capture_task(run, cache)
+        capture_tokens = CaptureManifest.from_json(capture["manifest"]).tokens
+        timings["capture"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    records = distill_layers.with_options(task_runner=runner)(run, capture, num_layers, cache)
-    timings["distill"] = time.perf_counter() - started
+        started = time.perf_counter()
+        records = distill_layers.with_options(task_runner=runner)(run, capture, num_layers, cache)
+        timings["distill"] = time.perf_counter() - started
     if tracker:
         tracker.log_distillation(records)
 
@@ -164,7 +176,8 @@ def _run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | No
         report(layer_sets, results)
         return results
 
-    evaluate.rebase = evaluator.rebase
+    if hasattr(evaluator, "rebase"):  # a generation evaluator keeps no hidden states to move
+        evaluate.rebase = evaluator.rebase
     if options.task_runner == "dask":
         evaluate.evaluate_round = evaluate_round
     outcome: SearchOutcome = search_stage(ctx, evaluator, Path(run.output_dir) / "search.json", evaluate)
@@ -183,7 +196,7 @@ def _run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | No
 
     report_dir = Path(run.output_dir) / "report"
     summary = build_summary(ctx, [StudentRecord(**r) for r in records], outcome, target, tests, export,
-                            CaptureManifest.from_json(capture["manifest"]).tokens, timings, report_dir)
+                            capture_tokens, timings, report_dir)
     write_report(summary, report_dir)
     if tracker:
         tracker.log_summary(summary, report_dir)

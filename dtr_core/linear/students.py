@@ -22,7 +22,7 @@ from torch import nn
 
 from transformers.cache_utils import DynamicLayer
 
-from .ops import gated_delta, gla, resolve_backend
+from .ops import gated_delta, gla, needs_grad, resolve_backend
 
 # Per-step log-decay floor: keeps the chunked kernels in their stable range; a retention of
 # exp(-8) ≈ 3e-4 per token already means "forget everything", so nothing useful is lost.
@@ -231,7 +231,8 @@ class LinearAttentionStudent(nn.Module):
         if reverse:
             q, k, v, g = (t.flip(1) for t in (q, k, v, g))
             beta = None if beta is None else beta.flip(1)
-        self.last_backend = resolve_backend(self.backend, q)
+        gated_delta_backward = self.kind == "gated_deltanet" and needs_grad(q, k, v, g, beta)
+        self.last_backend = resolve_backend(self.backend, q, gated_delta_backward)
         state_kwargs = dict(backend=self.last_backend, chunk_size=self.chunk_size, initial_state=initial_state,
                             output_final_state=output_final_state)
         if self.kind == "gla":
@@ -269,8 +270,11 @@ class LinearAttentionStudent(nn.Module):
         else:
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             g = F.logsigmoid(self.decay_proj(hidden_states).float()).clamp_min(LOG_DECAY_FLOOR)
-            beta = torch.sigmoid(self.beta_proj(hidden_states).float()).to(q.dtype)
-        g = g.to(q.dtype)
+            beta = torch.sigmoid(self.beta_proj(hidden_states).float())
+        # One dtype for every kernel input: under autocast the projections come out in bf16 but
+        # softmax features and normalised q/k in fp32, and fla's kernels need them to agree.
+        q, k, g = q.to(v.dtype), k.to(v.dtype), g.to(v.dtype)
+        beta = None if beta is None else beta.to(v.dtype)
 
         if self.normalised_readout:
             # An all-ones value column makes the same scan accumulate the normaliser sum_s w_ts.

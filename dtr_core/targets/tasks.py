@@ -4,6 +4,9 @@
   the *full* model's pooled train embeddings and then applied unchanged to every candidate — the
   hybrid has to be a drop-in backbone for the classifier already deployed. Accuracy, higher is better.
 - ``Perplexity`` (decoders): token-level perplexity on held-out text, lower is better.
+
+Prompted decoder tasks (log-likelihood multiple choice, generation exact match) are in
+``decoder_tasks.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..specs import TargetSpec
+from ..specs import LABELLED_KINDS, PROMPTED_KINDS, TargetSpec
 from .data import DataError, TaskData, TextSplit
 
 SPLITS = ("train", "validation", "test")
@@ -36,8 +39,13 @@ def tokenize_split(tokenizer, split: TextSplit, spec: TargetSpec) -> list[dict[s
     return batches
 
 
-def _model_inputs(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+# Batches may carry more than the model takes (labels, a task's per-row indices and masks).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The keys of ``batch`` the model's forward takes, on ``device``."""
+    return {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
 
 
 def mean_pooled(output: Any, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,7 +102,7 @@ def fit_probe(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], *
 
     features, labels = [], []
     for batch in batches:
-        output = model(**_model_inputs(batch, device), output_hidden_states=True)
+        output = model(**model_inputs(batch, device), output_hidden_states=True)
         features.append(mean_pooled(output, batch["attention_mask"]).cpu().numpy())
         labels.append(batch["labels"].numpy())
     classifier = LogisticRegression(C=inverse_regularisation, max_iter=2000, random_state=seed)
@@ -126,8 +134,12 @@ class Perplexity:
 
 def check_task_fits_model(spec: TargetSpec, data: TaskData, causal: bool) -> None:
     """Reject combinations that cannot give a meaningful score, before any model runs."""
-    if spec.kind == "perplexity" and not causal:
-        raise DataError("target kind 'perplexity' needs a decoder (causal LM); this teacher is an encoder — "
+    if spec.kind in ("perplexity", *PROMPTED_KINDS) and not causal:
+        raise DataError(f"target kind {spec.kind!r} needs a decoder (causal LM); this teacher is an encoder — "
                         "use kind=classification")
-    if spec.kind == "classification" and data.label_names is None:
-        raise DataError(f"target kind 'classification' needs labels, but {data.source} has none")
+    if spec.kind in LABELLED_KINDS and data.label_names is None:
+        raise DataError(f"target kind {spec.kind!r} needs labels, but {data.source} has none; "
+                        "give every example a label, or use kind=perplexity")
+    if spec.kind in PROMPTED_KINDS and spec.num_fewshot > len(data.train.texts):
+        raise DataError(f"num_fewshot={spec.num_fewshot} but the train split of {data.source} has only "
+                        f"{len(data.train.texts)} examples to draw them from; lower num_fewshot")

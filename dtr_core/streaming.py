@@ -1,0 +1,458 @@
+"""Streaming blockwise distillation: the frozen teacher runs once per batch and every layer's
+student trains on that batch's activations, so no activation is ever stored.
+
+This is the mode for distillation budgets whose capture would not fit on disk (the paper distils
+from ~100M tokens: terabytes of activations). One step:
+
+1. one teacher forward without autograd, in the teacher's own dtype; forward hooks keep each
+   layer's attention input (after the pre-norm) and output on the device;
+2. each student's forward on its own layer's input, and backward of its masked MSE to the
+   teacher's output, relative to that output's variance (as ``distill.py``). The layers' losses
+   are independent, so backward per layer gives the gradients of their sum while freeing each
+   layer's activations at once;
+3. one AdamW step over all students (fp32 master weights; forward under bf16 autocast on CUDA).
+
+The first ``DistillSpec.holdout_batches`` batches of the stream are never trained on: they fix each
+layer's normaliser (the teacher output's variance) and measure the relative error before and after.
+
+Checkpoints (every ``DistillSpec.checkpoint_every`` steps and at the end) go to
+``<checkpoint_root>/<configuration digest>/``; a run started again with the same configuration
+resumes from the last one, skipping the batches it had consumed, and ends with the same weights as
+an uninterrupted run. A different configuration has a different digest, so it never resumes from it.
+
+Data parallel: when ``torch.distributed`` is initialised (torchrun), each rank runs the teacher and
+the students on its own contiguous slice of every global batch; gradients are summed over ranks
+(the loss is normalised by the global batch's token count, so the sum is the single-process
+gradient) before every rank takes the same step. Only rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .adapters import ModelAdapter
+from .capture import AttentionRecorder
+from .distill import DistillResult, masked_squared_error, warmup_cosine
+from .io import load_tensors, load_torch_state, read_json, save_tensors, save_torch_state, write_json
+from .linear.students import LinearAttentionStudent
+from .specs import CaptureSpec, DistillSpec, SpecError, spec_digest, spec_to_dict
+
+CHECKPOINT_MANIFEST = "checkpoint.json"
+GB = 10**9
+
+
+# --- choosing the mode -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModeChoice:
+    mode: str  # "disk" or "stream"
+    capture_bytes: int  # estimated size of a capture to disk
+    reason: str
+
+
+def estimate_capture_bytes(spec: CaptureSpec, num_layers: int, hidden_size: int) -> int:
+    """Size of a capture to disk: tokens × layers × hidden × 2 (input and output) × bytes per value.
+
+    Encoders' padding is stored too, so for them this is a lower bound.
+    """
+    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    return spec.token_budget * num_layers * hidden_size * 2 * itemsize
+
+
+def choose_mode(spec: CaptureSpec, num_layers: int, hidden_size: int, world_size: int = 1) -> ModeChoice:
+    """Disk or stream, and why: ``spec.mode`` if explicit, else stream when the capture would not
+    fit ``spec.disk_budget_gb`` or when the run is data-parallel (a capture is one process's job)."""
+    size = estimate_capture_bytes(spec, num_layers, hidden_size)
+    described = (f"a capture of {spec.token_budget:,} tokens × {num_layers} layers × {hidden_size} hidden × 2 "
+                 f"in {spec.dtype} is about {size / GB:.2f} GB")
+    if world_size > 1:
+        if spec.mode == "disk":
+            raise SpecError(f"CaptureSpec.mode='disk': a data-parallel run ({world_size} processes) needs "
+                            "mode 'stream' or 'auto'; run disk mode in a single process")
+        return ModeChoice("stream", size, f"data-parallel run ({world_size} processes) streams; {described}")
+    if spec.mode != "auto":
+        return ModeChoice(spec.mode, size, f"mode={spec.mode} requested; {described}")
+    if size > spec.disk_budget_gb * GB:
+        return ModeChoice("stream", size, f"{described}, over disk_budget_gb={spec.disk_budget_gb:g}")
+    return ModeChoice("disk", size, f"{described}, within disk_budget_gb={spec.disk_budget_gb:g}")
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> str:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on
+    CPU. Returns this process's device: "cuda" becomes "cuda:<LOCAL_RANK>"."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def close_distributed() -> None:
+    """Leave the process group ``init_distributed`` joined (nothing to do in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Sum same-dtype tensors over ranks in place, as one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
+# --- results -----------------------------------------------------------------------------------
+
+@dataclass
+class StreamResult:
+    """Every layer's student and measurements, plus the run's totals (all ranks together)."""
+
+    layers: list[DistillResult]
+    steps: int
+    train_tokens: int  # over all epochs
+    tokens_per_pass: int  # distinct tokens streamed, held-out ones included (a capture's token count)
+    seconds: float  # training time, summed over resumed sessions
+    tokens_per_second: float  # trained tokens per second of this session, all layers together
+    resumed_from_step: int  # 0 for a fresh start
+
+
+@dataclass
+class _Progress:
+    """Where the run stands; everything a checkpoint needs besides the weights and optimizer."""
+
+    variance: torch.Tensor  # [L] fp32, the teacher output's variance per layer on the held-out batches
+    rel_error_init: list[float]
+    holdout_tokens: int
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # batches of ``epoch`` consumed, held-out ones included
+    train_tokens: int = 0
+    seconds: float = 0.0
+    curve: list[list[float]] = dataclasses.field(default_factory=list)  # per layer, one loss per step
+
+
+def checkpoint_digest(capture: CaptureSpec, distill: DistillSpec, students: Sequence[LinearAttentionStudent],
+                      fingerprint: str) -> str:
+    """What a checkpoint belongs to: the data and training settings, the students, the teacher.
+
+    The mode-choice fields are left out: they do not change what is trained.
+    """
+    data = {k: v for k, v in spec_to_dict(capture).items() if k not in ("mode", "disk_budget_gb")}
+    return spec_digest(data, distill, [s.config_dict() for s in students], fingerprint)
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+class _StreamTrainer:
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, students: Sequence[LinearAttentionStudent],
+                 distill: DistillSpec, device: torch.device) -> None:
+        self.backbone = adapter.backbone(model)  # no LM head: its logits would be wasted work
+        self.students = list(students)
+        self.device = device
+        self.rank, self.world = rank_and_world()
+        # fp32 master weights; on CUDA the forward runs under bf16 autocast.
+        self.autocast = device.type == "cuda"
+        for student in self.students:
+            student.to(device).float().train()
+        self.parameters = [p for s in self.students for p in s.parameters()]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=distill.learning_rate,
+                                           weight_decay=distill.weight_decay)
+        first = self.students[0]
+        self.output_width = first.o_proj.out_features if first.o_proj is not None else first.num_heads * first.head_dim
+        modules = [adapter.attention_module(model, i) for i in range(adapter.num_layers)]
+        self.recorder = AttentionRecorder(modules)  # no dtype/device: kept as computed, on the device
+
+    def close(self) -> None:
+        self.recorder.remove()
+
+    def _share(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This rank's contiguous slice of a global batch, on the device (None if it has no rows)."""
+        ids = batch["input_ids"].tensor_split(self.world)[self.rank]
+        mask = batch["attention_mask"].tensor_split(self.world)[self.rank]
+        if ids.shape[0] == 0:
+            return None
+        return ids.to(self.device), mask.to(self.device)
+
+    def _teacher(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (attention input, attention output) for this batch, on the device."""
+        # no_grad, not inference_mode: the students' autograd must be able to save these tensors.
+        with torch.no_grad():
+            self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+        return list(zip(self.recorder.inputs, self.recorder.outputs))
+
+    def _student_forward(self, student: LinearAttentionStudent, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            pred, _ = student(x if self.autocast else x.float(), attention_mask=mask)
+        return pred
+
+    @torch.no_grad()
+    def calibrate(self, batch: dict) -> None:
+        """Start each student's readout at its teacher's scale, from a whole global batch (the same
+        on every rank, so every rank starts from identical students)."""
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        for student, (x, _) in zip(self.students, self._teacher(ids, mask)):
+            student.calibrate_readout_scale(x.float(), mask)
+        self.recorder.clear()
+
+    @torch.no_grad()
+    def holdout_statistics(self, holdout: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums over the held-out batches and ranks, in fp64: each layer's squared error [L], the
+        teacher output's sum and squared sum stacked [2, L, D], and the real-token count [1]."""
+        squared = torch.zeros(len(self.students), dtype=torch.float64, device=self.device)
+        moments = torch.zeros(2, len(self.students), self.output_width, dtype=torch.float64, device=self.device)
+        tokens = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for batch in holdout:
+            share = self._share(batch)
+            if share is None:  # this rank's zeros still join the sum
+                continue
+            ids, mask = share
+            real = mask.bool()
+            tokens += real.sum()
+            for layer_idx, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
+                squared[layer_idx] += masked_squared_error(self._student_forward(student, x, mask), y, mask).double()
+                target = y[real].double()
+                moments[0, layer_idx] += target.sum(0)
+                moments[1, layer_idx] += target.pow(2).sum(0)
+            self.recorder.clear()
+        if self.world > 1:
+            _all_reduce_sum([squared, moments, tokens])
+        return squared, moments, tokens
+
+    def step(self, batch: dict, variance: torch.Tensor, lr: float) -> torch.Tensor:
+        """One training step on a global batch; returns each layer's loss [L] (on the device)."""
+        global_tokens = int(batch["attention_mask"].sum())
+        share = self._share(batch)
+        losses = torch.zeros(len(self.students), device=self.device)
+        if share is not None:
+            ids, mask = share
+            for layer_idx, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
+                pred = self._student_forward(student, x, mask)
+                loss = masked_squared_error(pred, y, mask) / (global_tokens * y.shape[-1]) / variance[layer_idx]
+                loss.backward()
+                losses[layer_idx] = loss.detach()
+            self.recorder.clear()
+        if self.world > 1:
+            grads = []
+            for p in self.parameters:
+                if p.grad is None:  # a rank with no rows still takes part in the sum
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+            _all_reduce_sum([*grads, losses])
+        for student in self.students:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return losses
+
+
+def _relative_errors(squared: torch.Tensor, tokens: torch.Tensor, width: int, variance: torch.Tensor) -> list[float]:
+    return (squared / (tokens * width) / variance.double()).tolist()
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def _save_checkpoint(folder: Path, digest: str, trainer: _StreamTrainer, progress: _Progress) -> None:
+    """Write step files into their own sub-folder, then the manifest naming it (last, atomically),
+    then drop older sub-folders: a kill at any point leaves the previous checkpoint intact."""
+    step_dir = folder / f"step_{progress.step:08d}"
+    weights = {f"{i}.{name}": t for i, s in enumerate(trainer.students) for name, t in s.state_dict().items()}
+    weights_sha = save_tensors(step_dir / "students.safetensors", weights)
+    rng = {"cpu": torch.get_rng_state()}
+    if trainer.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    state = {"optimizer": trainer.optimizer.state_dict(), "rng": rng,
+             "progress": {**dataclasses.asdict(progress), "variance": progress.variance.cpu()}}
+    state_sha = save_torch_state(step_dir / "trainer.pt", state)
+    write_json(folder / CHECKPOINT_MANIFEST, {"digest": digest, "step": progress.step, "directory": step_dir.name,
+                                              "students_sha256": weights_sha, "trainer_sha256": state_sha})
+    for old in folder.glob("step_*"):
+        if old != step_dir:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, digest: str, trainer: _StreamTrainer) -> _Progress | None:
+    """Restore the students, optimizer and RNG from ``folder``'s checkpoint; None if there is none."""
+    path = folder / CHECKPOINT_MANIFEST
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    if manifest["digest"] != digest:
+        raise ValueError(f"{path} belongs to another configuration (digest {manifest['digest'][:12]}…, "
+                         f"expected {digest[:12]}…); delete the folder")
+    step_dir = folder / manifest["directory"]
+    weights = load_tensors(step_dir / "students.safetensors", manifest["students_sha256"])
+    for i, student in enumerate(trainer.students):
+        prefix = f"{i}."
+        student.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    state = load_torch_state(step_dir / "trainer.pt", manifest["trainer_sha256"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], trainer.device)
+    values = state["progress"]
+    return _Progress(**{**values, "variance": values["variance"].to(trainer.device)})
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def _silent(_: str) -> None:
+    pass
+
+
+def stream_distill(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    students: Sequence[LinearAttentionStudent],
+    batches: Callable[[], Iterable[dict]],
+    capture: CaptureSpec,
+    distill: DistillSpec,
+    checkpoint_root: str | Path,
+    fingerprint: str,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = _silent,
+) -> StreamResult:
+    """Distil every layer's student (in place) from one pass of the teacher per batch.
+
+    Args:
+        model, adapter: the frozen teacher (on ``device``) and its family's adapter.
+        students: one per layer, indexed by ``layer_idx`` (as ``pipeline.new_student`` builds them).
+        batches: returns a fresh iterator over the same global batches (``input_ids`` and
+            ``attention_mask`` [B, T], e.g. ``capture.tokenize_for_capture``) on every call; called
+            once per epoch, and for the held-out batches.
+        capture, distill: the token budget and training settings (``distill.epochs`` passes).
+        checkpoint_root: checkpoints go to ``checkpoint_root/<digest[:16]>``.
+        fingerprint: identifies the teacher and data (part of the checkpoint digest).
+    """
+    if len(students) != adapter.num_layers:
+        raise ValueError(f"got {len(students)} students for a teacher with {adapter.num_layers} layers; "
+                         "give one per layer")
+    device = torch.device(device)
+    digest = checkpoint_digest(capture, distill, students, fingerprint)
+    folder = Path(checkpoint_root) / digest[:16]
+    trainer = _StreamTrainer(model, adapter, students, distill, device)
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+        log("stream distill: the teacher runs in float32; loading it in bfloat16 (ModelSpec.dtype) halves its time")
+    try:
+        return _run(trainer, batches, capture, distill, folder, digest, log)
+    finally:
+        trainer.close()
+
+
+def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture: CaptureSpec,
+         distill: DistillSpec, folder: Path, digest: str, log: Callable[[str], None]) -> StreamResult:
+    holdout = list(islice(batches(), distill.holdout_batches))
+    if not holdout or int(holdout[0]["attention_mask"].sum()) == 0:
+        raise ValueError("the distillation text yielded no tokens")
+
+    progress = _load_checkpoint(folder, digest, trainer)
+    resumed_from = progress.step if progress else 0
+    if progress is None:
+        trainer.calibrate(holdout[0])
+        squared, moments, tokens = trainer.holdout_statistics(holdout)
+        mean, mean_sq = moments / tokens
+        variance = (mean_sq - mean.pow(2)).mean(-1).clamp_min(1e-12).float()  # [L]
+        progress = _Progress(variance=variance, holdout_tokens=int(tokens.item()),
+                             rel_error_init=_relative_errors(squared, tokens, trainer.output_width, variance),
+                             curve=[[] for _ in trainer.students])
+    else:
+        log(f"resuming from the checkpoint at step {progress.step} ({progress.train_tokens:,} tokens) in {folder}")
+
+    # The cosine decays over the planned training tokens (known from the budget); warm-up is in steps.
+    planned_tokens = max(1, distill.epochs * (capture.token_budget - progress.holdout_tokens))
+    warmup = min(distill.warmup_steps, math.ceil(planned_tokens / (capture.batch_size * capture.max_length)) // 2)
+    pending: list[torch.Tensor] = []  # per-step losses [L] not yet moved to the host (avoids a sync per step)
+
+    def flush_curve() -> None:
+        if pending:
+            for layer_idx, values in enumerate(torch.stack(pending).T.tolist()):
+                progress.curve[layer_idx].extend(values)
+            pending.clear()
+
+    def checkpoint() -> None:
+        flush_curve()
+        if trainer.rank == 0:
+            _save_checkpoint(folder, digest, trainer, progress)
+        latest = [curve[-1] for curve in progress.curve]
+        log(f"stream distill: step {progress.step}, {progress.train_tokens:,} tokens, {progress.seconds:.0f}s; "
+            f"loss mean {sum(latest) / len(latest):.4f}, max {max(latest):.4f} (checkpoint saved)")
+
+    prior_seconds, session_started = progress.seconds, time.perf_counter()
+    session_tokens, last_saved = 0, progress.step
+    for epoch in range(progress.epoch, distill.epochs):
+        trained_this_epoch = False
+        for index, batch in enumerate(batches()):
+            if index < distill.holdout_batches:
+                continue
+            trained_this_epoch = True
+            if epoch == progress.epoch and index < progress.batches_done:
+                continue  # consumed before the checkpoint this run resumed from
+            lr = distill.learning_rate * warmup_cosine(progress.step, warmup, progress.train_tokens / planned_tokens)
+            pending.append(trainer.step(batch, progress.variance, lr))
+            tokens = int(batch["attention_mask"].sum())
+            progress.step, progress.batches_done = progress.step + 1, index + 1
+            progress.train_tokens += tokens
+            session_tokens += tokens
+            if progress.step % distill.checkpoint_every == 0:
+                progress.seconds = prior_seconds + time.perf_counter() - session_started
+                checkpoint()
+                last_saved = progress.step
+        if not trained_this_epoch:
+            raise ValueError(f"the stream has no batch beyond the {distill.holdout_batches} held-out one(s); "
+                             "raise the capture token_budget or lower holdout_batches")
+        progress.epoch, progress.batches_done = epoch + 1, 0
+    flush_curve()  # waits for the device, so the time below counts the work, not just its launch
+    session_seconds = time.perf_counter() - session_started
+    progress.seconds = prior_seconds + session_seconds
+    if progress.step != last_saved:
+        checkpoint()
+
+    squared, _, tokens = trainer.holdout_statistics(holdout)
+    rel_error_final = _relative_errors(squared, tokens, trainer.output_width, progress.variance)
+    layers = [
+        DistillResult(
+            layer_idx=layer_idx,
+            state_dict={k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+            loss_curve=progress.curve[layer_idx],
+            rel_error_init=progress.rel_error_init[layer_idx],
+            rel_error_final=rel_error_final[layer_idx],
+            steps=progress.step,
+            train_tokens=progress.train_tokens,
+            seconds=progress.seconds,
+        )
+        for layer_idx, student in enumerate(trainer.students)
+    ]
+    throughput = session_tokens / session_seconds if session_tokens else 0.0
+    log(f"stream distill: {progress.step} steps, {progress.train_tokens:,} tokens in {progress.seconds:.1f}s "
+        f"({throughput:,.0f} tokens/s this session, all {len(layers)} layers)")
+    return StreamResult(layers=layers, steps=progress.step, train_tokens=progress.train_tokens,
+                        tokens_per_pass=progress.holdout_tokens + progress.train_tokens // distill.epochs,
+                        seconds=progress.seconds, tokens_per_second=throughput, resumed_from_step=resumed_from)

@@ -1,0 +1,78 @@
+"""The GPU benchmarks of issue 5 (bench/attention.py, bench/hybrid_inference.py) run end to end in their
+CPU smoke mode and write the tables BENCHMARKS.md takes; only the tables' shape is checked (CPU
+timings of tiny models mean nothing)."""
+
+import json
+
+import pytest
+import torch
+
+from bench import attention, hybrid_inference
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """Smoke mode drops torch to one thread; give the rest of the session its threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_lines(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+def test_attention_smoke_has_a_row_per_length_and_pass(tmp_path):
+    out = tmp_path / "attention.md"
+    attention.main(["--smoke", "--lengths", "64", "128", "--out", str(out)])
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [(row["tokens"], row["pass"]) for row in data["rows"]] == [
+        (64, "fwd"), (64, "fwd+bwd"), (128, "fwd"), (128, "fwd+bwd")]
+    assert all(set(row["ms"]) == {"sdpa", "gla", "gated_deltanet"} for row in data["rows"])
+    assert {(c["student"], c["pass"]) for c in data["crossovers"]} == {
+        (kind, pass_name) for kind in ("gla", "gated_deltanet") for pass_name in ("fwd", "fwd+bwd")}
+    table = table_lines(out.read_text())
+    assert table[0] == ("| tokens | pass | sdpa ms | gla ms | gla speedup vs sdpa | gated_deltanet ms "
+                        "| gated_deltanet speedup vs sdpa |")
+    assert len(table) == 2 + 4
+
+
+def test_crossover_is_where_the_student_stays_faster():
+    # Student/teacher time ratio 4 at 1K and 1/4 at 4K: log-log midpoint 2K.
+    found = attention.crossover([(1024, 1.0, 4.0), (4096, 4.0, 1.0), (8192, 8.0, 1.0)])
+    assert (found["slower_at"], found["from"]) == (1024, 4096)
+    assert found["estimate"] == pytest.approx(2048)
+    assert attention.crossover([(1024, 2.0, 1.0), (2048, 1.0, 2.0), (4096, 4.0, 1.0)])["from"] == 4096
+    assert attention.crossover([(1024, 1.0, 2.0)])["from"] is None
+
+
+def test_hybrid_inference_smoke_has_a_row_per_model_phase_and_k(tmp_path):
+    out = tmp_path / "hybrid.md"
+    hybrid_inference.main(["--smoke", "--model", "both", "--lengths", "16", "--contexts", "16", "--out", str(out)])
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [model["meta"]["model"] for model in data["models"]] == ["llama-1b", "qwen-1.5b"]
+    counts = [0, 1, 2, 3, 4]  # smoke models have 4 layers
+    for model in data["models"]:
+        rows = model["rows"]
+        assert sorted((row["phase"], row["k"]) for row in rows) == sorted(
+            (phase, k) for phase in ("prefill", "decode") for k in counts)
+        assert all("ms" in row and "speedup" in row and "ceiling" in row for row in rows)
+        decode = [row for row in rows if row["phase"] == "decode"]
+        assert all(row["max_batch"] == 8 and row["max_batch_capped"] for row in decode)  # the CPU never runs out
+    markdown = out.read_text()
+    headers = [line for line in table_lines(markdown) if line.startswith("| tokens") or line.startswith("| context")]
+    assert len(headers) == 4  # prefill and decode, per model
+    assert "| largest batch (b) | tokens/s (b) | speedup (b) |" in headers[1]
+    assert len([line for line in table_lines(markdown) if line.startswith("| 16 |")]) == 2 * 2 * len(counts)
+
+
+def test_linear_layers_are_spread_evenly_and_targets_run_first():
+    assert hybrid_inference.linear_layer_counts(28) == [0, 7, 14, 21, 28]
+    assert hybrid_inference.linear_layers(16, 8) == list(range(1, 16, 2))
+    assert hybrid_inference.linear_layers(16, 4) == [3, 7, 11, 15]
+    assert hybrid_inference.linear_layers(16, 0) == [] and hybrid_inference.linear_layers(16, 16) == list(range(16))
+    plan = hybrid_inference.plan((2048, 32768), (8192, 65536), [0, 4, 8, 12, 16], half=8)
+    assert plan[:4] == [("decode", 65536, 0), ("decode", 65536, 8), ("prefill", 32768, 0), ("prefill", 32768, 8)]
+    assert len(plan) == 4 * 5
