@@ -6,7 +6,8 @@
 #      serial inside one process: minutes per kernel family on a cold cache); nothing is timed meanwhile;
 #   2. hybrid inference, Llama-3.2-1B shape (the targets);
 #   3. one attention layer, teacher vs students, Llama-3.2-1B shape;
-#   4. hybrid inference, Qwen2.5-1.5B shape.
+#   4. the DtR pass's own throughput and projected GPU-hours, Qwen2.5-1.5B shape (bench/dtr_pass.py);
+#   5. hybrid inference, Qwen2.5-1.5B shape.
 # Every script rewrites its results after each measurement, so a stage cut off by its limit still
 # returns what it measured. Files back in $OUT (8, the most a call returns): gpu_all.log,
 # attention.{md,json}, hybrid_llama-1b.{md,json}, hybrid_qwen-1.5b.{md,json}, triton.tgz.
@@ -73,6 +74,7 @@ EOF
 warm_kernels
 stage "hybrid inference, llama-1b" 210 python3 -m bench.hybrid_inference --model llama-1b --out "$OUT/hybrid_llama-1b.md"
 stage "attention layer, llama-1b" 90 python3 -m bench.attention --shape llama-1b --out "$OUT/attention.md"
+stage "DtR pass, qwen-1.5b" 120 python3 -m bench.dtr_pass  # its table goes to the log (8 files come back at most)
 stage "hybrid inference, qwen-1.5b" 210 python3 -m bench.hybrid_inference --model qwen-1.5b --out "$OUT/hybrid_qwen-1.5b.md"
 
 save_triton_cache 2>&1 | tee -a "$LOG"

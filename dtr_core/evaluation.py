@@ -129,7 +129,9 @@ class PrefixCachingEvaluator:
                     stack.enter_context(self._resume_at(start, states[start]))
                 if self.prefix_reuse:
                     stack.enter_context(self._record_inputs(start, states))
-                output = self.model(**model_inputs(batch, self.device))
+                # Scoring needs no generation cache: decoders would build one per batch by default.
+                no_cache = {"use_cache": False} if self.adapter.causal else {}
+                output = self.model(**model_inputs(batch, self.device), **no_cache)
             collected.append(self.scorer.collect(output, batch))
             all_states.append(states)
         return collected, all_states

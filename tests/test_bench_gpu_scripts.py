@@ -1,4 +1,4 @@
-"""The GPU benchmarks of issue 5 (bench/attention.py, bench/hybrid_inference.py) run end to end in their
+"""The GPU benchmarks of issue 5 (bench/attention.py, bench/hybrid_inference.py, bench/dtr_pass.py) run end to end in their
 CPU smoke mode and write the tables BENCHMARKS.md takes; only the tables' shape is checked (CPU
 timings of tiny models mean nothing)."""
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import attention, hybrid_inference
+from bench import attention, dtr_pass, hybrid_inference
 
 
 @pytest.fixture(autouse=True)
@@ -76,3 +76,16 @@ def test_linear_layers_are_spread_evenly_and_targets_run_first():
     plan = hybrid_inference.plan((2048, 32768), (8192, 65536), [0, 4, 8, 12, 16], half=8)
     assert plan[:4] == [("decode", 65536, 0), ("decode", 65536, 8), ("prefill", 32768, 0), ("prefill", 32768, 8)]
     assert len(plan) == 4 * 5
+
+
+def test_dtr_pass_smoke_measures_and_projects(tmp_path):
+    out = tmp_path / "dtr_pass.md"
+    dtr_pass.main(["--smoke", "--out", str(out)])
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["tokens_per_second"] > 0 and data["eval_examples_per_second"] > 0
+    with_reuse, without = data["trajectory_layer_forwards"]
+    assert with_reuse < without  # the smoke model has 4 layers: 10 candidates + the full model
+    hours = data["projected_hours"]
+    assert hours["search_with_reuse"] == pytest.approx(hours["search"] * with_reuse / without)
+    assert len(table_lines(out.read_text())) == 2 + 6
