@@ -121,16 +121,29 @@ class Setup:
     smoke: bool
     decode_steps: int
     max_batch: int
+    counts: list[int]  # the numbers of linear layers measured (0 first: the reference)
 
     @property
     def num_layers(self) -> int:
         return self.adapter.num_layers
 
 
+def load_model(name: str, device, dtype, attention: str, smoke: bool) -> nn.Module:
+    """A random-weight architecture of ARCHITECTURES, or a teacher dtr_core can load (a built-in name such
+    as smollm2-135m, or a local Hugging Face folder) with its real weights."""
+    if name in ARCHITECTURES:
+        return build_model(name, device=device, dtype=dtype, attn_implementation=attention, smoke=smoke)
+    from dtr_core.specs import ModelSpec
+    from dtr_core.teacher import load_teacher
+
+    spec = ModelSpec(path=name, dtype=str(dtype).removeprefix("torch."), attn_implementation=attention)
+    return load_teacher(spec, device=device).model
+
+
 def build_setup(name: str, spec: StudentSpec, device, dtype, smoke: bool, decode_steps: int,
-                max_batch: int) -> Setup:
+                max_batch: int, counts: list[int] | None = None) -> Setup:
     attention = full_attention_implementations(device)[-1]  # flash-attn 2 when installed, else SDPA
-    model = build_model(name, device=device, dtype=dtype, attn_implementation=attention, smoke=smoke)
+    model = load_model(name, device, dtype, attention, smoke)
     adapter = adapter_for(model)
     students = {}
     for layer in range(adapter.num_layers):
@@ -138,8 +151,9 @@ def build_setup(name: str, spec: StudentSpec, device, dtype, smoke: bool, decode
             student = student_from_teacher(spec, adapter.read_attention_weights(model, layer), causal=True,
                                            seed=layer)
         students[layer] = student.to(dtype).eval().to("cpu")
+    counts = sorted({0, *(counts or linear_layer_counts(adapter.num_layers))})
     return Setup(name, model, adapter, students, attention, device, cache_argument(model), smoke, decode_steps,
-                 max_batch)
+                 max_batch, counts)
 
 
 @contextmanager
@@ -354,8 +368,8 @@ def compare(row: dict, reference: dict) -> None:
 def run_model(setup: Setup, prefill_lengths, decode_contexts, on_row) -> None:
     """Measure every (phase, length, k) of the plan, handing each finished row to ``on_row``."""
     references: dict[tuple[str, int], dict] = {}
-    counts = linear_layer_counts(setup.num_layers)
-    for phase, tokens, k in plan(prefill_lengths, decode_contexts, counts, setup.num_layers // 2):
+    half = setup.num_layers // 2 if setup.num_layers // 2 in setup.counts else max(setup.counts)
+    for phase, tokens, k in plan(prefill_lengths, decode_contexts, setup.counts, half):
         with hybrid(setup, k) as layers:
             if phase == "prefill":
                 measured = unless_oom(partial(measure_prefill, setup, tokens, layers), setup.device)
@@ -456,7 +470,12 @@ def target_lines(rows: list[dict], num_layers: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(ARCHITECTURES) + ["both"], default="both")
+    parser.add_argument("--model", default="both",
+                        help=f"{', '.join(sorted(ARCHITECTURES))} (random weights), both, or a model dtr_core "
+                             "loads with its real weights: smollm2-135m or a local Hugging Face folder")
+    parser.add_argument("--linear-counts", type=int, nargs="+",
+                        help="numbers of linear layers to measure, e.g. the k of a hybrid DtR found "
+                             "(default 0, L/4, L/2, 3L/4, L)")
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
     parser.add_argument("--lengths", type=int, nargs="+", help="prefill tokens (default 2K 8K 32K 128K)")
     parser.add_argument("--contexts", type=int, nargs="+", help="decode contexts (default 8K 32K 64K)")
@@ -491,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.inference_mode():
         for name in names:
-            setup = build_setup(name, spec, device, dtype, args.smoke, decode_steps, max_batch)
+            setup = build_setup(name, spec, device, dtype, args.smoke, decode_steps, max_batch, args.linear_counts)
             config = setup.model.config
             meta = {
                 "model": name, "command": command, "environment": environment(device),
@@ -501,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
                 "student": f"{spec.kind} ({spec.feature_map} feature map)",
                 "dtype": str(dtype).removeprefix("torch."),
                 "cache": f"transformers DynamicCache through `{setup.cache_arg}=`, students' recurrent states in it",
-                "linear_layers": {k: linear_layers(setup.num_layers, k) for k in linear_layer_counts(setup.num_layers)},
+                "linear_layers": {k: linear_layers(setup.num_layers, k) for k in setup.counts},
                 "decode_steps": decode_steps, "max_batch": max_batch,
             }
             sections[name] = (meta, [])

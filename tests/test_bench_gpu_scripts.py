@@ -89,3 +89,18 @@ def test_dtr_pass_smoke_measures_and_projects(tmp_path):
     hours = data["projected_hours"]
     assert hours["search_with_reuse"] == pytest.approx(hours["search"] * with_reuse / without)
     assert len(table_lines(out.read_text())) == 2 + 6
+
+
+def test_hybrid_inference_runs_a_real_model_folder_at_chosen_linear_counts(tmp_path):
+    # Benchmark 4's form: a model dtr_core loads (here a tiny saved llama) and the k a search found.
+    from conftest import save_tiny_model
+
+    save_tiny_model("llama", tmp_path / "model", num_layers=4)
+    out = tmp_path / "hybrid.md"
+    hybrid_inference.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--lengths", "16",
+                           "--contexts", "16", "--decode-steps", "1", "--max-batch", "2", "--linear-counts", "3",
+                           "--out", str(out)])
+
+    (model,) = json.loads(out.with_suffix(".json").read_text())["models"]
+    assert sorted({row["k"] for row in model["rows"]}) == [0, 3]
+    assert {row["phase"] for row in model["rows"]} == {"prefill", "decode"}
