@@ -16,7 +16,8 @@ export PYTHONPATH=/tmp/site_quality:$PWD  # not /tmp/site: an earlier call may h
 nvidia-smi -L
 python3 -m dtr_core --model smollm2-135m --dataset bbc_news --target-kind perplexity \
     --tolerance 0.05 --run-to-end --mode stream --token-budget "${TOKENS:-1000000}" --epochs "${EPOCHS:-2}" \
-    --max-length 512 --batch-size 32 --device cuda --output-dir /var/tmp/smollm2-run 2>&1 | tee "$OUT/smollm2.log"
+    --max-length 512 --batch-size 32 --eval-examples "${EVAL_EXAMPLES:-200}" --device cuda \
+    --output-dir /var/tmp/smollm2-run 2>&1 | tee "$OUT/smollm2.log"
 for f in report/report.json report/report.md search/search.json; do
     cp "/var/tmp/smollm2-run/$f" "$OUT/" 2>/dev/null
 done

@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
     parser.add_argument("--dataset", default=TargetSpec.dataset, help="'bbc_news' (default) or a local path")
     parser.add_argument("--max-examples", type=int, default=TargetSpec.max_examples_per_split,
                         help="cap on examples per split (train/validation/test); default: all")
+    parser.add_argument("--eval-examples", type=int, default=TargetSpec.max_eval_examples,
+                        help="cap on validation and test examples only (the search's cost); default: all")
     parser.add_argument("--target-kind", default=TargetSpec.kind, help=" | ".join(TARGET_KINDS))
     parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance)
@@ -59,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
                             mode=args.mode, disk_budget_gb=args.disk_budget_gb),
         distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end),
-        target=TargetSpec(dataset=args.dataset, kind=args.target_kind, max_examples_per_split=args.max_examples),
+        target=TargetSpec(dataset=args.dataset, kind=args.target_kind, max_examples_per_split=args.max_examples,
+                          max_eval_examples=args.eval_examples),
         output_dir=args.output_dir,
         device=args.device,
     )

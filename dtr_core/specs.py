@@ -191,6 +191,8 @@ class TargetSpec:
     example; ``num_fewshot`` train examples (drawn once with ``seed``, labels in turn) written in
     full precede every query. ``max_new_tokens`` (exact_match): None = the longest answer's tokens + 1.
     Splits without their own files are drawn with ``seed`` in the given fractions.
+    ``max_examples_per_split`` caps every split; ``max_eval_examples`` only validation and test
+    (what the search and the test scores cost), leaving the train split whole for distillation.
     """
 
     dataset: str = "bbc_news"
@@ -202,6 +204,7 @@ class TargetSpec:
     validation_fraction: float = 0.2
     test_fraction: float = 0.2
     max_examples_per_split: int | None = None
+    max_eval_examples: int | None = None
     prompt_template: str = "Article: {text}\nTopic:"
     answer_template: str = " {label}"
     num_fewshot: int = 3
@@ -219,6 +222,8 @@ class TargetSpec:
                "validation_fraction + test_fraction must leave room for a train split")
         _check(self.max_examples_per_split is None or self.max_examples_per_split >= 2, self,
                "max_examples_per_split", "must be None or >= 2")
+        _check(self.max_eval_examples is None or self.max_eval_examples >= 2, self,
+               "max_eval_examples", "must be None or >= 2")
         _check(self.prompt_template.count("{text}") == 1, self, "prompt_template",
                "must contain {text} exactly once (where each example's text goes)")
         _check(self.answer_template.count("{label}") == 1, self, "answer_template",

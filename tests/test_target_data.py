@@ -125,6 +125,14 @@ def test_bbc_cap_keeps_every_class():
         assert set(counts) == set(range(5)) and max(counts.values()) - min(counts.values()) <= 3
 
 
+def test_eval_cap_leaves_train_whole():
+    whole = load_task_data(TargetSpec(seed=SEED))
+    capped = load_task_data(TargetSpec(max_eval_examples=40, seed=SEED))
+    assert capped.train == whole.train
+    assert len(capped.validation.texts) == len(capped.test.texts) == 40
+    assert set(capped.validation.texts) <= set(whole.validation.texts)
+
+
 # ---------------------------------------------------------------- local files
 
 

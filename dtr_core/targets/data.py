@@ -105,6 +105,8 @@ def load_task_data(spec: TargetSpec) -> TaskData:
         texts, labels = splits[name]
         if spec.max_examples_per_split is not None:
             texts, labels = _cap(texts, labels, spec.max_examples_per_split)
+        if name != "train" and spec.max_eval_examples is not None:
+            texts, labels = _cap(texts, labels, spec.max_eval_examples)
         if len(texts) < MIN_SPLIT_SIZE:
             raise DataError(
                 f"{source}: the {name} split has {len(texts)} example(s), at least {MIN_SPLIT_SIZE} "
