@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter
+from .batching import pad_rows
 from .io import load_tensors, read_json, save_tensors, write_json
 from .specs import CaptureSpec, spec_digest
 
@@ -79,12 +80,7 @@ def tokenize_for_capture(tokenizer, texts: Iterable[str], spec: CaptureSpec, pac
     carry: list[int] = []
 
     def flush(batch_rows: list[list[int]]) -> dict:
-        width = spec.max_length
-        ids = torch.full((len(batch_rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_rows), width), dtype=torch.long)
-        for i, row in enumerate(batch_rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
+        ids, mask = pad_rows(batch_rows, tokenizer.pad_token_id, width=spec.max_length)
         return {"input_ids": ids, "attention_mask": mask}
 
     for text in texts:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..batching import pad_rows
 from ..specs import TargetSpec
 from .data import DataError, TaskData, TextSplit
 
@@ -95,18 +96,6 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return length
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows padded to the longest: input_ids and attention_mask, both ``[B, T]``."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
 def tokenize_choices(tokenizer, data: TaskData, split: TextSplit, spec: TargetSpec) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of ``batch_size`` rows, one per (example, answer).
 
@@ -138,7 +127,7 @@ def tokenize_choices(tokenizer, data: TaskData, split: TextSplit, spec: TargetSp
     batches = []
     for first in range(0, len(rows), spec.batch_size):
         span = slice(first, first + spec.batch_size)
-        ids, mask = _pad(rows[span], tokenizer.pad_token_id, left=False)
+        ids, mask = pad_rows(rows[span], tokenizer.pad_token_id)
         continuation = torch.zeros_like(mask, dtype=torch.bool)
         for i, (start, end) in enumerate(continuations[span]):
             continuation[i, start:end] = True
@@ -156,7 +145,7 @@ def tokenize_prompts(tokenizer, data: TaskData, split: TextSplit, spec: TargetSp
     encoded = [_encode(tokenizer, prompt) for prompt in prompts(tokenizer, data, split, spec)]
     batches = []
     for first in range(0, len(encoded), spec.batch_size):
-        ids, mask = _pad(encoded[first:first + spec.batch_size], tokenizer.pad_token_id, left=True)
+        ids, mask = pad_rows(encoded[first:first + spec.batch_size], tokenizer.pad_token_id, left=True)
         batches.append({"input_ids": ids, "attention_mask": mask,
                         "labels": torch.tensor(split.labels[first:first + spec.batch_size])})
     return batches
