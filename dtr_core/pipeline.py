@@ -200,10 +200,12 @@ def stream_distill_stage(ctx: RunContext, students_dir: str | Path, checkpoint_r
     return records, result
 
 
-def load_student(record: StudentRecord, device: str | torch.device = "cpu") -> LinearAttentionStudent:
+def load_student(record: StudentRecord, device: str | torch.device = "cpu",
+                 dtype: str = "float32") -> LinearAttentionStudent:
+    """The distilled student in the teacher's ``dtype`` (ModelSpec.dtype): it replaces one of its layers."""
     student = LinearAttentionStudent(**record.student_config)
     student.load_state_dict(load_tensors(record.weights_file, record.weights_sha256))
-    return student.to(device).eval()
+    return student.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 # --- target ------------------------------------------------------------------------------------
@@ -397,7 +399,7 @@ def run_dtr(run: RunSpec, log: Callable[[str], None] = print) -> RunSummary | No
             log(describe_record(record))
             records.append(record)
         capture_tokens = capture.tokens
-    students = {r.layer_idx: load_student(r, run.device) for r in records}
+    students = {r.layer_idx: load_student(r, run.device, run.model.dtype) for r in records}
     probe_file = ctx.stage_dir("target") / "probe.safetensors"
     probe_sha = timed("target", fit_probe_stage, ctx, probe_file) if run.target.kind == "classification" else None
     target = timed("target", prepare_target, ctx, probe_file, probe_sha)

@@ -148,7 +148,7 @@ def _run_stages(run: RunSpec, options: PipelineOptions, tracker: RunTracker | No
     started = time.perf_counter()
     probe = probe_task(run, cache) if run.target.kind == "classification" else None
     target = prepare_target(ctx, probe and probe["file"], probe and probe["sha256"])
-    students = load_students(records, run.device)
+    students = load_students(records, run)
     timings["target"] = time.perf_counter() - started
 
     started = time.perf_counter()

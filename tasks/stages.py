@@ -179,7 +179,7 @@ def score_on_worker(run: RunSpec, records: Sequence[Mapping], probe: Mapping | N
             ctx = shared_context(run)
             target = prepare_target(ctx, probe and probe["file"], probe and probe["sha256"])
             _worker_evaluators[evaluator_key] = split_evaluator(
-                ctx, load_students(records, run.device), target, target.validation, prefix_reuse=False)
+                ctx, load_students(records, run), target, target.validation, prefix_reuse=False)
         return _cached_score(cache, key, linear_layers, _worker_evaluators[evaluator_key])
 
 
@@ -211,5 +211,6 @@ def export_task(run: RunSpec, students: Mapping[int, LinearAttentionStudent], re
     return cache.store("export", key, manifest.to_json(), files=files)
 
 
-def load_students(records: Sequence[Mapping], device: str) -> dict[int, LinearAttentionStudent]:
-    return {r["layer_idx"]: load_student(StudentRecord(**r), device) for r in records}
+def load_students(records: Sequence[Mapping], run: RunSpec) -> dict[int, LinearAttentionStudent]:
+    """The stage's students on the run's device, in the teacher's dtype."""
+    return {r["layer_idx"]: load_student(StudentRecord(**r), run.device, run.model.dtype) for r in records}

@@ -1,6 +1,8 @@
 """Whole runs: tiny models through every stage, bad input at the door, and the real MiniLM."""
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,6 +44,18 @@ def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
     config = json.loads((out / "hybrid" / "config.json").read_text())
     assert config["layer_types"].count("linear_attention") == len(summary.linear_layers)
     assert summary.higher_is_better == (kind == "classification")
+
+
+@pytest.mark.parametrize("mode", ["stream", "disk"])
+def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
+    """Students are distilled in float32 and evaluated in the teacher's dtype (``--model-dtype``)."""
+    run = tiny_run(tmp_path, "llama", "perplexity", model=ModelSpec(
+        path=save_tiny_model("llama", tmp_path / "model", num_layers=3), dtype="bfloat16"))
+    run = dataclasses.replace(run, capture=dataclasses.replace(run.capture, mode=mode))
+    summary = run_dtr(run, log=lambda line: None)
+    assert summary.evaluations == 1 + 3 * 4 // 2
+    for split in ("validation", "test"):
+        assert all(math.isfinite(score) for score in summary.scores[split].values())
 
 
 @pytest.mark.parametrize("args, message", [
