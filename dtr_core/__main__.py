@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
                         help="cap on examples per split (train/validation/test); default: all")
     parser.add_argument("--eval-examples", type=int, default=TargetSpec.max_eval_examples,
                         help="cap on validation and test examples only (the search's cost); default: all")
+    parser.add_argument("--eval-batch-size", type=int, default=TargetSpec.batch_size,
+                        help="rows per batch when scoring the target task (larger is faster on a GPU)")
     parser.add_argument("--target-kind", default=TargetSpec.kind, help=" | ".join(TARGET_KINDS))
     parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance)
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
         distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end),
         target=TargetSpec(dataset=args.dataset, kind=args.target_kind, max_examples_per_split=args.max_examples,
-                          max_eval_examples=args.eval_examples),
+                          max_eval_examples=args.eval_examples, batch_size=args.eval_batch_size),
         output_dir=args.output_dir,
         device=args.device,
     )

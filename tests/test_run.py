@@ -130,3 +130,15 @@ def test_capture_from_general_text_files(tmp_path):
         embedded = ctx.teacher.model.model.embed_tokens(torch.tensor([first_block]))
         expected = ctx.teacher.model.model.layers[0].input_layernorm(embedded)
     torch.testing.assert_close(data.inputs[:1], expected)
+
+
+def test_cli_flags_reach_the_specs():
+    from dtr_core.__main__ import parse_args
+
+    run = parse_args(["--model", "smollm2-135m", "--model-dtype", "bfloat16", "--target-kind", "exact_match",
+                      "--eval-examples", "200", "--eval-batch-size", "100", "--mode", "stream",
+                      "--token-budget", "1000", "--epochs", "3", "--run-to-end"])
+    assert (run.model.path, run.model.dtype) == ("smollm2-135m", "bfloat16")
+    assert (run.target.kind, run.target.max_eval_examples, run.target.batch_size) == ("exact_match", 200, 100)
+    assert (run.capture.mode, run.capture.token_budget, run.distill.epochs) == ("stream", 1000, 3)
+    assert run.search.run_to_end
