@@ -159,6 +159,12 @@ def _allocation_failed(message: str) -> bool:
     return "out of memory" in message or "CUBLAS_STATUS_ALLOC_FAILED" in message
 
 
+def allocator_retries(device) -> int:
+    """How often the CUDA caching allocator has had to free its cache and retry an allocation: it
+    rises when memory is so full that every step waits on freeing and re-allocating (0 on the CPU)."""
+    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if is_cuda(device) else 0
+
+
 def reset_peak_memory(device) -> None:
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)

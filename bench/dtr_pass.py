@@ -76,7 +76,8 @@ def synchronize(device) -> None:
 def evaluation_throughput(model, adapter, args, device) -> tuple[float, float]:
     """(examples/s from the embeddings, examples/s averaged over round 1 with prefix reuse)."""
     students = {i: student_from_teacher(StudentSpec(kind=args.student), adapter.read_attention_weights(model, i),
-                                        causal=True, seed=i).to(device).eval() for i in range(adapter.num_layers)}
+                                        causal=True, seed=i).to(device=device, dtype=model.dtype).eval()
+                for i in range(adapter.num_layers)}  # in the teacher's dtype, as the search runs them
     batches = list(random_batches(args.examples // args.eval_batch, args.eval_batch, args.eval_length,
                                   model.config.vocab_size, device)())
     examples = len(batches) * args.eval_batch
@@ -120,8 +121,12 @@ def main(argv=None) -> None:
     adapter = adapter_for(model)
     num_layers = adapter.num_layers
 
+    # Progress goes out as soon as each part is measured: a run cut off by a time limit still shows it.
     tokens_per_second = distill_throughput(model, adapter, args, device)
+    print(f"streaming distillation: {tokens_per_second:,.0f} tokens/s", flush=True)
     plain_rate, reuse_rate = evaluation_throughput(model, adapter, args, device)
+    print(f"evaluation: {plain_rate:,.1f} examples/s from the embeddings, {reuse_rate:,.1f} with prefix reuse",
+          flush=True)
     with_reuse, without_reuse = trajectory_forwards(num_layers, "late")
     evaluations = num_layers * (num_layers + 1) // 2
     distill_hours = PAPER_DISTILL_TOKENS / tokens_per_second / 3600

@@ -61,10 +61,12 @@ def test_hybrid_inference_smoke_has_a_row_per_model_phase_and_k(tmp_path):
         assert all("ms" in row and "speedup" in row and "ceiling" in row for row in rows)
         decode = [row for row in rows if row["phase"] == "decode"]
         assert all(row["max_batch"] == 8 and row["max_batch_capped"] for row in decode)  # the CPU never runs out
+        assert all(1 <= row["best_batch"] <= row["max_batch"] and row["tokens_per_s_best_batch"] > 0 for row in decode)
+        assert all("attention_ms_for_ceiling" in row for row in rows if 0 < row["k"] < 4)
     markdown = out.read_text()
     headers = [line for line in table_lines(markdown) if line.startswith("| tokens") or line.startswith("| context")]
     assert len(headers) == 4  # prefill and decode, per model
-    assert "| largest batch (b) | tokens/s (b) | speedup (b) |" in headers[1]
+    assert "| largest batch | tokens/s at largest | fastest batch (b) | tokens/s (b) | speedup (b) |" in headers[1]
     assert len([line for line in table_lines(markdown) if line.startswith("| 16 |")]) == 2 * 2 * len(counts)
 
 
@@ -104,3 +106,57 @@ def test_hybrid_inference_runs_a_real_model_folder_at_chosen_linear_counts(tmp_p
     (model,) = json.loads(out.with_suffix(".json").read_text())["models"]
     assert sorted({row["k"] for row in model["rows"]}) == [0, 3]
     assert {row["phase"] for row in model["rows"]} == {"prefill", "decode"}
+
+
+def decode_row(k, ms, batch=62, **measured):
+    return {"model": "m", "phase": "decode", "tokens": 65536, "k": k, "batch": batch, "ms": ms,
+            "tokens_per_s": batch / ms * 1e3, **measured}
+
+
+def test_ceiling_takes_the_attention_time_the_hybrids_measured():
+    # The full model's own replay (68 ms) ran with memory full; the hybrids measured the same layer at 6.3 ms.
+    rows = [decode_row(0, 103.48, attention_layer_ms=68.0),
+            decode_row(8, 53.98, attention_layer_ms=6.32, student_layer_ms=1.37),
+            decode_row(4, 78.47, attention_layer_ms=6.30, student_layer_ms=0.97),
+            decode_row(16, 28.87, student_layer_ms=1.18)]
+    hybrid_inference.compare_all(rows)
+    full, half, quarter, all_linear = rows
+    assert full["ceiling"] == 1.0 and full["speedup"] == 1.0
+    assert half["attention_ms_for_ceiling"] == pytest.approx(6.31)  # median of the hybrids' 6.32 and 6.30
+    assert half["ceiling"] == pytest.approx(103.48 / (103.48 - 8 * 6.31 + 8 * 1.37))
+    assert half["speedup"] == pytest.approx(103.48 / 53.98)
+    assert all_linear["ceiling"] == pytest.approx(103.48 / (103.48 - 16 * 6.31 + 16 * 1.18))
+    hybrid_inference.compare_all(rows)  # recomputing gives the same
+    assert half["of_ceiling"] == pytest.approx(half["speedup"] / half["ceiling"])
+
+
+def test_batch_search_finds_the_largest_and_the_fastest_batch(monkeypatch):
+    # Fits up to 100; past 62 each step gets slower per token (allocation near full memory).
+    def rate(setup, single, batch):
+        if batch > 100:
+            return None
+        return batch * 10.0 if batch <= 62 else 620.0 - (batch - 62) * 5
+    monkeypatch.setattr(hybrid_inference, "probe_rate", rate)
+    setup = type("Setup", (), {"max_batch": 1024})()
+    found = hybrid_inference.search_batches(setup, None, None)
+    assert 94 <= found.largest <= 100 and found.fastest <= 64
+    assert hybrid_inference.search_batches(setup, None, (62, 620.0)).fastest == 62
+    assert hybrid_inference.search_batches(type("Setup", (), {"max_batch": 8})(), None, None).largest == 8
+
+
+def test_render_recomputes_tables_from_saved_results(tmp_path):
+    # Saved before the fastest-batch search: (b) is the faster of (a) and the largest batch.
+    meta = {"model": "m", "command": "c", "environment": {"card": "H200", "python": "3", "torch": "2"},
+            "architecture": "a", "num_layers": 16, "attention": "sdpa", "student": "gla", "dtype": "bf16",
+            "cache": "dynamic", "linear_layers": {"0": [], "8": [1, 3]}}
+    rows = [decode_row(0, 103.48, attention_layer_ms=68.0, max_batch=62, tokens_per_s_max_batch=599.0),
+            decode_row(8, 53.98, attention_layer_ms=6.32, student_layer_ms=1.37, max_batch=101,
+                       tokens_per_s_max_batch=659.0)]
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps({"models": [{"meta": meta, "rows": rows}]}))
+    out = tmp_path / "rendered.md"
+    hybrid_inference.main(["--render", str(saved), "--out", str(out)])
+    rendered = json.loads(out.with_suffix(".json").read_text())["models"][0]["rows"]
+    assert rendered[1]["best_batch"] == 62 and rendered[1]["tokens_per_s_largest"] == 659.0
+    assert rendered[1]["speedup_best_batch"] == pytest.approx((62 / 53.98e-3) / (62 / 103.48e-3))
+    assert "decode at 64K, L/2 linear, fastest batch that fits: 1.92x (target >= 1.8x: met)" in out.read_text()
