@@ -130,8 +130,10 @@ def test_hybrid_runs_with_padding_and_restores_base(family, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
-    """On CUDA the student picks fla by itself and matches the PyTorch path at the same precision:
-    fp32 to 1e-4, bf16 to 1e-2 (outputs and gradients)."""
+    """On CUDA the student picks fla by itself and matches the PyTorch path: in fp32 to 1e-4 (outputs
+    and gradients). In bf16 both paths are measured against the fp32 PyTorch result: fla must be within
+    1e-2 of it, or no further than 1.5x the PyTorch path's own bf16 error where bf16 alone costs more
+    (the input gradient: its two bf16 paths differed by 1.1-2.2e-2 on an H200, neither path exact)."""
     torch.manual_seed(42)
     student = LinearAttentionStudent(kind=kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal).cuda()
     x = torch.randn(2, 200, 256, device="cuda")
@@ -146,19 +148,23 @@ def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
         out.float().pow(2).mean().backward()
         grads = [inputs.grad.float()] + [p.grad.float() for p in model.parameters()]
         model.zero_grad()
-        return out.float(), grads, student.last_backend
+        return [out.float(), *grads], student.last_backend
 
     fp32_tol = 1e-4 if os.environ.get("TRITON_F32_DEFAULT") == "ieee" else 5e-3  # TF32 otherwise
     # Where fla cannot differentiate the gated delta rule, "auto" trains on the PyTorch form.
-    trains_on_fla = kind == "gla" or ops.fla_gated_delta_backward_supported()
+    expected_backend = "fla" if kind == "gla" or ops.fla_gated_delta_backward_supported() else "chunked"
+    exact, _ = run("chunked", torch.float32)
+    fast, backend = run("auto", torch.float32)
+    assert backend == expected_backend
+    assert max(rel_err(got, want) for got, want in zip(fast, exact)) <= fp32_tol
     # bf16 last: the cast back to fp32 would not restore the rounded weights.
-    for dtype, tol in ((torch.float32, fp32_tol), (torch.bfloat16, 1e-2)):
-        reference, ref_grads, _ = run("chunked", dtype)
-        fast, fast_grads, backend = run("auto", dtype)
-        assert backend == ("fla" if trains_on_fla else "chunked")
-        assert rel_err(fast, reference) <= tol, dtype
-        for got, want in zip(fast_grads, ref_grads):
-            assert rel_err(got, want) <= tol, dtype
+    pytorch_bf16, _ = run("chunked", torch.bfloat16)
+    fast_bf16, backend = run("auto", torch.bfloat16)
+    assert backend == expected_backend
+    for index, (got, same_precision, want) in enumerate(zip(fast_bf16, pytorch_bf16, exact)):
+        error, reference_error = rel_err(got, want), rel_err(same_precision, want)
+        print(f"tensor {index}: bf16 fla {error:.2e}, bf16 PyTorch {reference_error:.2e} (vs fp32 PyTorch)")
+        assert error <= max(1e-2, 1.5 * reference_error), index
 
 
 def rel_err(a, b):
