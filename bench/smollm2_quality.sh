@@ -25,6 +25,7 @@ GPUS=$(nvidia-smi -L | wc -l)
 # Dequantise the GGUF once, before the runs share the cached folder.
 python3 -c "from dtr_core.specs import ModelSpec; from dtr_core.teacher import load_teacher; load_teacher(ModelSpec(path='smollm2-135m'))" || exit 1
 
+PIDS=()
 for index in "${!KINDS[@]}"; do
     kind=${KINDS[$index]}
     to_end=(); [[ $kind == perplexity ]] && to_end=(--run-to-end)
@@ -33,9 +34,16 @@ for index in "${!KINDS[@]}"; do
         --tolerance 0.05 "${to_end[@]}" --mode stream --token-budget "${TOKENS:-1000000}" --epochs "${EPOCHS:-2}" \
         --max-length 512 --batch-size 32 --eval-examples "${EVAL_EXAMPLES:-200}" --eval-batch-size "${EVAL_BATCH:-100}" \
         --device cuda --output-dir "/var/tmp/smollm2-$kind" > "$OUT/smollm2_$kind.log" 2>&1 &
+    PIDS+=($!)
 done
-wait
-for kind in "${KINDS[@]}"; do
+STATUS=0
+for index in "${!KINDS[@]}"; do
+    kind=${KINDS[$index]}
+    wait "${PIDS[$index]}" || STATUS=1
     echo "== $kind"; tail -n 25 "$OUT/smollm2_$kind.log"
-    for ext in json md; do cp "/var/tmp/smollm2-$kind/report/report.$ext" "$OUT/report_$kind.$ext" 2>/dev/null; done
+    for ext in json md; do
+        report="/var/tmp/smollm2-$kind/report/report.$ext"
+        if [[ -f $report ]]; then cp "$report" "$OUT/report_$kind.$ext"; fi
+    done
 done
+exit $STATUS  # non-zero when a run failed or ran out of time
