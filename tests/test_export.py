@@ -99,3 +99,39 @@ def test_export_replaces_folder_atomically(tmp_path):
     assert not list(tmp_path.glob(".hybrid.tmp-*"))
     config = json.loads((out / "config.json").read_text())
     assert config["layer_types"] == ["full_attention", "linear_attention"]
+
+
+def test_exported_model_prefers_flash_attention_where_it_can_run(tmp_path, monkeypatch):
+    """flash-attn 2 is chosen for the full-attention layers only when it is installed, CUDA is there and
+    16-bit weights are asked for; an explicit attn_implementation always wins. (CI has neither
+    flash-attn nor CUDA: both are stood in for, and the base class's loading is replaced by a recorder.)"""
+    import importlib.util
+
+    import transformers
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    manifest = export_hybrid(model, adapter, tiny_tokenizer(), trained_like_students(model, adapter, "gla"),
+                             tmp_path / "hybrid", ExportSpec())
+    hybrid_class = get_class_from_dynamic_module(f"modeling_dtr_hybrid.{manifest.class_name}",
+                                                 str(tmp_path / "hybrid"))
+    requested = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: requested.append(kwargs.get("attn_implementation"))))
+
+    def load(flash_installed: bool, cuda: bool, **kwargs):
+        real_find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: object() if name == "flash_attn" and flash_installed else
+                            (None if name == "flash_attn" else real_find_spec(name, *a)))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        hybrid_class.from_pretrained(str(tmp_path / "hybrid"), **kwargs)
+        return requested.pop()
+
+    assert load(True, True, dtype=torch.bfloat16) == "flash_attention_2"
+    assert load(True, True, torch_dtype="float16") == "flash_attention_2"
+    assert load(True, True) is None  # float32 by default: flash-attn cannot run it
+    assert load(True, False, dtype=torch.bfloat16) is None
+    assert load(False, True, dtype=torch.bfloat16) is None
+    assert load(True, True, dtype=torch.bfloat16, attn_implementation="sdpa") == "sdpa"

@@ -36,8 +36,10 @@ up on CUDA); load with ``from_pretrained(folder, trust_remote_code=True)``.
 """
 
 import copy
+import importlib.util
 import inspect
 
+import torch
 from transformers import {base_class} as _BaseModel
 from transformers.cache_utils import DynamicCache
 
@@ -56,7 +58,26 @@ def _base_view(config):
     return base
 
 
+def _preferred_attention(dtype):
+    """flash-attn 2 for the full-attention layers where it can run: installed, CUDA present and 16-bit
+    weights requested; None leaves transformers' default (SDPA)."""
+    half = (torch.float16, torch.bfloat16, "float16", "bfloat16")
+    if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available() or dtype not in half:
+        return None
+    return "flash_attention_2"
+
+
 class {class_name}(_BaseModel):
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # The students run on fla on CUDA; the full-attention layers get flash-attn when it is usable. An
+        # explicit attn_implementation wins; config._attn_implementation records what was chosen.
+        if "attn_implementation" not in kwargs:
+            preferred = _preferred_attention(kwargs.get("dtype", kwargs.get("torch_dtype")))
+            if preferred is not None:
+                kwargs["attn_implementation"] = preferred
+        return super().from_pretrained(*args, **kwargs)
+
     def __init__(self, config):
         # The base architecture is built from its own view of the config (Qwen2, for one, reads
         # layer_types to pick attention masks); the hybrid's config stays the model's public one.
