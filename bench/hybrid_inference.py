@@ -21,7 +21,8 @@ bisection to within 1/16; at most --max-batch). A batch fits when its steps run 
 memory *and* without the CUDA caching allocator having to free its cache and retry: DynamicCache
 concatenates every full-attention layer's keys and values into new tensors each step, and a batch that
 only just fits spends most of each step on freeing and re-allocating (on an H200 the first run, which
-counted such batches, measured 2-5x slower steps at the largest batch than at a slightly smaller one).
+counted such batches, measured 3-4.5x slower steps at the largest batch than at the full model's batch,
+for 1.3-1.9x the tokens).
 
 Amdahl ceiling: one full-attention module and one student module are re-run alone on the inputs the
 model gave them in the same measurement (prefill: the whole sequence, without a cache; decode: one
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -383,10 +385,9 @@ def attention_ms_for_ceiling(rows: list[dict], phase: str, tokens: int, batch: i
     5-10x slower than the same layer in the hybrids on the H200 (50-68 ms vs 6.3 ms at 32K/64K)."""
     same = [r for r in rows if (r["phase"], r["tokens"], r.get("batch")) == (phase, tokens, batch)
             and "attention_layer_ms" in r]
-    hybrids = sorted(r["attention_layer_ms"] for r in same if r["k"] > 0)
+    hybrids = [r["attention_layer_ms"] for r in same if r["k"] > 0]
     if hybrids:
-        middle = len(hybrids) // 2
-        return hybrids[middle] if len(hybrids) % 2 else (hybrids[middle - 1] + hybrids[middle]) / 2
+        return statistics.median(hybrids)
     return same[0]["attention_layer_ms"] if same else None
 
 
