@@ -9,9 +9,9 @@
 #           targets), one attention layer at that shape;
 #   lane B: fla warm-up (Qwen shapes), the DtR pass's throughput and projected GPU-hours
 #           (bench/dtr_pass.py, Qwen2.5-1.5B shape), hybrid inference at the Qwen2.5-1.5B shape, and,
-#           when SMOLLM2_K is set (the number of linear layers the SmolLM2 search found, e.g. "12"),
+#           when SMOLLM2_LAYERS is set (the linear layers the SmolLM2 search found, e.g. "4 5 6 7"),
 #           benchmark 4: hybrid inference with SmolLM2's real weights from the DTR_MODEL_CACHE that
-#           bench/smollm2_quality.sh left on this machine (/var/tmp/models).
+#           bench/smollm2_model.sh left on this machine (/var/tmp/models).
 # The warm-up compiles and autotunes fla's kernels in parallel processes (compiling is CPU-bound and
 # serial inside one process: minutes per kernel family on a cold cache); nothing is timed meanwhile.
 # Every script rewrites its results after each measurement, so a stage cut off by its limit still
@@ -72,9 +72,9 @@ lane_b() {
     [[ $MODE == warm ]] && return
     stage "DtR pass, qwen-1.5b" 120 python3 -m bench.dtr_pass --out "$OUT/dtr_pass.md"
     stage "hybrid inference, qwen-1.5b" 240 python3 -m bench.hybrid_inference --model qwen-1.5b --out "$OUT/hybrid_qwen-1.5b.md"
-    if [[ -n $SMOLLM2_K ]]; then
+    if [[ -n $SMOLLM2_LAYERS ]]; then
         stage "hybrid inference, smollm2-135m (real weights)" 120 python3 -m bench.hybrid_inference \
-            --model smollm2-135m --linear-counts $SMOLLM2_K --out "$OUT/hybrid_smollm2.md"
+            --model smollm2-135m --linear-layers $SMOLLM2_LAYERS --out "$OUT/hybrid_smollm2.md"
     fi
 }
 

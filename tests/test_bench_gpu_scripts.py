@@ -93,70 +93,30 @@ def test_dtr_pass_smoke_measures_and_projects(tmp_path):
     assert len(table_lines(out.read_text())) == 2 + 6
 
 
-def test_hybrid_inference_runs_a_real_model_folder_at_chosen_linear_counts(tmp_path):
-    # Benchmark 4's form: a model dtr_core loads (here a tiny saved llama) and the k a search found.
+@pytest.mark.parametrize("cache", hybrid_inference.CACHE_KINDS)
+def test_hybrid_inference_runs_a_real_model_folder_with_chosen_linear_layers(cache, tmp_path):
+    # Benchmark 4's form: a model dtr_core loads (here a tiny saved llama) and the layers a search found.
     from conftest import save_tiny_model
 
     save_tiny_model("llama", tmp_path / "model", num_layers=4)
     out = tmp_path / "hybrid.md"
     hybrid_inference.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--lengths", "16",
-                           "--contexts", "16", "--decode-steps", "1", "--max-batch", "2", "--linear-counts", "3",
-                           "--out", str(out)])
+                           "--contexts", "16", "--decode-steps", "1", "--max-batch", "2", "--linear-counts", "1",
+                           "--linear-layers", "3", "0", "2", "--cache", cache, "--out", str(out)])
 
     (model,) = json.loads(out.with_suffix(".json").read_text())["models"]
-    assert sorted({row["k"] for row in model["rows"]}) == [0, 3]
+    assert sorted({row["k"] for row in model["rows"]}) == [0, 1, 3]
     assert {row["phase"] for row in model["rows"]} == {"prefill", "decode"}
+    assert all("ms" in row for row in model["rows"])
+    assert model["meta"]["linear_layers"] == {"0": [], "1": [3], "3": [0, 2, 3]}
+    assert model["meta"]["cache"].startswith(hybrid_inference.CACHE_DESCRIPTIONS[cache])
+    assert "(real weights)" in out.read_text()
 
 
-def decode_row(k, ms, batch=62, **measured):
-    return {"model": "m", "phase": "decode", "tokens": 65536, "k": k, "batch": batch, "ms": ms,
-            "tokens_per_s": batch / ms * 1e3, **measured}
+def test_hybrid_inference_refuses_layers_the_model_lacks(tmp_path):
+    from conftest import save_tiny_model
 
-
-def test_ceiling_takes_the_attention_time_the_hybrids_measured():
-    # The full model's own replay (68 ms) ran with memory full; the hybrids measured the same layer at 6.3 ms.
-    rows = [decode_row(0, 103.48, attention_layer_ms=68.0),
-            decode_row(8, 53.98, attention_layer_ms=6.32, student_layer_ms=1.37),
-            decode_row(4, 78.47, attention_layer_ms=6.30, student_layer_ms=0.97),
-            decode_row(16, 28.87, student_layer_ms=1.18)]
-    hybrid_inference.compare_all(rows)
-    full, half, quarter, all_linear = rows
-    assert full["ceiling"] == 1.0 and full["speedup"] == 1.0
-    assert half["attention_ms_for_ceiling"] == pytest.approx(6.31)  # median of the hybrids' 6.32 and 6.30
-    assert half["ceiling"] == pytest.approx(103.48 / (103.48 - 8 * 6.31 + 8 * 1.37))
-    assert half["speedup"] == pytest.approx(103.48 / 53.98)
-    assert all_linear["ceiling"] == pytest.approx(103.48 / (103.48 - 16 * 6.31 + 16 * 1.18))
-    hybrid_inference.compare_all(rows)  # recomputing gives the same
-    assert half["of_ceiling"] == pytest.approx(half["speedup"] / half["ceiling"])
-
-
-def test_batch_search_finds_the_largest_and_the_fastest_batch(monkeypatch):
-    # Fits up to 100; past 62 each step gets slower per token (allocation near full memory).
-    def rate(setup, single, batch):
-        if batch > 100:
-            return None
-        return batch * 10.0 if batch <= 62 else 620.0 - (batch - 62) * 5
-    monkeypatch.setattr(hybrid_inference, "probe_rate", rate)
-    setup = type("Setup", (), {"max_batch": 1024})()
-    found = hybrid_inference.search_batches(setup, None, None)
-    assert 94 <= found.largest <= 100 and found.fastest <= 64
-    assert hybrid_inference.search_batches(setup, None, (62, 620.0)).fastest == 62
-    assert hybrid_inference.search_batches(type("Setup", (), {"max_batch": 8})(), None, None).largest == 8
-
-
-def test_render_recomputes_tables_from_saved_results(tmp_path):
-    # Saved before the fastest-batch search: (b) is the faster of (a) and the largest batch.
-    meta = {"model": "m", "command": "c", "environment": {"card": "H200", "python": "3", "torch": "2"},
-            "architecture": "a", "num_layers": 16, "attention": "sdpa", "student": "gla", "dtype": "bf16",
-            "cache": "dynamic", "linear_layers": {"0": [], "8": [1, 3]}}
-    rows = [decode_row(0, 103.48, attention_layer_ms=68.0, max_batch=62, tokens_per_s_max_batch=599.0),
-            decode_row(8, 53.98, attention_layer_ms=6.32, student_layer_ms=1.37, max_batch=101,
-                       tokens_per_s_max_batch=659.0)]
-    saved = tmp_path / "saved.json"
-    saved.write_text(json.dumps({"models": [{"meta": meta, "rows": rows}]}))
-    out = tmp_path / "rendered.md"
-    hybrid_inference.main(["--render", str(saved), "--out", str(out)])
-    rendered = json.loads(out.with_suffix(".json").read_text())["models"][0]["rows"]
-    assert rendered[1]["best_batch"] == 62 and rendered[1]["tokens_per_s_largest"] == 659.0
-    assert rendered[1]["speedup_best_batch"] == pytest.approx((62 / 53.98e-3) / (62 / 103.48e-3))
-    assert "decode at 64K, L/2 linear, fastest batch that fits: 1.92x (target >= 1.8x: met)" in out.read_text()
+    save_tiny_model("llama", tmp_path / "model", num_layers=4)
+    with pytest.raises(SystemExit, match="has layers 0-3"):
+        hybrid_inference.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--lengths", "16",
+                               "--contexts", "--linear-layers", "4"])

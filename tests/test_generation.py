@@ -134,3 +134,81 @@ def test_cache_memory_grows_only_with_full_attention_layers(tmp_path):
     # Here: 1 full layer's KV + 3 fixed states vs 4 layers' KV at 128 tokens.
     assert sum(hybrid_long) < 0.6 * sum(full_long)
     assert sum(hybrid_long) - sum(hybrid_short) == full_long[2] - full_short[2]
+
+
+def decode_logits(model, cache, input_ids, steps):
+    """Prefill ``input_ids`` into ``cache``, then ``steps`` greedy single-token steps; the logits each
+    step was chosen from."""
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids, use_cache=True, **{cache_arg: cache})
+        for _ in range(steps):
+            logits.append(out.logits[:, -1])
+            out = model(logits[-1].argmax(-1, keepdim=True), use_cache=True, **{cache_arg: cache})
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("capacity", [PROMPTS.shape[1] + 6, 3])  # enough, and one that must grow
+def test_preallocated_cache_decodes_like_dynamic_cache_in_place(capacity):
+    from transformers import DynamicCache
+
+    from dtr_core.linear.students import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
+
+    model = tiny_model("llama", num_layers=3)
+    adapter = adapter_for(model)
+    students = perturbed_students(model, adapter, "gla", (1,))
+    ids = PROMPTS[:1]
+    with hybrid_view(model, adapter, students, (1,)):
+        expected = decode_logits(model, DynamicCache(), ids, steps=6)
+        cache = preallocated_cache(3, capacity)
+        got = decode_logits(model, cache, ids, steps=6)
+    assert (got - expected).abs().max() <= 1e-5
+    assert isinstance(cache.layers[1], RecurrentStateLayer)  # the student took its slot
+    full = cache.layers[0]
+    assert isinstance(full, PreallocatedLayer) and full.get_seq_length() == ids.shape[1] + 6
+    # Keys are views of the buffer: written in place, never concatenated into new tensors.
+    assert full.keys.untyped_storage().data_ptr() == full.key_buffer.untyped_storage().data_ptr()
+    # Too small a capacity: the prefill allocates exactly the prompt, the first step doubles it.
+    assert full.key_buffer.shape[-2] == (capacity if capacity >= ids.shape[1] + 6 else 2 * ids.shape[1])
+
+
+def test_preallocated_layer_batch_operations_match_dynamic_layer():
+    import copy
+
+    from transformers.cache_utils import DynamicLayer
+
+    from dtr_core.linear.students import PreallocatedLayer
+
+    torch.manual_seed(0)
+    chunks = [(torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)) for n in (5, 1, 1)]
+    last = (torch.randn(3, 3, 1, 4), torch.randn(3, 3, 1, 4))  # the batch is 3 after the operations
+    plain, preallocated = DynamicLayer(), PreallocatedLayer(capacity=16)
+    operations = [
+        lambda layer: layer.batch_repeat_interleave(3),
+        lambda layer: layer.batch_select_indices(torch.tensor([5, 0, 2])),
+        lambda layer: layer.reorder_cache(torch.tensor([2, 2, 1])),
+        lambda layer: layer.crop(-2),
+    ]
+    for layer in (plain, preallocated):
+        for keys, values in chunks:
+            layer.update(keys, values)
+        for operation in operations:
+            operation(layer)
+        layer.update(*last)  # writes after the cropped length
+    copied = copy.deepcopy(preallocated)
+    for layer in (preallocated, copied):
+        assert layer.get_seq_length() == plain.get_seq_length() == 6
+        assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+    preallocated.reset()
+    assert preallocated.get_seq_length() == 0 and preallocated.key_buffer is None
+
+
+def test_exported_generate_preallocates_prompt_plus_new_tokens(tmp_path):
+    model = exported_hybrid("llama", "gla", (0, 2), tmp_path / "hybrid")
+    out = model.generate(PROMPTS, attention_mask=(PROMPTS != PAD).long(), max_new_tokens=5, do_sample=False,
+                         pad_token_id=PAD, return_dict_in_generate=True)
+    layers = out.past_key_values.layers
+    assert [type(layer).__name__ for layer in layers] == ["RecurrentStateLayer", "PreallocatedLayer",
+                                                          "RecurrentStateLayer"]
+    assert layers[1].key_buffer.shape[-2] == PROMPTS.shape[1] + 5

@@ -91,10 +91,13 @@ def test_exported_hybrid_decodes_with_fused_recurrent_kernels(tmp_path):
     def greedy(use_cache):
         out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=0,
                              output_logits=True, return_dict_in_generate=True)
-        return out.sequences, torch.stack(out.logits, dim=1)
+        return out.sequences, torch.stack(out.logits, dim=1), out.past_key_values
 
-    tokens, logits = greedy(use_cache=True)
+    tokens, logits, cache = greedy(use_cache=True)
     assert {s.last_backend for s in students_of(model)} == {"fla_recurrent"}
-    ref_tokens, ref_logits = greedy(use_cache=False)
+    # The full-attention layers wrote in place into CUDA buffers sized for prompt + new tokens.
+    full = [layer for layer in cache.layers if type(layer).__name__ == "PreallocatedLayer"]
+    assert full and all(layer.key_buffer.is_cuda and layer.key_buffer.shape[-2] == 58 for layer in full)
+    ref_tokens, ref_logits, _ = greedy(use_cache=False)
     assert torch.equal(tokens, ref_tokens)
     assert rel_err(logits, ref_logits) <= 1e-3  # fla's chunk kernels do fp32 matmuls in TF32

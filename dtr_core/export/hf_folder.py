@@ -43,7 +43,7 @@ import torch
 from transformers import {base_class} as _BaseModel
 from transformers.cache_utils import DynamicCache
 
-from .students import LinearAttentionStudent
+from .students import LinearAttentionStudent, preallocated_cache
 
 
 def _base_view(config):
@@ -65,6 +65,23 @@ def _preferred_attention(dtype):
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available() or dtype not in half:
         return None
     return "flash_attention_2"
+
+
+def _generation_cache(config, default_generation_config, args, kwargs):
+    """The cache generate() starts from: preallocated for prompt + new tokens where every full-attention
+    layer is global (a sliding window keeps transformers' own layers)."""
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    base_types = config.dtr_hybrid.get("base_layer_types") or ()
+    if windowed or any(kind != "full_attention" for kind in base_types):
+        return DynamicCache()
+    generation_config = kwargs.get("generation_config") or default_generation_config
+    prompt = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+    new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+    if prompt is not None and new_tokens is not None:
+        capacity = prompt.shape[-1] + new_tokens
+    else:  # the total length, or unknown (0: the buffers grow as needed)
+        capacity = kwargs.get("max_length", generation_config.max_length) or 0
+    return preallocated_cache(config.num_hidden_layers, capacity)
 
 
 class {class_name}(_BaseModel):
@@ -97,11 +114,13 @@ class {class_name}(_BaseModel):
     if hasattr(_BaseModel, "generate"):
         def generate(self, *args, **kwargs):
             # transformers would build the cache from config.layer_types and then fail to find a
-            # sequence length when every layer is linear; an empty cache lets each student put its
-            # own recurrent-state layer in (students.RecurrentStateLayer).
+            # sequence length when every layer is linear; our own cache lets each student put its
+            # recurrent-state layer in (students.RecurrentStateLayer), and the full-attention layers
+            # write into buffers sized for the prompt + new tokens instead of re-concatenating their
+            # keys and values at every step (students.PreallocatedLayer).
             cache_arg = "cache" if "cache" in inspect.signature(super().forward).parameters else "past_key_values"
             if kwargs.get(cache_arg) is None and kwargs.get("use_cache", True):
-                kwargs[cache_arg] = DynamicCache()
+                kwargs[cache_arg] = _generation_cache(self.config, self.generation_config, args, kwargs)
             return super().generate(*args, **kwargs)
 '''
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .ops import gated_delta, gla, needs_grad, resolve_backend
 
@@ -93,6 +93,79 @@ class RecurrentStateLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.state is not None:
             self.state = self.state[indices, ...]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A transformers cache layer for a full-attention layer that writes keys and values in place into
+    buffers sized for the whole generation (``capacity`` tokens), instead of concatenating.
+
+    DynamicLayer concatenates into new tensors at every step, so each step copies the layer's whole
+    cache and briefly holds it twice; near full GPU memory that costs more than the attention itself.
+    Here ``keys``/``values`` are views of the buffers' first ``length`` positions, so the DynamicLayer
+    methods that read them (sequence length, mask sizes, crop) work unchanged. Going past the
+    capacity doubles the buffers (one copy), so an underestimate costs memory, never correctness.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            self._reserve(key_states, value_states, end)
+        self.key_buffer[..., length:end, :].copy_(key_states)
+        self.value_buffer[..., length:end, :].copy_(value_states)
+        self._expose(end)
+        return self.keys, self.values
+
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        length = self.get_seq_length()
+        held = 0 if self.key_buffer is None else self.key_buffer.shape[-2]
+        capacity = max(needed, self.capacity, 2 * held)
+        buffers = []
+        for old, new in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+            buffer = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+            if length:
+                buffer[..., :length, :].copy_(old[..., :length, :])
+            buffers.append(buffer)
+        self.key_buffer, self.value_buffer = buffers
+
+    def _expose(self, length: int) -> None:
+        self.keys = self.key_buffer[..., :length, :]
+        self.values = self.value_buffer[..., :length, :]
+        self.is_initialized = True
+
+    def _rebuild(self, transform) -> None:
+        """Apply a batch-dimension ``transform`` to the buffers (the exposed views follow)."""
+        if self.key_buffer is not None:
+            length = self.get_seq_length()
+            self.key_buffer, self.value_buffer = transform(self.key_buffer), transform(self.value_buffer)
+            self._expose(length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rebuild(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rebuild(lambda buffer: buffer[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rebuild(lambda buffer: buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def reset(self) -> None:
+        self.key_buffer = self.value_buffer = self.keys = self.values = None
+        self.is_initialized = False
+
+
+def preallocated_cache(num_layers: int, capacity: int) -> DynamicCache:
+    """A cache for ``capacity`` tokens (prompt + new tokens) whose full-attention layers write in place
+    (PreallocatedLayer, allocated on first use); a student replaces its slot with its recurrent state."""
+    cache = DynamicCache()
+    cache.layers[:] = [PreallocatedLayer(capacity) for _ in range(num_layers)]
+    return cache
 
 
 def _state_layer(cache, layer_idx: int) -> RecurrentStateLayer:
