@@ -12,6 +12,8 @@
 #           when SMOLLM2_LAYERS is set (the linear layers the SmolLM2 search found, e.g. "4 5 6 7"),
 #           benchmark 4: hybrid inference with SmolLM2's real weights from the DTR_MODEL_CACHE that
 #           bench/smollm2_model.sh left on this machine (/var/tmp/models).
+# HYBRID_ARGS: extra arguments for the Llama- and Qwen-shape hybrid inference runs, e.g. "--lengths"
+# (no prefill) to spend the call on decoding when the prefill tables are already measured.
 # The warm-up compiles and autotunes fla's kernels in parallel processes (compiling is CPU-bound and
 # serial inside one process: minutes per kernel family on a cold cache); nothing is timed meanwhile.
 # Every script rewrites its results after each measurement, so a stage cut off by its limit still
@@ -63,7 +65,8 @@ warm() {  # warm CAP "SHAPE KIND PASS..."...: one warm-up process per job, in pa
 lane_a() {
     warm 300 "llama-1b gla fwd fwd+bwd" "llama-1b gated_deltanet fwd fwd+bwd"
     [[ $MODE == warm ]] && return
-    stage "hybrid inference, llama-1b" 330 python3 -m bench.hybrid_inference --model llama-1b --out "$OUT/hybrid_llama-1b.md"
+    stage "hybrid inference, llama-1b" 330 python3 -m bench.hybrid_inference --model llama-1b $HYBRID_ARGS \
+        --out "$OUT/hybrid_llama-1b.md"
     stage "attention layer, llama-1b" 150 python3 -m bench.attention --shape llama-1b --out "$OUT/attention.md"
 }
 
@@ -71,7 +74,8 @@ lane_b() {
     warm 300 "qwen-1.5b gla fwd fwd+bwd"
     [[ $MODE == warm ]] && return
     stage "DtR pass, qwen-1.5b" 120 python3 -m bench.dtr_pass --out "$OUT/dtr_pass.md"
-    stage "hybrid inference, qwen-1.5b" 240 python3 -m bench.hybrid_inference --model qwen-1.5b --out "$OUT/hybrid_qwen-1.5b.md"
+    stage "hybrid inference, qwen-1.5b" 240 python3 -m bench.hybrid_inference --model qwen-1.5b $HYBRID_ARGS \
+        --out "$OUT/hybrid_qwen-1.5b.md"
     if [[ -n $SMOLLM2_LAYERS ]]; then
         stage "hybrid inference, smollm2-135m (real weights)" 120 python3 -m bench.hybrid_inference \
             --model smollm2-135m --linear-layers $SMOLLM2_LAYERS --out "$OUT/hybrid_smollm2.md"

@@ -58,15 +58,16 @@ def benchmark_calls(calls: list[str]) -> list[str]:
 
 def test_gpu_all_runs_two_lanes_on_two_gpus(stand_ins):
     run, out = stand_ins
-    calls = benchmark_calls(run("bench/gpu_all.sh", SMOLLM2_LAYERS="4 5 6 7", BUDGET_S="120"))
+    calls = benchmark_calls(run("bench/gpu_all.sh", SMOLLM2_LAYERS="4 5 6 7", HYBRID_ARGS="--lengths", BUDGET_S="120"))
     on_gpu = {gpu: [c for c in calls if c.endswith(f"[gpu {gpu}]")] for gpu in ("0", "1")}
     assert len(on_gpu["0"]) + len(on_gpu["1"]) == len(calls)  # every benchmark pinned to one GPU
     assert any("--warm-only" in c and "--shape llama-1b" in c for c in on_gpu["0"])
     assert any("--warm-only" in c and "--shape qwen-1.5b" in c for c in on_gpu["1"])
-    assert any("bench.hybrid_inference --model llama-1b" in c for c in on_gpu["0"])
+    assert any("bench.hybrid_inference --model llama-1b --lengths --out" in c for c in on_gpu["0"])
+    assert any("bench.hybrid_inference --model qwen-1.5b --lengths --out" in c for c in on_gpu["1"])
     assert any("bench.attention --shape llama-1b --out" in c for c in on_gpu["0"])
     assert any("bench.dtr_pass --out" in c for c in on_gpu["1"])
-    assert any("--model smollm2-135m --linear-layers 4 5 6 7" in c for c in on_gpu["1"])
+    assert any("--model smollm2-135m --linear-layers 4 5 6 7 --out" in c for c in on_gpu["1"])  # all lengths
     returned = sorted(p.name for p in out.iterdir())
     assert len(returned) <= RETURNED_FILES_LIMIT, returned
     assert "results_json.tgz" in returned and not any(name.endswith(".json") for name in returned)
