@@ -3,7 +3,8 @@ number of linear layers and one context: where does a decode batch stop being se
 allocator's pool? (bench.hybrid_inference found steps several times slower per token near full memory
 without the allocator reporting retries.)
 
-For each batch: median ms per step over --steps steps (after two untimed ones), tokens/s, the peak of
+For each batch: median ms per step over --steps steps (after two untimed ones), the host's median time
+to issue one step (launch-bound when close to the step time), tokens/s, the peak of
 allocated and reserved memory, and what the timed steps cost the allocator: retries (it freed its cache
 and tried again), device allocations and frees (cudaMalloc/cudaFree or, with expandable segments, page
 mappings), and synchronisations of all streams.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 
 import torch
 
@@ -23,13 +26,26 @@ from bench.common import ARCHITECTURES, cell, default_device, is_cuda, markdown_
 from bench.hybrid_inference import batched_cache, build_setup, decode_cache, decode_step, hybrid, random_tokens
 from dtr_core.specs import StudentSpec
 
-FLOAT_COLUMNS = ("ms", "tokens_per_s", "allocated_gib", "reserved_gib")
+FLOAT_COLUMNS = ("ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib")
 COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
 
 
 def counters(device) -> dict[str, int]:
     stats = torch.cuda.memory_stats(device) if is_cuda(device) else {}
     return {name: stats.get(name, 0) for name in COUNTERS}
+
+
+def host_ms(step, steps: int, device) -> float:
+    """Median host time to issue one step without waiting for the GPU: close to the step time when
+    decoding is bound by Python and kernel launches rather than by the GPU."""
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1e3)
+    if is_cuda(device):
+        torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def measure(setup, single, batch: int, steps: int) -> dict:
@@ -43,7 +59,7 @@ def measure(setup, single, batch: int, steps: int) -> dict:
     before = counters(setup.device)
     ms = median_ms(step, steps, setup.device, warmup=0)
     after = counters(setup.device)
-    row = {"batch": batch, "ms": ms, "tokens_per_s": batch / ms * 1e3,
+    row = {"batch": batch, "ms": ms, "host_ms": host_ms(step, steps, setup.device), "tokens_per_s": batch / ms * 1e3,
            **{name: after[name] - before[name] for name in COUNTERS}}
     if is_cuda(setup.device):
         row["allocated_gib"] = torch.cuda.max_memory_allocated(setup.device) / 2**30
@@ -77,7 +93,7 @@ def main(argv=None) -> None:
             release_memory(device)
             rows.append(row)
             print(row, flush=True)
-    columns = ["batch", "ms", "tokens_per_s", "allocated_gib", "reserved_gib", *COUNTERS]
+    columns = ["batch", "ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib", *COUNTERS]
     print(f"\n{args.model}, {args.linear} linear layers, context {args.context}, {args.cache} cache, "
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
     print(markdown_table(columns, [[cell(row.get(name), ".2f" if name in FLOAT_COLUMNS else "d")

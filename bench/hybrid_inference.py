@@ -390,7 +390,7 @@ def measure_decode(setup: Setup, context: int, layers: list[int], same_batch: in
     return row
 
 
-def plan(prefill_lengths, decode_contexts, counts: list[int], half: int) -> list[tuple[str, int, int]]:
+def plan(prefill_lengths, decode_contexts, counts: list[int], first: int) -> list[tuple[str, int, int]]:
     """(phase, tokens, k) in running order: at >= 32K (decode longest first, then prefill) the full model
     and k = L/2, then the other k there, then the shorter lengths. The full model (k = 0) always runs
     first at a length: the others are compared with it."""
@@ -398,13 +398,14 @@ def plan(prefill_lengths, decode_contexts, counts: list[int], half: int) -> list
             [("prefill", t) for t in sorted(prefill_lengths)]
     long = [c for c in cells if c[1] >= LONG_CONTEXT]
     short = [c for c in cells if c[1] < LONG_CONTEXT]
-    tasks = [(phase, tokens, k) for phase, tokens in long for k in (0, half)]
-    tasks += [(phase, tokens, k) for phase, tokens in long for k in counts if k not in (0, half)]
+    tasks = [(phase, tokens, k) for phase, tokens in long for k in (0, first)]
+    tasks += [(phase, tokens, k) for phase, tokens in long for k in counts if k not in (0, first)]
     tasks += [(phase, tokens, k) for phase, tokens in short for k in counts]
     return tasks
 
 
-DERIVED = ("speedup", "ceiling", "of_ceiling", "speedup_best_batch", "attention_ms_for_ceiling")
+DERIVED = ("speedup", "ceiling", "of_ceiling", "speedup_best_batch", "speedup_largest_batch",
+           "attention_ms_for_ceiling")
 
 
 def attention_ms_for_ceiling(rows: list[dict], phase: str, tokens: int, batch: int) -> float | None:
@@ -442,13 +443,19 @@ def compare_all(rows: list[dict]) -> None:
                 row["of_ceiling"] = row["speedup"] / row["ceiling"]
         if "tokens_per_s_best_batch" in row and "tokens_per_s_best_batch" in reference:
             row["speedup_best_batch"] = row["tokens_per_s_best_batch"] / reference["tokens_per_s_best_batch"]
+        if row.get("tokens_per_s_largest") and reference.get("tokens_per_s_largest"):
+            row["speedup_largest_batch"] = row["tokens_per_s_largest"] / reference["tokens_per_s_largest"]
 
 
 def run_model(setup: Setup, prefill_lengths, decode_contexts, on_row) -> None:
     """Measure every (phase, length, k) of the plan, handing each finished row to ``on_row``."""
     references: dict[tuple[str, int], dict] = {}
-    half = setup.num_layers // 2 if setup.num_layers // 2 in setup.counts else max(setup.counts)
-    for phase, tokens, k in plan(prefill_lengths, decode_contexts, setup.counts, half):
+    # First after the full model: the given layer set (benchmark 4's subject), else L/2 (the targets').
+    if setup.chosen:
+        first = len(setup.chosen)
+    else:
+        first = setup.num_layers // 2 if setup.num_layers // 2 in setup.counts else max(setup.counts)
+    for phase, tokens, k in plan(prefill_lengths, decode_contexts, setup.counts, first):
         with hybrid(setup, k) as layers:
             if phase == "prefill":
                 measured = unless_oom(partial(measure_prefill, setup, tokens, layers), setup.device)
@@ -494,7 +501,8 @@ def render_model(meta: dict, rows: list[dict]) -> str:
                cell(r.get("of_ceiling"), ".0%"), cell(r.get("attention_layer_ms"), ".3f"),
                cell(r.get("attention_ms_for_ceiling"), ".3f"), cell(r.get("student_layer_ms"), ".3f"),
                cell(r.get("max_batch"), "d") + (" (cap)" if r.get("max_batch_capped") else ""),
-               cell(r.get("tokens_per_s_largest"), ",.0f"), cell(r.get("best_batch"), "d"), cell(r.get("tokens_per_s_best_batch"), ",.0f"),
+               cell(r.get("tokens_per_s_largest"), ",.0f"), _times(r.get("speedup_largest_batch")),
+               cell(r.get("best_batch"), "d"), cell(r.get("tokens_per_s_best_batch"), ",.0f"),
                _times(r.get("speedup_best_batch"))]
               for r in ordered if r["phase"] == "decode"]
     env = meta["environment"]
@@ -516,11 +524,13 @@ def render_model(meta: dict, rows: list[dict]) -> str:
                         "of ceiling", "attention layer ms", "attention ms in ceiling", "student layer ms"], prefill),
         "",
         "Decode, one token per step: (a) at the full model's largest batch; (b) at each model's fastest batch "
-        "among those that fit (speedup against the full model's fastest); the largest batch that fits beside it:",
+        "among those that fit (speedup against the full model's fastest); the largest batch that fits beside it "
+        "(speedup against the full model at its largest):",
         "",
         markdown_table(["context", "linear", "batch (a)", "tokens/s (a)", "ms/step", "peak GiB", "speedup (a)",
                         "Amdahl ceiling", "of ceiling", "attention layer ms", "attention ms in ceiling",
-                        "student layer ms", "largest batch", "tokens/s at largest", "fastest batch (b)",
+                        "student layer ms", "largest batch", "tokens/s at largest", "speedup at largest",
+                        "fastest batch (b)",
                         "tokens/s (b)", "speedup (b)"],
                        decode),
         "",
@@ -542,6 +552,7 @@ def target_lines(rows: list[dict], num_layers: int) -> list[str]:
     for r in rows:
         if r["phase"] == "decode" and r["tokens"] == TARGET_CONTEXT and r["k"] == num_layers // 2:
             for key, target, label in (("speedup", TARGET_SAME_BATCH, "same batch"),
+                                       ("speedup_largest_batch", TARGET_LARGEST_BATCH, "largest batch that fits"),
                                        ("speedup_best_batch", TARGET_LARGEST_BATCH, "fastest batch that fits")):
                 if key in r:
                     verdict = "met" if r[key] >= target else "missed"

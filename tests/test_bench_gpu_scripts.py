@@ -62,11 +62,12 @@ def test_hybrid_inference_smoke_has_a_row_per_model_phase_and_k(tmp_path):
         decode = [row for row in rows if row["phase"] == "decode"]
         assert all(row["max_batch"] == 8 and row["max_batch_capped"] for row in decode)  # the CPU never runs out
         assert all(1 <= row["best_batch"] <= row["max_batch"] and row["tokens_per_s_best_batch"] > 0 for row in decode)
+        assert all(row["speedup_largest_batch"] > 0 for row in decode)
         assert all("attention_ms_for_ceiling" in row for row in rows if 0 < row["k"] < 4)
     markdown = out.read_text()
     headers = [line for line in table_lines(markdown) if line.startswith("| tokens") or line.startswith("| context")]
     assert len(headers) == 4  # prefill and decode, per model
-    assert "| largest batch | tokens/s at largest | fastest batch (b) | tokens/s (b) | speedup (b) |" in headers[1]
+    assert "| largest batch | tokens/s at largest | speedup at largest | fastest batch (b) | tokens/s (b) | speedup (b) |" in headers[1]
     assert len([line for line in table_lines(markdown) if line.startswith("| 16 |")]) == 2 * 2 * len(counts)
 
 
@@ -75,7 +76,7 @@ def test_linear_layers_are_spread_evenly_and_targets_run_first():
     assert hybrid_inference.linear_layers(16, 8) == list(range(1, 16, 2))
     assert hybrid_inference.linear_layers(16, 4) == [3, 7, 11, 15]
     assert hybrid_inference.linear_layers(16, 0) == [] and hybrid_inference.linear_layers(16, 16) == list(range(16))
-    plan = hybrid_inference.plan((2048, 32768), (8192, 65536), [0, 4, 8, 12, 16], half=8)
+    plan = hybrid_inference.plan((2048, 32768), (8192, 65536), [0, 4, 8, 12, 16], first=8)
     assert plan[:4] == [("decode", 65536, 0), ("decode", 65536, 8), ("prefill", 32768, 0), ("prefill", 32768, 8)]
     assert len(plan) == 4 * 5
 
@@ -120,3 +121,11 @@ def test_hybrid_inference_refuses_layers_the_model_lacks(tmp_path):
     with pytest.raises(SystemExit, match="has layers 0-3"):
         hybrid_inference.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--lengths", "16",
                                "--contexts", "--linear-layers", "4"])
+
+
+def test_decode_batches_smoke_has_a_row_per_batch(capsys):
+    from bench import decode_batches
+
+    decode_batches.main(["--smoke", "--linear", "2"])
+    rows = [line for line in table_lines(capsys.readouterr().out) if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and all("—" not in row.split("|")[2] for row in rows)  # each batch timed
