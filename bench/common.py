@@ -102,6 +102,33 @@ def environment_line(env: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in env.items() if key != "card" and value is not None)
 
 
+def warm_until_steady(fn, device, window: int = 4, tolerance: float = 0.05, max_windows: int = 24) -> int:
+    """Call ``fn`` in windows of ``window`` calls, each timed as a whole, until a window's time is within
+    ``tolerance`` of the one before, or after ``max_windows`` windows; returns the calls made.
+
+    Why: on the H200 the first decode steps of a process ran 1.5-4x slower than later steps at the same
+    batch, for seconds and over several batches (49.6 then 11.6 ms per step at batch 16; 51.4 then 33.5
+    ms at batch 64; bench.decode_batches), which a fixed warm-up of two steps did not cover.
+    """
+    previous = None
+    for windows in range(1, max_windows + 1):
+        synchronize(device)
+        window_started = time.perf_counter()
+        for _ in range(window):
+            fn()
+        synchronize(device)
+        elapsed = time.perf_counter() - window_started
+        if previous is not None and abs(elapsed - previous) <= tolerance * previous:
+            break
+        previous = elapsed
+    return windows * window
+
+
+def synchronize(device) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, repeats: int, device, warmup: int = 1, before_each=None) -> float:
     """Median time of ``fn()`` in ms over ``repeats`` calls after ``warmup`` untimed ones.
 

@@ -48,9 +48,19 @@ def host_ms(step, steps: int, device) -> float:
     return statistics.median(times)
 
 
-def measure(setup, single, batch: int, steps: int) -> dict:
+def step_trace(step, steps: int, device) -> list[float]:
+    """ms of each of ``steps`` consecutive steps from the first one: how long a fresh batch takes to
+    reach its steady speed."""
+    times = []
+    for _ in range(steps):
+        times.append(round(median_ms(step, 1, device, warmup=0), 1))
+    return times
+
+
+def measure(setup, single, batch: int, steps: int, trace: int = 0) -> dict:
     cache = batched_cache(setup, single, batch)
     step = decode_step(setup, cache, batch)
+    traced = step_trace(step, trace, setup.device) if trace else None
     for _ in range(2):
         step()
     if is_cuda(setup.device):
@@ -61,6 +71,8 @@ def measure(setup, single, batch: int, steps: int) -> dict:
     after = counters(setup.device)
     row = {"batch": batch, "ms": ms, "host_ms": host_ms(step, steps, setup.device), "tokens_per_s": batch / ms * 1e3,
            **{name: after[name] - before[name] for name in COUNTERS}}
+    if traced:
+        row["trace_ms"] = traced
     if is_cuda(setup.device):
         row["allocated_gib"] = torch.cuda.max_memory_allocated(setup.device) / 2**30
         row["reserved_gib"] = torch.cuda.max_memory_reserved(setup.device) / 2**30
@@ -75,6 +87,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 48, 56, 60, 64])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cache", choices=("preallocated", "dynamic"), default="preallocated")
+    parser.add_argument("--trace", type=int, default=0,
+                        help="also time this many consecutive steps one by one, from the first, per batch")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -86,10 +100,11 @@ def main(argv=None) -> None:
     rows = []
     with torch.inference_mode(), hybrid(setup, args.linear):
         ids = random_tokens(setup, 1, args.context)
+        steps = args.trace + 2 + 2 * args.steps  # per batched copy: trace, warm-up, timed, host-timed
         single = getattr(setup.model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                     **{setup.cache_arg: decode_cache(setup, args.context)}), setup.cache_arg)
+                                     **{setup.cache_arg: decode_cache(setup, args.context, steps)}), setup.cache_arg)
         for batch in args.batches:
-            row = unless_oom(lambda: measure(setup, single, batch, args.steps), device) or {"batch": batch, "ms": None}
+            row = unless_oom(lambda: measure(setup, single, batch, args.steps, args.trace), device) or {"batch": batch}
             release_memory(device)
             rows.append(row)
             print(row, flush=True)

@@ -31,6 +31,7 @@ from bench.common import (
     full_attention_implementations,
     is_cuda,
     markdown_table,
+    synchronize,
     write_results,
 )
 from bench.cpu import trajectory_forwards
@@ -68,11 +69,6 @@ def distill_throughput(model, adapter, args, device) -> float:
     with tempfile.TemporaryDirectory() as checkpoints:
         result = stream_distill(model, adapter, students, batches, capture, distill, checkpoints, "bench", device)
     return result.tokens_per_second
-
-
-def synchronize(device) -> None:
-    if is_cuda(device):
-        torch.cuda.synchronize()
 
 
 def evaluation_throughput(model, adapter, args, device) -> tuple[float, float]:

@@ -47,6 +47,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -79,8 +80,10 @@ from .common import (
     recorded_calls,
     release_memory,
     reset_peak_memory,
+    synchronize,
     tokens_label,
     unless_oom,
+    warm_until_steady,
     write_results,
 )
 
@@ -95,8 +98,10 @@ TARGET_OF_CEILING = 0.9
 TARGET_CONTEXT = 65536
 TARGET_SAME_BATCH = 1.6
 TARGET_LARGEST_BATCH = 1.8
-DECODE_WARMUP_STEPS = 2
-PROBE_STEPS = 2  # decode steps that show a batch fits
+WARMUP_WINDOW = 4  # decode steps per window of the warm-up, which runs until a window's time is steady
+WARMUP_WINDOWS = 24  # at most
+PROCESS_WARMUP_SECONDS = 45.0  # of decoding before the first timed decode step (see warm_up_process)
+PROBE_STEPS = 2  # timed decode steps that show a batch fits (after the warm-up)
 CACHE_DESCRIPTIONS = {
     "preallocated": "preallocated cache (full-attention layers write in place; students.preallocated_cache)",
     "dynamic": "transformers DynamicCache (concatenates at every step)",
@@ -256,13 +261,15 @@ def measure_prefill(setup: Setup, length: int, layers: list[int]) -> dict:
             **layer_times}
 
 
-def decode_cache(setup: Setup, context: int) -> Cache:
-    """An empty cache of ``setup.cache``'s kind for one sequence of ``context`` tokens and the decode steps
-    any batched copy of it takes: time_decode's warm-up, timed and recorded steps, then the attention
-    layer's replay (warm-up + timed), which appends to the same copy."""
+def decode_cache(setup: Setup, context: int, steps: int | None = None) -> Cache:
+    """An empty cache of ``setup.cache``'s kind for one sequence of ``context`` tokens and the ``steps`` decode
+    steps any batched copy of it takes; by default time_decode's: its warm-up (at most WARMUP_WINDOWS
+    windows), timed and recorded steps, then the attention layer's replay (warm-up + timed), which appends
+    to the same copy."""
     if setup.cache == "dynamic":
         return DynamicCache()
-    steps = (DECODE_WARMUP_STEPS + setup.decode_steps + 1) + (1 + setup.decode_steps)
+    if steps is None:
+        steps = (WARMUP_WINDOW * WARMUP_WINDOWS + setup.decode_steps + 1) + (1 + setup.decode_steps)
     return preallocated_cache(setup.num_layers, context + steps)
 
 
@@ -277,13 +284,38 @@ def decode_step(setup: Setup, cache: Cache, batch: int):
     return lambda: setup.model(input_ids=tokens, use_cache=True, **{setup.cache_arg: cache})
 
 
+def warm_up(setup: Setup, step) -> int:
+    """Decode steps until their time is steady (see warm_until_steady; one window in smoke runs)."""
+    return warm_until_steady(step, setup.device, window=WARMUP_WINDOW, max_windows=1 if setup.smoke else WARMUP_WINDOWS)
+
+
+def warm_up_process(setup: Setup, seconds: float = PROCESS_WARMUP_SECONDS) -> None:
+    """Decode (batch 8, 1K context, the full model) for ``seconds`` before anything is timed. On the H200 a
+    fresh process decoded 2.5-3x slower, and noisily, for its first ~20-25 s of decoding whatever the
+    batch, then dropped to a steady speed for good (per-step traces of bench.decode_batches --trace:
+    ~98 ms then 34.8 ms at Llama shape, batch 64, 64K); a per-measurement warm-up cannot tell that slow
+    phase from steady speed."""
+    batch, context = 8, 1024
+    ids = random_tokens(setup, 1, context)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        steps = 256  # per cache: enough between deadline checks, small enough to stay a small cache
+        single = getattr(setup.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                                     **{setup.cache_arg: decode_cache(setup, context, steps)}), setup.cache_arg)
+        step = decode_step(setup, batched_cache(setup, single, batch), batch)
+        for _ in range(steps):
+            step()
+        synchronize(setup.device)
+    release_memory(setup.device)
+
+
 def probe_rate(setup: Setup, single: Cache, batch: int) -> float | None:
     """Tokens/s of a few decode steps at ``batch`` (after one untimed step), or None when the batch does
     not fit: it runs out of memory or makes the caching allocator free its cache and retry."""
     def attempt():
         step = decode_step(setup, batched_cache(setup, single, batch), batch)
         retries = allocator_retries(setup.device)
-        ms = median_ms(step, PROBE_STEPS, setup.device)
+        ms = median_ms(step, PROBE_STEPS, setup.device, warmup=WARMUP_WINDOW)
         return batch / ms * 1e3 if allocator_retries(setup.device) == retries else False
 
     rate = unless_oom(attempt, setup.device)
@@ -333,9 +365,10 @@ def time_decode(setup: Setup, single: Cache, batch: int, probes: dict | None = N
     step = decode_step(setup, cache, batch)
     reset_peak_memory(setup.device)
     retries = allocator_retries(setup.device)
-    ms = median_ms(step, setup.decode_steps, setup.device, warmup=DECODE_WARMUP_STEPS)
+    warmup_steps = warm_up(setup, step)
+    ms = median_ms(step, setup.decode_steps, setup.device, warmup=0)
     result = {"batch": batch, "ms": ms, "tokens_per_s": batch / ms * 1e3, "peak_gib": peak_memory_gib(setup.device),
-              "allocator_retries": allocator_retries(setup.device) - retries}
+              "allocator_retries": allocator_retries(setup.device) - retries, "warmup_steps": warmup_steps}
     if probes:
         with recorded_calls(probes) as calls:
             step()
@@ -455,6 +488,8 @@ def run_model(setup: Setup, prefill_lengths, decode_contexts, on_row) -> None:
         first = len(setup.chosen)
     else:
         first = setup.num_layers // 2 if setup.num_layers // 2 in setup.counts else max(setup.counts)
+    if decode_contexts and is_cuda(setup.device):
+        warm_up_process(setup)
     for phase, tokens, k in plan(prefill_lengths, decode_contexts, setup.counts, first):
         with hybrid(setup, k) as layers:
             if phase == "prefill":

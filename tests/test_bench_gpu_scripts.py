@@ -3,6 +3,7 @@ CPU smoke mode and write the tables BENCHMARKS.md takes; only the tables' shape 
 timings of tiny models mean nothing)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -129,3 +130,12 @@ def test_decode_batches_smoke_has_a_row_per_batch(capsys):
     decode_batches.main(["--smoke", "--linear", "2"])
     rows = [line for line in table_lines(capsys.readouterr().out) if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and all("—" not in row.split("|")[2] for row in rows)  # each batch timed
+
+
+def test_warm_up_runs_until_step_time_is_steady():
+    from bench.common import warm_until_steady
+
+    durations = iter([0.03, 0.01, 0.03, 0.01] + [0.005] * 100)  # a noisy start, then steady
+    assert warm_until_steady(lambda: time.sleep(next(durations)), "cpu", window=1, tolerance=0.3) == 6
+    always_changing = iter([0.001 * 2**i for i in range(40)])
+    assert warm_until_steady(lambda: time.sleep(next(always_changing)), "cpu", window=1, max_windows=5) == 5
