@@ -186,10 +186,21 @@ def _allocation_failed(message: str) -> bool:
     return "out of memory" in message or "CUBLAS_STATUS_ALLOC_FAILED" in message
 
 
+ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_counters(device) -> dict[str, int]:
+    """The CUDA caching allocator's running counts (all 0 on the CPU): retries (it freed its cache and tried
+    again), device allocations and frees (cudaMalloc/cudaFree, or page mappings with expandable
+    segments), and synchronisations of all streams. A decode step served from the pool adds none."""
+    stats = torch.cuda.memory_stats(device) if is_cuda(device) else {}
+    return {name: stats.get(name, 0) for name in ALLOCATOR_COUNTERS}
+
+
 def allocator_retries(device) -> int:
     """How often the CUDA caching allocator has had to free its cache and retry an allocation: it
     rises when memory is so full that every step waits on freeing and re-allocating (0 on the CPU)."""
-    return torch.cuda.memory_stats(device).get("num_alloc_retries", 0) if is_cuda(device) else 0
+    return allocator_counters(device)["num_alloc_retries"]
 
 
 def reset_peak_memory(device) -> None:

@@ -22,17 +22,22 @@ import time
 
 import torch
 
-from bench.common import ARCHITECTURES, cell, default_device, is_cuda, markdown_table, median_ms, release_memory, unless_oom
+from bench.common import (
+    ALLOCATOR_COUNTERS,
+    ARCHITECTURES,
+    allocator_counters,
+    cell,
+    default_device,
+    is_cuda,
+    markdown_table,
+    median_ms,
+    release_memory,
+    unless_oom,
+)
 from bench.hybrid_inference import batched_cache, build_setup, decode_cache, decode_step, hybrid, random_tokens
 from dtr_core.specs import StudentSpec
 
 FLOAT_COLUMNS = ("ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib")
-COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
-
-
-def counters(device) -> dict[str, int]:
-    stats = torch.cuda.memory_stats(device) if is_cuda(device) else {}
-    return {name: stats.get(name, 0) for name in COUNTERS}
 
 
 def host_ms(step, steps: int, device) -> float:
@@ -66,11 +71,11 @@ def measure(setup, single, batch: int, steps: int, trace: int = 0) -> dict:
     if is_cuda(setup.device):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(setup.device)
-    before = counters(setup.device)
+    before = allocator_counters(setup.device)
     ms = median_ms(step, steps, setup.device, warmup=0)
-    after = counters(setup.device)
+    after = allocator_counters(setup.device)
     row = {"batch": batch, "ms": ms, "host_ms": host_ms(step, steps, setup.device), "tokens_per_s": batch / ms * 1e3,
-           **{name: after[name] - before[name] for name in COUNTERS}}
+           **{name: after[name] - before[name] for name in ALLOCATOR_COUNTERS}}
     if traced:
         row["trace_ms"] = traced
     if is_cuda(setup.device):
@@ -108,7 +113,7 @@ def main(argv=None) -> None:
             release_memory(device)
             rows.append(row)
             print(row, flush=True)
-    columns = ["batch", "ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib", *COUNTERS]
+    columns = ["batch", "ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib", *ALLOCATOR_COUNTERS]
     print(f"\n{args.model}, {args.linear} linear layers, context {args.context}, {args.cache} cache, "
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
     print(markdown_table(columns, [[cell(row.get(name), ".2f" if name in FLOAT_COLUMNS else "d")

@@ -12,7 +12,9 @@ Prefill: batch 1, ``use_cache=True`` (the cache counts in peak memory), ``logits
 vocabulary-sized logits at 128K); tokens/s and peak ``torch.cuda.max_memory_allocated`` (weights
 included), reset per measurement.
 
-Decode: one sequence of ``context`` tokens is prefilled, its cache is copied to the batch
+Decode: each process first decodes for 45 s untimed (``warm_up_process``: fresh processes decoded
+2.5-3x slower for their first 20-50 s on the H200), and every timed batch warms until its step time is
+steady. One sequence of ``context`` tokens is prefilled, its cache is copied to the batch
 (``Cache.batch_repeat_interleave``: a step costs the same whatever the cache holds), then single-token
 steps go through the model's forward with that cache (the keyword is detected: ``cache`` or
 ``past_key_values``); median step time. The cache (--cache): "preallocated" (default), the cache
@@ -64,6 +66,7 @@ from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 from .common import (
     ARCHITECTURES,
+    allocator_counters,
     allocator_retries,
     build_model,
     cache_argument,
@@ -366,9 +369,13 @@ def time_decode(setup: Setup, single: Cache, batch: int, probes: dict | None = N
     reset_peak_memory(setup.device)
     retries = allocator_retries(setup.device)
     warmup_steps = warm_up(setup, step)
+    before = allocator_counters(setup.device)
     ms = median_ms(step, setup.decode_steps, setup.device, warmup=0)
+    after = allocator_counters(setup.device)
     result = {"batch": batch, "ms": ms, "tokens_per_s": batch / ms * 1e3, "peak_gib": peak_memory_gib(setup.device),
-              "allocator_retries": allocator_retries(setup.device) - retries, "warmup_steps": warmup_steps}
+              "allocator_retries": allocator_retries(setup.device) - retries, "warmup_steps": warmup_steps,
+              # Device allocations during the timed steps: a step not served from the pool (see BENCHMARKS.md).
+              "timed_device_allocs": after["num_device_alloc"] - before["num_device_alloc"]}
     if probes:
         with recorded_calls(probes) as calls:
             step()

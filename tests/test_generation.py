@@ -204,11 +204,20 @@ def test_preallocated_layer_batch_operations_match_dynamic_layer():
     assert preallocated.get_seq_length() == 0 and preallocated.key_buffer is None
 
 
-def test_exported_generate_preallocates_prompt_plus_new_tokens(tmp_path):
-    model = exported_hybrid("llama", "gla", (0, 2), tmp_path / "hybrid")
+@pytest.mark.parametrize("family", DECODERS)
+def test_exported_generate_preallocates_prompt_plus_new_tokens(family, tmp_path):
+    model = exported_hybrid(family, "gla", (0, 2), tmp_path / "hybrid")
     out = model.generate(PROMPTS, attention_mask=(PROMPTS != PAD).long(), max_new_tokens=5, do_sample=False,
                          pad_token_id=PAD, return_dict_in_generate=True)
     layers = out.past_key_values.layers
     assert [type(layer).__name__ for layer in layers] == ["RecurrentStateLayer", "PreallocatedLayer",
                                                           "RecurrentStateLayer"]
     assert layers[1].key_buffer.shape[-2] == PROMPTS.shape[1] + 5
+
+
+def test_exported_generate_keeps_transformers_cache_under_a_sliding_window(tmp_path):
+    model = exported_hybrid("llama", "gla", (0, 2), tmp_path / "hybrid")
+    model.config.sliding_window = 4  # a windowed model's layers must not see the whole preallocated cache
+    out = model.generate(PROMPTS, attention_mask=(PROMPTS != PAD).long(), max_new_tokens=2, do_sample=False,
+                         pad_token_id=PAD, return_dict_in_generate=True)
+    assert "PreallocatedLayer" not in {type(layer).__name__ for layer in out.past_key_values.layers}
