@@ -682,21 +682,6 @@ def main(argv: list[str] | None = None) -> None:
     print(document(sections))
 
 
-def from_largest_batch_format(row: dict) -> dict:
-    """A decode row saved before the fastest-batch search (it timed (a) and the largest batch only): its
-    (b) becomes the faster of those two, a lower bound on what the search would find."""
-    if "tokens_per_s_max_batch" not in row:
-        return row
-    row = dict(row)
-    largest_rate = row["tokens_per_s_largest"] = row.pop("tokens_per_s_max_batch")
-    row.pop("speedup_max_batch", None)
-    if "tokens_per_s" in row and row["tokens_per_s"] >= largest_rate:
-        row.update(best_batch=row["batch"], tokens_per_s_best_batch=row["tokens_per_s"])
-    else:
-        row.update(best_batch=row["max_batch"], tokens_per_s_best_batch=largest_rate)
-    return row
-
-
 def document(sections: dict[str, tuple[dict, list[dict]]]) -> str:
     return "\n\n".join(["## Benchmark 2: hybrid inference"]
                        + [render_model(meta, rows) for meta, rows in sections.values()])
@@ -711,7 +696,7 @@ def render_saved(path: str, out: str | None) -> None:
         saved = json.load(handle)
     sections = {}
     for model in saved["models"]:
-        rows = [from_largest_batch_format(row) for row in model["rows"]]
+        rows = model["rows"]
         compare_all(rows)
         sections[model["meta"]["model"]] = (model["meta"], rows)
     if out:

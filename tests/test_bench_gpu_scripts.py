@@ -72,6 +72,21 @@ def test_hybrid_inference_smoke_has_a_row_per_model_phase_and_k(tmp_path):
     assert len([line for line in table_lines(markdown) if line.startswith("| 16 |")]) == 2 * 2 * len(counts)
 
 
+def test_render_rebuilds_the_tables_from_saved_results(tmp_path):
+    measured = tmp_path / "hybrid.md"
+    hybrid_inference.main(["--smoke", "--model", "llama-1b", "--lengths", "16", "--contexts", "16",
+                           "--out", str(measured)])
+    saved = json.loads(measured.with_suffix(".json").read_text())
+    for row in saved["models"][0]["rows"]:  # derived values are recomputed, not read back
+        for key in hybrid_inference.DERIVED:
+            row.pop(key, None)
+    stripped = tmp_path / "saved.json"
+    stripped.write_text(json.dumps(saved))
+    rendered = tmp_path / "rendered.md"
+    hybrid_inference.main(["--render", str(stripped), "--out", str(rendered)])
+    assert rendered.read_text() == measured.read_text()
+
+
 def test_linear_layers_are_spread_evenly_and_targets_run_first():
     assert hybrid_inference.linear_layer_counts(28) == [0, 7, 14, 21, 28]
     assert hybrid_inference.linear_layers(16, 8) == list(range(1, 16, 2))
