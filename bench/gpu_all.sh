@@ -78,7 +78,7 @@ lane_b() {
         --out "$OUT/hybrid_qwen-1.5b.md"
     if [[ -n $SMOLLM2_LAYERS ]]; then
         stage "hybrid inference, smollm2-135m (real weights)" 120 python3 -m bench.hybrid_inference \
-            --model smollm2-135m --linear-layers $SMOLLM2_LAYERS --out "$OUT/hybrid_smollm2.md"
+            --model smollm2-135m --linear-counts 15 --linear-layers $SMOLLM2_LAYERS --out "$OUT/hybrid_smollm2.md"
     fi
 }
 

@@ -67,7 +67,8 @@ def test_gpu_all_runs_two_lanes_on_two_gpus(stand_ins):
     assert any("bench.hybrid_inference --model qwen-1.5b --lengths --out" in c for c in on_gpu["1"])
     assert any("bench.attention --shape llama-1b --out" in c for c in on_gpu["0"])
     assert any("bench.dtr_pass --out" in c for c in on_gpu["1"])
-    assert any("--model smollm2-135m --linear-layers 4 5 6 7 --out" in c for c in on_gpu["1"])  # all lengths
+    assert any("--model smollm2-135m --linear-counts 15 --linear-layers 4 5 6 7 --out" in c
+               for c in on_gpu["1"])  # all lengths
     returned = sorted(p.name for p in out.iterdir())
     assert len(returned) <= RETURNED_FILES_LIMIT, returned
     assert "results_json.tgz" in returned and not any(name.endswith(".json") for name in returned)
