@@ -7,9 +7,12 @@ For each batch: median ms per step over --steps steps (after two untimed ones), 
 to issue one step (launch-bound when close to the step time), tokens/s, the peak of
 allocated and reserved memory, and what the timed steps cost the allocator: retries (it freed its cache
 and tried again), device allocations and frees (cudaMalloc/cudaFree or, with expandable segments, page
-mappings), and synchronisations of all streams.
+mappings), and synchronisations of all streams. With --profile N, N more steps run under
+torch.profiler: the device's busy time per step beside the wall time (the gap is the device waiting
+on the host), that time by kind of kernel, and the kernels that take most of it.
 
     python -m bench.decode_batches --model llama-1b --context 65536 --batches 16 32 48 56 64
+    python -m bench.decode_batches --model qwen-1.5b --linear 14 --batches 147 --profile 20
     python -m bench.decode_batches --smoke                    # tiny model on the CPU (no counters)
 """
 
@@ -21,6 +24,8 @@ import statistics
 import time
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from bench.common import (
     ALLOCATOR_COUNTERS,
@@ -32,12 +37,20 @@ from bench.common import (
     markdown_table,
     median_ms,
     release_memory,
+    synchronize,
     unless_oom,
 )
 from bench.hybrid_inference import batched_cache, build_setup, decode_cache, decode_step, hybrid, random_tokens
 from dtr_core.specs import StudentSpec
 
 FLOAT_COLUMNS = ("ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib")
+# Kernel kinds by name fragment (first match wins): SDPA's flash / memory-efficient kernels, fla's Triton
+# kernels for the students, cuBLAS / CUTLASS matrix products; everything else is "other".
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("linear attention", ("gla", "recurrent", "delta_rule")),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "mm", "matmul", "linear")),
+)
 
 
 def host_ms(step, steps: int, device) -> float:
@@ -62,7 +75,47 @@ def step_trace(step, steps: int, device) -> list[float]:
     return times
 
 
-def measure(setup, single, batch: int, steps: int, trace: int = 0) -> dict:
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "other")
+
+
+def kernel_profile(step, steps: int, device, top: int = 12) -> dict:
+    """``steps`` steps under torch.profiler → per step: wall ms, the device's busy ms (the sum of its
+    kernels' times: one stream, so they do not overlap), busy ms by kernel kind, and the ``top`` kernels
+    as [name, ms, calls]. On the CPU the "kernels" are the aten operators' own (self) times."""
+    on_gpu = is_cuda(device)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as recorded:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall_ms = (time.perf_counter() - started) * 1e3 / steps
+    wanted = DeviceType.CUDA if on_gpu else DeviceType.CPU
+    kernels = [(event.key, (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / 1e3 / steps,
+                event.count / steps)
+               for event in recorded.key_averages() if event.device_type == wanted]
+    kernels = sorted((k for k in kernels if k[1] > 0), key=lambda k: -k[1])
+    by_kind = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for name, ms, _ in kernels:
+        by_kind[kernel_kind(name)] += ms
+    return {"wall_ms": wall_ms, "busy_ms": sum(ms for _, ms, _ in kernels), "by_kind": by_kind,
+            "top": [[name[:90], round(ms, 3), round(calls, 1)] for name, ms, calls in kernels[:top]]}
+
+
+def profile_table(row: dict) -> str:
+    """One batch's profile as markdown: the summary line, then its top kernels."""
+    found = row["profile"]
+    kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in found["by_kind"].items())
+    head = (f"batch {row['batch']}: {found['wall_ms']:.2f} ms per step, device busy {found['busy_ms']:.2f} ms "
+            f"({kinds})")
+    return head + "\n\n" + markdown_table(["kernel", "ms per step", "calls per step"],
+                                           [[name, f"{ms:.3f}", f"{calls:.1f}"] for name, ms, calls in found["top"]])
+
+
+def measure(setup, single, batch: int, steps: int, trace: int = 0, profile_steps: int = 0) -> dict:
     cache = batched_cache(setup, single, batch)
     step = decode_step(setup, cache, batch)
     traced = step_trace(step, trace, setup.device) if trace else None
@@ -81,6 +134,8 @@ def measure(setup, single, batch: int, steps: int, trace: int = 0) -> dict:
     if is_cuda(setup.device):
         row["allocated_gib"] = torch.cuda.max_memory_allocated(setup.device) / 2**30
         row["reserved_gib"] = torch.cuda.max_memory_reserved(setup.device) / 2**30
+    if profile_steps:
+        row["profile"] = kernel_profile(step, profile_steps, setup.device)
     return row
 
 
@@ -94,10 +149,13 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", choices=("preallocated", "dynamic"), default="preallocated")
     parser.add_argument("--trace", type=int, default=0,
                         help="also time this many consecutive steps one by one, from the first, per batch")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="also run this many steps per batch under torch.profiler (kernel time breakdown)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
     args = parser.parse_args(argv)
     if args.smoke:
         args.context, args.batches, args.steps = 16, [1, 2], 2
+        args.profile = min(args.profile, 2)
     device = default_device(args.smoke)
     dtype = torch.bfloat16 if is_cuda(device) else torch.float32
     setup = build_setup(args.model, StudentSpec(kind="gla"), device, dtype, args.smoke, args.steps, max(args.batches),
@@ -105,11 +163,13 @@ def main(argv=None) -> None:
     rows = []
     with torch.inference_mode(), hybrid(setup, args.linear):
         ids = random_tokens(setup, 1, args.context)
-        steps = args.trace + 2 + 2 * args.steps  # per batched copy: trace, warm-up, timed, host-timed
+        # per batched copy: trace, warm-up, timed, host-timed, profiled
+        steps = args.trace + 2 + 2 * args.steps + args.profile
         single = getattr(setup.model(input_ids=ids, use_cache=True, logits_to_keep=1,
                                      **{setup.cache_arg: decode_cache(setup, args.context, steps)}), setup.cache_arg)
         for batch in args.batches:
-            row = unless_oom(lambda: measure(setup, single, batch, args.steps, args.trace), device) or {"batch": batch}
+            row = unless_oom(lambda: measure(setup, single, batch, args.steps, args.trace, args.profile),
+                             device) or {"batch": batch}
             release_memory(device)
             rows.append(row)
             print(row, flush=True)
@@ -118,6 +178,9 @@ def main(argv=None) -> None:
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
     print(markdown_table(columns, [[cell(row.get(name), ".2f" if name in FLOAT_COLUMNS else "d")
                                     for name in columns] for row in rows]))
+    for row in rows:
+        if "profile" in row:
+            print("\n" + profile_table(row))
 
 
 if __name__ == "__main__":

@@ -147,6 +147,26 @@ def test_decode_batches_smoke_has_a_row_per_batch(capsys):
     assert len(rows) == 2 and all("—" not in row.split("|")[2] for row in rows)  # each batch timed
 
 
+def test_decode_batches_profile_breaks_step_time_down_by_kernel(capsys):
+    from bench import decode_batches
+
+    decode_batches.main(["--smoke", "--linear", "2", "--profile", "2"])
+    out = capsys.readouterr().out
+    summaries = [line for line in out.splitlines() if line.startswith("batch ") and "device busy" in line]
+    assert [line.split(":")[0] for line in summaries] == ["batch 1", "batch 2"]
+    assert "aten::" in out  # on the CPU the profiled "kernels" are aten operators
+
+
+def test_kernel_kinds_follow_the_kernel_names():
+    from bench.decode_batches import kernel_kind
+
+    assert kernel_kind("void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert kernel_kind("fmha_cutlassF_bf16_aligned_64x128_rf_sm80") == "attention"
+    assert kernel_kind("fused_recurrent_gla_fwd_kernel") == "linear attention"
+    assert kernel_kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT") == "matmul"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::BFloat16>>") == "other"
+
+
 def test_warm_up_runs_until_step_time_is_steady():
     from bench.common import warm_until_steady
 

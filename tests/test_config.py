@@ -1,6 +1,10 @@
 """Hydra config → specs and pipeline options; task runners chosen from the runtime group."""
 
 import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +12,9 @@ from dtr_core.specs import SpecError
 from flows.config import build_specs, compose
 from flows.dtr import dask_cluster, task_runner_for
 from tasks.cache import StageCache
+
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def options_for(*overrides):
@@ -89,3 +96,16 @@ def test_bad_values_are_named(override, message):
 def test_refresh_names_real_stages():
     with pytest.raises(ValueError, match="unknown stage"):
         StageCache("/tmp/cache", frozenset({"distil"}))
+
+
+@pytest.mark.parametrize("given, expected", [(None, 90), ("45", 45)])
+def test_flows_give_prefects_temporary_server_time_to_start(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if given is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
+    probe = ("import flows.dtr; from prefect.settings import get_current_settings; "
+             "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == str(expected)

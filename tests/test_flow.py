@@ -66,7 +66,14 @@ def test_second_run_reuses_every_stage(tmp_path, tiny_setup):
     assert all(p.stat().st_mtime_ns != cache_files[p] for p in distill_records)
 
 
-def kill_when(process: subprocess.Popen, ready, timeout=300) -> None:
+def start_flow(args, tmp_path, log: Path) -> subprocess.Popen:
+    """The flow in its own process group (so SIGKILL takes its workers too), its output in ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "flows.dtr", *args], cwd=REPO, env=flow_env(tmp_path),
+                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def kill_when(process: subprocess.Popen, ready, log: Path, timeout=300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
         if ready():
@@ -74,7 +81,8 @@ def kill_when(process: subprocess.Popen, ready, timeout=300) -> None:
             process.wait()
             return
         time.sleep(0.02)
-    raise AssertionError(f"the flow ended (rc={process.returncode}) before the kill point")
+    raise AssertionError(f"the flow ended (rc={process.returncode}) before the kill point:\n"
+                         + log.read_text()[-3000:])
 
 
 def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_setup):
@@ -82,21 +90,19 @@ def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_set
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "flows.dtr", *overrides(*tiny_setup, out)]
+    args = overrides(*tiny_setup, out)
     distilled = lambda: len(list((out / "cache" / "distill").glob("*.json")))  # noqa: E731
     evaluated = lambda: len(list((out / "cache" / "evaluate").glob("*.json")))  # noqa: E731
 
     # Killed during distillation: finished layers stay finished.
-    process = subprocess.Popen(args, cwd=REPO, env=flow_env(tmp_path), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(process, lambda: distilled() >= 1)
+    log = tmp_path / "killed-in-distill.log"
+    kill_when(start_flow(args, tmp_path, log), lambda: distilled() >= 1, log)
     done_layers = {p: p.stat().st_mtime_ns for p in (out / "cache" / "distill").glob("*.json")}
     assert 1 <= len(done_layers) < 3
 
     # Killed during the search: finished evaluations stay finished.
-    process = subprocess.Popen(args, cwd=REPO, env=flow_env(tmp_path), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(process, lambda: evaluated() >= 3)
+    log = tmp_path / "killed-in-search.log"
+    kill_when(start_flow(args, tmp_path, log), lambda: evaluated() >= 3, log)
     done_evaluations = {p: p.stat().st_mtime_ns for p in (out / "cache" / "evaluate").glob("*.json")}
     assert {p: p.stat().st_mtime_ns for p in done_layers} == done_layers
     assert 3 <= len(done_evaluations) < 1 + 3 * 4 // 2
@@ -111,9 +117,8 @@ def test_stream_mode_resumes_from_its_checkpoint_after_sigkill(tmp_path, tiny_se
     out = tmp_path / "out"
     args = overrides(*tiny_setup, out, **{"capture.mode": "stream", "distill.checkpoint_every": 2})
     checkpoints = lambda: list((out / "cache" / "distill").glob("*/checkpoints/*/checkpoint.json"))  # noqa: E731
-    process = subprocess.Popen([sys.executable, "-m", "flows.dtr", *args], cwd=REPO, env=flow_env(tmp_path),
-                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_when(process, lambda: len(checkpoints()) == 1)
+    log = tmp_path / "killed-in-distill.log"
+    kill_when(start_flow(args, tmp_path, log), lambda: len(checkpoints()) == 1, log)
     assert not list((out / "cache" / "distill").glob("*.json"))  # the stage had not finished
 
     resumed = run_flow(args, tmp_path)
