@@ -5,6 +5,9 @@ every stage computes an explicit key (its spec, the teacher's fingerprint, upstr
 digests, the dtr_core code version) and stores its small JSON manifest under
 ``<root>/<stage>/<key>.json``. The manifest is written last and atomically, so its presence means
 the stage finished; the files it lists are checked against their sha256 before a hit is trusted.
+A stage writes its files inside ``<root>/<stage>/<key>/`` only: a file of its own beside the
+manifest could take the manifest's name (a run killed between the two writes left a student's
+record where the manifest belongs, and the next run failed on it).
 """
 
 from __future__ import annotations
@@ -49,16 +52,24 @@ class StageCache:
         self.refresh = refresh
 
     def folder(self, stage: str, key: str) -> Path:
-        """Where a stage keeps the files its manifest points at."""
+        """The folder in which a stage keeps the files its manifest points at (and nothing else)."""
         return self.root / stage / key
 
     def lookup(self, stage: str, key: str) -> dict | None:
-        """The stage's manifest if it finished and its files are intact; None otherwise (or on refresh)."""
+        """The stage's manifest if it finished and its files are intact; None otherwise (or on refresh).
+
+        Whatever else sits at the manifest's path (an older layout's file, a hand edit) is not a
+        finished stage either: the stage runs again and its manifest replaces it."""
         path = self.root / stage / f"{key}.json"
         if stage in self.refresh or not path.exists():
             return None
-        manifest = read_json(path)
-        for file, digest in manifest.get("files", {}).items():
+        try:
+            manifest = read_json(path)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(manifest, dict) or set(manifest) != {"value", "files"}:
+            return None
+        for file, digest in manifest["files"].items():
             if not Path(file).exists() or sha256_file(file) != digest:
                 return None
         return manifest["value"]

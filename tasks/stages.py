@@ -93,7 +93,7 @@ def distill_task(run: RunSpec, capture: dict, layer_idx: int, cache: StageCache)
     if cached is not None:
         logger.info("distill layer %d: cache hit %s", layer_idx, key[:12])
         return cached
-    weights_file = cache.folder("distill", key).with_suffix(".safetensors")
+    weights_file = cache.folder("distill", key) / "student.safetensors"
     record = distill_stage(ctx, CaptureManifest.from_json(capture["manifest"]), layer_idx, weights_file)
     logger.info("distill layer %d: relative error %.3f → %.3f in %.1fs (process %d)", layer_idx,
                 record.rel_error_init, record.rel_error_final, record.seconds, os.getpid())
@@ -133,7 +133,7 @@ def probe_task(run: RunSpec, cache: StageCache) -> dict:
     if cached is not None:
         get_run_logger().info("probe: cache hit %s", key[:12])
         return cached
-    probe_file = cache.folder("target", key).with_suffix(".safetensors")
+    probe_file = cache.folder("target", key) / "probe.safetensors"
     digest = fit_probe_stage(ctx, probe_file)
     return cache.store("target", key, {"file": str(probe_file), "sha256": digest, "key": key},
                        files={str(probe_file): digest})
