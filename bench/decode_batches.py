@@ -36,7 +36,9 @@ from bench.common import (
     is_cuda,
     markdown_table,
     median_ms,
+    peak_memory_gib,
     release_memory,
+    reset_peak_memory,
     synchronize,
     unless_oom,
 )
@@ -61,8 +63,7 @@ def host_ms(step, steps: int, device) -> float:
         started = time.perf_counter()
         step()
         times.append((time.perf_counter() - started) * 1e3)
-    if is_cuda(device):
-        torch.cuda.synchronize()
+    synchronize(device)
     return statistics.median(times)
 
 
@@ -121,9 +122,8 @@ def measure(setup, single, batch: int, steps: int, trace: int = 0, profile_steps
     traced = step_trace(step, trace, setup.device) if trace else None
     for _ in range(2):
         step()
-    if is_cuda(setup.device):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(setup.device)
+    synchronize(setup.device)
+    reset_peak_memory(setup.device)
     before = allocator_counters(setup.device)
     ms = median_ms(step, steps, setup.device, warmup=0)
     after = allocator_counters(setup.device)
@@ -132,7 +132,7 @@ def measure(setup, single, batch: int, steps: int, trace: int = 0, profile_steps
     if traced:
         row["trace_ms"] = traced
     if is_cuda(setup.device):
-        row["allocated_gib"] = torch.cuda.max_memory_allocated(setup.device) / 2**30
+        row["allocated_gib"] = peak_memory_gib(setup.device)
         row["reserved_gib"] = torch.cuda.max_memory_reserved(setup.device) / 2**30
     if profile_steps:
         row["profile"] = kernel_profile(step, profile_steps, setup.device)

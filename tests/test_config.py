@@ -11,7 +11,6 @@ import pytest
 from dtr_core.specs import SpecError
 from flows.config import build_specs, compose
 from flows.dtr import dask_cluster, task_runner_for
-from tasks.cache import StageCache
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,11 +90,6 @@ def test_bad_values_are_named(override, message):
     with pytest.raises(SpecError) as err:
         options_for(override)
     assert message in str(err.value)
-
-
-def test_refresh_names_real_stages():
-    with pytest.raises(ValueError, match="unknown stage"):
-        StageCache("/tmp/cache", frozenset({"distil"}))
 
 
 @pytest.mark.parametrize("given, expected", [(None, 90), ("45", 45)])
