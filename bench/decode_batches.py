@@ -42,7 +42,7 @@ from bench.common import (
     synchronize,
     unless_oom,
 )
-from bench.hybrid_inference import batched_cache, build_setup, decode_cache, decode_step, hybrid, random_tokens
+from bench.hybrid_inference import CACHE_KINDS, batched_cache, build_setup, decode_cache, decode_step, hybrid, random_tokens
 from dtr_core.specs import StudentSpec
 
 FLOAT_COLUMNS = ("ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib")
@@ -146,7 +146,8 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=65536)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 48, 56, 60, 64])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--cache", choices=("preallocated", "dynamic"), default="preallocated")
+    parser.add_argument("--cache", choices=CACHE_KINDS, default="static",
+                        help="decoding (see bench.hybrid_inference): CUDA-graph steps, eager steps, or DynamicCache")
     parser.add_argument("--trace", type=int, default=0,
                         help="also time this many consecutive steps one by one, from the first, per batch")
     parser.add_argument("--profile", type=int, default=0,

@@ -16,12 +16,13 @@ Decode: each process first decodes for 45 s untimed (``warm_up_process``: fresh 
 2.5-3x slower for their first 20-50 s on the H200), and every timed batch warms until its step time is
 steady. One sequence of ``context`` tokens is prefilled, its cache is copied to the batch
 (``Cache.batch_repeat_interleave``: a step costs the same whatever the cache holds), then single-token
-steps go through the model's forward with that cache (the keyword is detected: ``cache`` or
-``past_key_values``); median step time. The cache (--cache): "preallocated" (default), the cache
-exported hybrids generate with (``students.preallocated_cache``: full-attention layers write into
-buffers sized for the context + the steps run, linear layers keep their recurrent state), or
-"dynamic", transformers' DynamicCache, which concatenates every full-attention layer's keys and values
-into new tensors at each step. (a) at the same batch for every k: the largest that fits the full
+steps with that cache; median step time. Decoding (--cache): "static" (default), a
+``decoding.StaticDecoder`` on a ``students.preallocated_cache`` (full-attention layers write into buffers
+sized for the context + the steps run, linear layers update their recurrent state in place; on CUDA
+the batch's first step is captured as a CUDA graph and every later step replays it, so the host's
+Python no longer sets the pace); "preallocated", the same cache through the model's eager forward (the
+keyword is detected: ``cache`` or ``past_key_values``); or "dynamic", transformers' DynamicCache, which
+concatenates every full-attention layer's keys and values into new tensors at each step. (a) at the same batch for every k: the largest that fits the full
 model; (b) at the fastest batch that fits each model, with the largest beside it (doubling, then
 bisection to within 1/16; at most --max-batch; every probe timed). A batch fits when its steps run
 without running out of memory *and* without the CUDA caching allocator having to free its cache and
@@ -31,7 +32,8 @@ for 1.3-1.9x the tokens).
 
 Amdahl ceiling: one full-attention module and one student module are re-run alone on the inputs the
 model gave them in the same measurement (prefill: the whole sequence, without a cache; decode: one
-token with the cache at that context), giving t_attention and t_student; then
+token with the cache at that context; with static decoding each as its own replayed CUDA graph),
+giving t_attention and t_student; then
 ceiling = T_full / (T_full - k * t_attention + k * t_student), with T_full the full model's time at
 the same length and batch, and t_attention the median over the hybrids measured at that length and
 batch (see ``attention_ms_for_ceiling``). Speedups: prefill and decode (a) against the full model at the same batch,
@@ -61,7 +63,8 @@ from transformers import Cache, DynamicCache
 from dtr_core.adapters import ModelAdapter, adapter_for
 from dtr_core.hybrid import install_students, restore_attention
 from dtr_core.linear.build import student_from_teacher
-from dtr_core.linear.students import preallocated_cache
+from dtr_core.linear.decoding import StaticDecoder, capture_graph, static_attention
+from dtr_core.linear.students import PreallocatedLayer, preallocated_cache
 from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 from .common import (
@@ -106,6 +109,8 @@ WARMUP_WINDOWS = 24  # at most
 PROCESS_WARMUP_SECONDS = 45.0  # of decoding before the first timed decode step (see warm_up_process)
 PROBE_STEPS = 2  # timed decode steps that show a batch fits (after the warm-up)
 CACHE_DESCRIPTIONS = {
+    "static": ("preallocated cache, steps by decoding.StaticDecoder: on CUDA one CUDA graph per batch, captured "
+               "at its first step, replays every step"),
     "preallocated": "preallocated cache (full-attention layers write in place; students.preallocated_cache)",
     "dynamic": "transformers DynamicCache (concatenates at every step)",
 }
@@ -172,7 +177,7 @@ def load_model(name: str, device, dtype, attention: str, smoke: bool) -> nn.Modu
 
 
 def build_setup(name: str, spec: StudentSpec, device, dtype, smoke: bool, decode_steps: int,
-                max_batch: int, counts: list[int] | None = None, cache: str = "preallocated",
+                max_batch: int, counts: list[int] | None = None, cache: str = "static",
                 chosen: list[int] | None = None) -> Setup:
     attention = full_attention_implementations(device)[-1]  # flash-attn 2 when installed, else SDPA
     model = load_model(name, device, dtype, attention, smoke)
@@ -220,10 +225,16 @@ def probed_modules(setup: Setup, layers: list[int]) -> dict[str, nn.Module]:
     return probes
 
 
-def replay_ms(setup: Setup, probes: dict, calls: dict, repeats: int) -> dict[str, float]:
-    """Each probed module re-run alone on its recorded inputs: {"attention_layer_ms", "student_layer_ms"}."""
-    return {f"{name}_layer_ms": median_ms(partial(probes[name], *args, **kwargs), repeats, setup.device)
-            for name, (args, kwargs) in calls.items()}
+def replay_ms(setup: Setup, probes: dict, calls: dict, repeats: int, static: bool = False) -> dict[str, float]:
+    """Each probed module re-run alone on its recorded inputs: {"attention_layer_ms", "student_layer_ms"};
+    ``static``: the inputs come from a static decoding step (see static_call)."""
+    times = {}
+    for name, (args, kwargs) in calls.items():
+        call = partial(probes[name], *args, **kwargs)
+        if static:
+            call = static_call(setup, call)
+        times[f"{name}_layer_ms"] = median_ms(call, repeats, setup.device)
+    return times
 
 
 def ran_on(probes: dict) -> dict:
@@ -283,8 +294,28 @@ def batched_cache(setup: Setup, single: Cache, batch: int) -> Cache:
 
 
 def decode_step(setup: Setup, cache: Cache, batch: int):
+    """One decode step of ``batch`` sequences (token 0 each) as a callable: a StaticDecoder's step (a CUDA
+    graph replay from the second call on) for the "static" cache, else the model's forward."""
+    if setup.cache == "static":
+        room = min((layer.key_buffer.shape[-2] for layer in cache.layers if isinstance(layer, PreallocatedLayer)),
+                   default=sys.maxsize) - cache.get_seq_length()
+        return StaticDecoder(setup.model, cache, max_steps=room).step
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=setup.device)
     return lambda: setup.model(input_ids=tokens, use_cache=True, **{setup.cache_arg: cache})
+
+
+def static_call(setup: Setup, call):
+    """``call`` (a probed layer on the inputs a static step gave it) as the static step runs it: under
+    decoding.static_attention, and on CUDA as a replayed CUDA graph, so its time is the device's."""
+    if is_cuda(setup.device):
+        with static_attention(setup.model):
+            return capture_graph(call, setup.device).replay
+
+    def run():
+        with static_attention(setup.model):
+            call()
+
+    return run
 
 
 def warm_up(setup: Setup, step) -> int:
@@ -366,6 +397,8 @@ def time_decode(setup: Setup, single: Cache, batch: int, probes: dict | None = N
     """Median step time at ``batch``; with ``probes``, also their alone-times on one step's inputs."""
     cache = batched_cache(setup, single, batch)
     step = decode_step(setup, cache, batch)
+    with recorded_calls(probes or {}) as calls:
+        step()  # records the probed layers' inputs (a static decoder's first step: its only eager one)
     reset_peak_memory(setup.device)
     retries = allocator_retries(setup.device)
     warmup_steps = warm_up(setup, step)
@@ -377,9 +410,7 @@ def time_decode(setup: Setup, single: Cache, batch: int, probes: dict | None = N
               # Device allocations during the timed steps: a step not served from the pool (see BENCHMARKS.md).
               "timed_device_allocs": after["num_device_alloc"] - before["num_device_alloc"]}
     if probes:
-        with recorded_calls(probes) as calls:
-            step()
-        result.update(replay_ms(setup, probes, calls, setup.decode_steps))
+        result.update(replay_ms(setup, probes, calls, setup.decode_steps, static=setup.cache == "static"))
         result.update(ran_on(probes))
     return result
 
@@ -620,9 +651,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=int, nargs="*",
                         help="decode contexts (default 8K 32K 64K; none given: no decode)")
     parser.add_argument("--decode-steps", type=int, help="timed decode steps (default 8; smoke 2)")
-    parser.add_argument("--cache", choices=CACHE_KINDS, default="preallocated",
-                        help="decode cache: preallocated buffers (what exported hybrids generate with) or "
-                             "transformers' DynamicCache (concatenates at every step)")
+    parser.add_argument("--cache", choices=CACHE_KINDS, default="static",
+                        help="decoding: static (preallocated buffers, CUDA-graph steps), preallocated (the "
+                             "same buffers, eager steps) or transformers' DynamicCache (concatenates at every step)")
     parser.add_argument("--max-batch", type=int, help="largest decode batch tried (default 1024; smoke 8)")
     parser.add_argument("--out", help="write the markdown tables here, and JSON next to it")
     parser.add_argument("--smoke", action="store_true", help="tiny models and lengths, on the CPU, in seconds")

@@ -20,7 +20,10 @@ pure-PyTorch form (``*_chunked``, differentiable, runs anywhere) and a dispatche
 All implementations compute in fp32, return the output in the dtype of ``q`` and the
 final state in fp32 (as fla does). ``g`` must be <= 0 (log of a decay in (0, 1]).
 
-This file is self-contained (only torch and, optionally, fla) so that it can be copied
+For decoding, ``gla_step_`` advances a GLA state in place by one token (one Triton kernel on CUDA),
+so that a captured CUDA graph can replay the step (see ``decoding.py``).
+
+This file is self-contained (only torch and, optionally, fla and Triton) so that it can be copied
 verbatim next to exported models.
 """
 
@@ -44,6 +47,12 @@ try:
     )
 except ImportError as exc:  # fla is optional: the pure-PyTorch backends need nothing else
     _FLA_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+try:  # Triton comes with fla (and with CUDA builds of torch); without it decoding steps use PyTorch ops
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 BACKENDS = ("auto", "recurrent", "chunked", "fla", "fla_recurrent")
 
@@ -503,3 +512,92 @@ def gated_delta(
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=False,
     )
+
+
+# --------------------------------------------------------------------------- in-place decoding step
+
+
+def triton_available() -> bool:
+    """Whether Triton could be imported (it ships with fla and with CUDA builds of torch)."""
+    return triton is not None
+
+
+def resolve_step_backend(backend: str, q: torch.Tensor, state: torch.Tensor) -> str:
+    """The backend `gla_step_` runs: "auto" picks Triton on CUDA when the state is stored V-first."""
+    v_first = state.transpose(-1, -2).is_contiguous()
+    if backend == "auto":
+        return "triton" if triton is not None and q.is_cuda and v_first else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; valid: 'auto', 'triton', 'torch'")
+    if backend == "triton" and triton is None:
+        raise RuntimeError("backend 'triton' needs Triton, which could not be imported")
+    if backend == "triton" and not v_first:
+        raise ValueError("backend 'triton' needs the state stored V-first (state.transpose(-1, -2) contiguous)")
+    return backend
+
+
+def gla_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    state: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One GLA decoding step that updates ``state`` in place and returns the output.
+
+    Args:
+        q, k, g: [B, 1, H, K]. v: [B, 1, H, V].
+        state: fp32 [B, H, K, V], overwritten with the state after this token.
+        backend: "auto" (Triton on CUDA when the state is stored V-first, else "torch"),
+            "triton" (also on CPU tensors under TRITON_INTERPRET=1) or "torch".
+
+    Returns:
+        o [B, 1, H, V] in q's dtype.
+
+    The state never moves, which is what lets a captured CUDA graph replay the step. "V-first"
+    storage (``state.transpose(-1, -2)`` contiguous, as ``decoding.StaticDecoder`` keeps it) makes
+    each kernel row one value channel's K contiguous keys, read whole whatever V is.
+    """
+    B, T, H, K, V = _check_gla_inputs(q, k, v, g, state)
+    if T != 1:
+        raise ValueError(f"gla_step_ advances one token; got T={T}")
+    if state.dtype != torch.float32:
+        raise ValueError(f"the GLA state must be fp32; got {state.dtype}")
+    backend = resolve_step_backend(backend, q, state)
+    if backend == "torch":
+        qf, kf, vf, gf = (x[:, 0].float() for x in (q, k, v, g))  # [B, H, *]
+        state.mul_(gf.exp()[..., None]).add_(kf[..., None] * vf[..., None, :])
+        return (scale * torch.einsum("bhk,bhkv->bhv", qf, state))[:, None].to(q.dtype)
+    o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
+    block_k = triton.next_power_of_2(K)
+    block_v = max(1, min(32, 8192 // block_k))  # a [block_v, block_k] fp32 tile per program
+    _gla_step_kernel[(triton.cdiv(V, block_v), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state, o, scale,
+        K=K, V=V, BLOCK_K=block_k, BLOCK_V=block_v,
+    )
+    return o
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gla_step_kernel(q, k, v, g, state, o, scale, K: tl.constexpr, V: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+        # One (sequence, head) and BLOCK_V value channels: S[v, :] = exp(g) * S[v, :] + v[v] * k,
+        # o[v] = scale * q . S[v, :]. q/k/g rows are K long, v/o rows V long, state rows [V, K].
+        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        keys = tl.arange(0, BLOCK_K)
+        channels = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        key_ok, channel_ok = keys < K, channels < V
+        b_q = tl.load(q + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32) * scale
+        b_k = tl.load(k + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
+        b_g = tl.load(g + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
+        b_v = tl.load(v + i_bh * V + channels, mask=channel_ok, other=0).to(tl.float32)
+        p_state = state + i_bh * V * K + channels[:, None] * K + keys[None, :]
+        tile_ok = channel_ok[:, None] & key_ok[None, :]
+        b_s = tl.load(p_state, mask=tile_ok, other=0)
+        b_s = b_s * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
+        tl.store(p_state, b_s, mask=tile_ok)
+        tl.store(o + i_bh * V + channels, tl.sum(b_s * b_q[None, :], axis=1).to(o.dtype.element_ty), mask=channel_ok)

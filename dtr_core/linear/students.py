@@ -22,7 +22,7 @@ from torch import nn
 
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .ops import gated_delta, gla, needs_grad, resolve_backend
+from .ops import gated_delta, gla, gla_step_, needs_grad, resolve_backend, resolve_step_backend
 
 # Per-step log-decay floor: keeps the chunked kernels in their stable range; a retention of
 # exp(-8) ≈ 3e-4 per token already means "forget everything", so nothing useful is lost.
@@ -66,6 +66,9 @@ class RecurrentStateLayer(DynamicLayer):
         super().__init__()
         self.state: torch.Tensor | None = None
         self.seen_tokens = 0
+        # Set by decoding.StaticDecoder: the student updates ``state`` where it lies (a captured CUDA graph
+        # replays on that memory) and leaves the token count to the decoder.
+        self.in_place = False
 
     def advance(self, state: torch.Tensor, num_tokens: int) -> None:
         self.state, self.seen_tokens = state, self.seen_tokens + num_tokens
@@ -111,8 +114,15 @@ class PreallocatedLayer(DynamicLayer):
         self.capacity = capacity
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
+        # Set by decoding.StaticDecoder: a device tensor [1] holding the position the next token is written
+        # to; update() then returns the whole buffers and the decoder keeps the lengths.
+        self.write_position: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.write_position is not None:
+            self.key_buffer.index_copy_(2, self.write_position, key_states)
+            self.value_buffer.index_copy_(2, self.write_position, value_states)
+            return self.key_buffer, self.value_buffer
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
         if self.key_buffer is None or end > self.key_buffer.shape[-2]:
@@ -314,6 +324,18 @@ class LinearAttentionStudent(nn.Module):
             out, state = gated_delta(q, k, v, g, beta, scale=1.0, **state_kwargs)
         return (out.flip(1) if reverse else out), state
 
+    def _step_in_place(self, q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+        """One decoding token whose new state overwrites ``state`` (decoding.StaticDecoder)."""
+        if q.shape[1] != 1:
+            raise RuntimeError(f"a state updated in place advances one token per call; got {q.shape[1]}")
+        if self.kind == "gla":
+            wanted = "torch" if self.backend in ("recurrent", "chunked") else "auto"
+            self.last_backend = resolve_step_backend(wanted, q, state)
+            return gla_step_(q, k, v, g, 1.0, state, backend=self.last_backend)
+        out, new_state = self._scan(q, k, v, g, beta, initial_state=state, output_final_state=True)
+        state.copy_(new_state)
+        return out
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache=None, past_key_values=None, **_ignored) -> tuple[torch.Tensor, None]:
         """hidden_states [B, T, hidden] → ([B, T, hidden or H*D], None), like HF attention.
@@ -353,10 +375,13 @@ class LinearAttentionStudent(nn.Module):
             # An all-ones value column makes the same scan accumulate the normaliser sum_s w_ts.
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         state_layer = _state_layer(cache, self.layer_idx) if use_cache else None
-        out, state = self._scan(q, k, v, g, beta, output_final_state=use_cache,
-                                initial_state=None if state_layer is None else state_layer.state)
-        if use_cache:
-            state_layer.advance(state, length)
+        if state_layer is not None and state_layer.in_place:
+            out = self._step_in_place(q, k, v, g, beta, state_layer.state)
+        else:
+            out, state = self._scan(q, k, v, g, beta, output_final_state=use_cache,
+                                    initial_state=None if state_layer is None else state_layer.state)
+            if use_cache:
+                state_layer.advance(state, length)
         if not self.causal:
             out = out + self._scan(q, k, v, g, beta, reverse=True)[0]
 

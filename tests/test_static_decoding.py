@@ -1,0 +1,170 @@
+"""Static decoding (dtr_core.linear.decoding): steps that read no host-side length, so a CUDA graph can
+replay them. On the CPU the same steps run eagerly; they must give what ordinary cached decoding gives.
+The Triton kernels run here in Triton's CPU interpreter (a subprocess: TRITON_INTERPRET is read at import).
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_generation import PROMPTS, perturbed_students
+
+from dtr_core.adapters import adapter_for
+from dtr_core.hybrid import hybrid_view
+from dtr_core.linear.decoding import StaticDecoder, decode_attention
+from dtr_core.linear.ops import gla_recurrent, gla_step_
+from dtr_core.linear.students import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
+
+STEPS = 5
+
+
+def cache_argument(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def greedy_steps(model, cache, first_logits, steps, decoder=None, fed=None):
+    """Logits of ``steps`` steps after the prompt, by plain cached calls or by ``decoder``; each step feeds
+    the previous step's argmax, or the given tokens ``fed`` [B, steps]."""
+    logits, last = [], first_logits
+    with torch.no_grad():
+        for step in range(steps):
+            tokens = last.argmax(-1, keepdim=True) if fed is None else fed[:, step:step + 1]
+            if decoder is None:
+                last = model(tokens, use_cache=True, **{cache_argument(model): cache}).logits[:, -1]
+            else:
+                last = decoder.step(tokens)[:, -1].clone()
+            logits.append(last)
+    return torch.stack(logits, dim=1)
+
+
+def prefill(model, prompt, capacity):
+    cache = preallocated_cache(model.config.num_hidden_layers, capacity)
+    with torch.no_grad():
+        logits = model(prompt, use_cache=True, **{cache_argument(model): cache}).logits[:, -1]
+    return cache, logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+def test_static_steps_decode_like_cached_decoding(family, kind):
+    model = tiny_model(family, num_layers=3)
+    adapter = adapter_for(model)
+    students = perturbed_students(model, adapter, kind, (1,))
+    prompt = PROMPTS[:1].repeat(2, 1)
+    capacity = prompt.shape[1] + STEPS + 3  # spare room: positions past the length must not be attended
+    with hybrid_view(model, adapter, students, (1,)):
+        cache, first = prefill(model, prompt, capacity)
+        expected = greedy_steps(model, cache, first, STEPS)
+        cache, first = prefill(model, prompt, capacity)
+        decoder = StaticDecoder(model, cache, max_steps=STEPS + 1)
+        assert not decoder.graph  # CPU tensors: the steps run eagerly
+        got = greedy_steps(model, cache, first, STEPS, decoder)
+        assert (got - expected).abs().max() <= 1e-5
+        decoder.close()
+        # Lengths are up to date again, and the cache goes on decoding as usual.
+        length = prompt.shape[1] + STEPS
+        assert all(layer.get_seq_length() == length for layer in cache.layers)
+        assert isinstance(cache.layers[1], RecurrentStateLayer) and isinstance(cache.layers[0], PreallocatedLayer)
+        assert cache.layers[0].keys.shape[-2] == length
+        more = greedy_steps(model, cache, got[:, -1], 2)
+        assert torch.isfinite(more).all()
+    # The attention implementation was switched only while steps ran.
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_full_model_static_steps_write_in_place():
+    model = tiny_model("llama", num_layers=2)
+    prompt = PROMPTS[:1]
+    cache, first = prefill(model, prompt, prompt.shape[1] + STEPS)
+    expected_cache, _ = prefill(model, prompt, prompt.shape[1] + STEPS)
+    expected = greedy_steps(model, expected_cache, first, STEPS)
+    buffer = cache.layers[0].key_buffer
+    decoder = StaticDecoder(model, cache, max_steps=STEPS)
+    got = greedy_steps(model, cache, first, STEPS, decoder)
+    assert (got - expected).abs().max() <= 1e-5
+    assert cache.layers[0].key_buffer is buffer  # written where it was: a graph replays on the same memory
+    with pytest.raises(RuntimeError, match="sized for 5 steps"):
+        decoder.step()
+
+
+def test_static_decoder_refuses_caches_it_cannot_decode():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", num_layers=2)
+    prompt = PROMPTS[:1]
+    with pytest.raises(ValueError, match="prefilled"):
+        StaticDecoder(model, preallocated_cache(2, 16), max_steps=4)
+    cache, _ = prefill(model, prompt, prompt.shape[1] + 2)
+    with pytest.raises(ValueError, match=r"capacity=\d+"):
+        StaticDecoder(model, cache, max_steps=4)
+    with torch.no_grad():
+        dynamic = model(prompt, use_cache=True, **{cache_argument(model): DynamicCache()}).past_key_values
+    with pytest.raises(ValueError, match="preallocated_cache"):
+        StaticDecoder(model, dynamic, max_steps=4)
+
+
+def test_decode_attention_torch_matches_sdpa_over_the_length():
+    torch.manual_seed(0)
+    query, keys, values = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    for length in (1, 17, 40):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, keys[:, :, :length], values[:, :, :length], enable_gqa=True, scale=0.3).transpose(1, 2)
+        got = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="torch")
+        assert (got - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention(torch.randn(3, 6, 2, 16), keys, values, torch.tensor([3]))
+
+
+def test_gla_step_in_place_matches_the_recurrence():
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 1, 3, 8).softmax(-1) for _ in range(2))
+    v, g = torch.randn(2, 1, 3, 5), torch.nn.functional.logsigmoid(torch.randn(2, 1, 3, 8))
+    initial = torch.randn(2, 3, 8, 5)
+    expected_out, expected_state = gla_recurrent(q, k, v, g, 0.5, initial, output_final_state=True)
+    for state in (initial.clone(), initial.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        out = gla_step_(q, k, v, g, 0.5, state)
+        assert (out - expected_out).abs().max() <= 1e-6 and (state - expected_state).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="V-first"):
+        gla_step_(q, k, v, g, 0.5, initial.clone(), backend="triton")
+
+
+INTERPRETED_KERNELS = textwrap.dedent("""
+    import torch
+    from dtr_core.linear.decoding import decode_attention
+    from dtr_core.linear.ops import gla_recurrent, gla_step_
+
+    torch.manual_seed(0)
+    # Grouped-query attention with 3 query heads per key/value head; lengths inside a key block, on a
+    # block's edge, past it, and the whole buffer; splits that end up empty.
+    query, keys, values = torch.randn(2, 6, 1, 16), torch.randn(2, 2, 100, 16), torch.randn(2, 2, 100, 16)
+    worst = 0.0
+    for length in (1, 37, 64, 65, 100):
+        reference = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="torch")
+        for splits in (1, 2, 3):
+            got = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="triton",
+                                   num_splits=splits)
+            worst = max(worst, (got - reference).abs().max().item())
+    assert worst <= 1e-5, worst
+
+    q, k = (torch.randn(3, 1, 2, 16).softmax(-1) for _ in range(2))
+    v, g = torch.randn(3, 1, 2, 9), torch.nn.functional.logsigmoid(torch.randn(3, 1, 2, 16))
+    initial = torch.randn(3, 2, 16, 9)
+    expected_out, expected_state = gla_recurrent(q, k, v, g, 0.5, initial, output_final_state=True)
+    state = initial.transpose(-1, -2).contiguous().transpose(-1, -2)
+    out = gla_step_(q, k, v, g, 0.5, state, backend="triton")
+    assert (out - expected_out).abs().max() <= 1e-5 and (state - expected_state).abs().max() <= 1e-5
+    print("kernels ok")
+""")
+
+
+def test_triton_kernels_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_KERNELS], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
