@@ -109,8 +109,10 @@ WARMUP_WINDOWS = 24  # at most
 PROCESS_WARMUP_SECONDS = 45.0  # of decoding before the first timed decode step (see warm_up_process)
 PROBE_STEPS = 2  # timed decode steps that show a batch fits (after the warm-up)
 CACHE_DESCRIPTIONS = {
-    "static": ("preallocated cache, steps by decoding.StaticDecoder: on CUDA one CUDA graph per batch, captured "
-               "at its first step, replays every step"),
+    "static": ("preallocated cache, steps by decoding.StaticDecoder (its full-attention layers attend through "
+               "decoding.decode_attention, a Triton kernel, in place of the implementation above; students update "
+               "their states in place): on CUDA one CUDA graph per batch, captured at its first step, replays "
+               "every step"),
     "preallocated": "preallocated cache (full-attention layers write in place; students.preallocated_cache)",
     "dynamic": "transformers DynamicCache (concatenates at every step)",
 }

@@ -23,10 +23,12 @@ def test_core_imports_no_orchestration_code():
 
 
 def test_exported_sources_import_only_torch_transformers_and_siblings():
-    """students.py and ops.py travel with exported models, where dtr_core does not exist."""
-    allowed = {"torch", "transformers", "fla"} | set(sys.stdlib_module_names)
+    """The copied sources travel with exported models, where dtr_core does not exist."""
+    from dtr_core.export.hf_folder import COPIED_SOURCES
+
+    allowed = {"torch", "transformers", "fla", "triton"} | set(sys.stdlib_module_names)
     linear_dir = Path(dtr_core.__file__).parent / "linear"
-    for name in ("students.py", "ops.py"):
+    for name in COPIED_SOURCES:
         for node in ast.walk(ast.parse((linear_dir / name).read_text())):
             if isinstance(node, ast.Import):
                 assert all(a.name.split(".")[0] in allowed for a in node.names), (name, ast.dump(node))

@@ -12,11 +12,11 @@ import textwrap
 import pytest
 import torch
 from conftest import tiny_model
-from test_generation import PROMPTS, perturbed_students
+from test_generation import PROMPTS, exported_hybrid, perturbed_students
 
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
-from dtr_core.linear.decoding import StaticDecoder, decode_attention
+from dtr_core.linear.decoding import StaticDecoder, decode_attention, static_generate
 from dtr_core.linear.ops import gla_recurrent, gla_step_
 from dtr_core.linear.students import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
 
@@ -168,3 +168,45 @@ def test_triton_kernels_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", INTERPRETED_KERNELS], env=env, capture_output=True, text=True,
                           timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+def test_exported_hybrid_generate_static_matches_generate(kind, tmp_path):
+    model = exported_hybrid("qwen2", kind, (1,), tmp_path / "hybrid")
+    prompts = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    # Both stop a sequence at the generation config's eos token and pad it after: make the first
+    # sequence's third new token the eos.
+    model.generation_config.eos_token_id = int(model.generate_static(prompts, 3, eos_token_id=None)[0, -1])
+    expected = model.generate(prompts, max_new_tokens=7, do_sample=False)
+    assert (expected[0, 9:] == model.generation_config.pad_token_id).all()
+    assert torch.equal(model.generate_static(prompts, 7), expected)
+    # Sampling at a vanishing temperature is the argmax.
+    assert torch.equal(model.generate_static(prompts, 7, do_sample=True, temperature=1e-4), expected)
+
+
+def test_static_generate_stops_at_eos():
+    model = tiny_model("llama", num_layers=2)
+    prompts = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    free = static_generate(model, prompts, 8)[:, 4:]
+    eos = int(free[0, 2])  # the first sequence's third new token
+    expected, ends = free.clone(), []
+    for row in expected:  # each sequence as generated up to its first eos, padded with eos after it
+        hits = (row == eos).nonzero()
+        ends.append(int(hits[0]) + 1 if len(hits) else 8)
+        row[ends[-1]:] = eos
+    stopped = static_generate(model, prompts, 8, eos_token_id=eos)[:, 4:]
+    assert torch.equal(stopped, expected[:, :max(ends)])
+    # Generation stops once every sequence has its eos.
+    assert static_generate(model, prompts[:1], 8, eos_token_id=eos).shape[1] == 4 + ends[0]
+
+
+def test_static_decoding_refuses_sliding_windows_and_bad_arguments():
+    model = tiny_model("llama", num_layers=2)
+    prompts = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        static_generate(model, prompts, 0)
+    with pytest.raises(ValueError, match="temperature"):
+        static_generate(model, prompts, 3, do_sample=True, temperature=0)
+    model.config.sliding_window = 4
+    with pytest.raises(ValueError, match="sliding-window"):
+        static_generate(model, prompts, 3)

@@ -1,8 +1,9 @@
 """Write config.json (+ ``layer_types``), model.safetensors, tokenizer files and the modeling code.
 
-The modeling code is three files: a generated ``modeling_dtr_hybrid.py`` that subclasses the base
-model's transformers class, plus ``students.py`` and ``ops.py`` copied from ``dtr_core.linear``
-(they import only torch, and fla inside a try) — so the folder loads anywhere transformers does.
+The modeling code is four files: a generated ``modeling_dtr_hybrid.py`` that subclasses the base
+model's transformers class, plus ``students.py``, ``ops.py`` and ``decoding.py`` copied from
+``dtr_core.linear`` (they import only torch and transformers, and fla and Triton inside a try) — so the
+folder loads anywhere transformers does.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..specs import ExportSpec
 
 FORMAT_VERSION = 1
 MODELING_FILE = "modeling_dtr_hybrid.py"
-COPIED_SOURCES = ("students.py", "ops.py")
+COPIED_SOURCES = ("students.py", "ops.py", "decoding.py")
 
 MODELING_TEMPLATE = '''"""DtR hybrid of {base_class}: linear-attention students in the layers listed in
 ``config.dtr_hybrid["students"]``, the base model's own attention everywhere else.
@@ -43,7 +44,8 @@ import torch
 from transformers import {base_class} as _BaseModel
 from transformers.cache_utils import DynamicCache
 
-from .students import LinearAttentionStudent, preallocated_cache
+from .decoding import static_generate
+from .students import LinearAttentionStudent, attends_globally, preallocated_cache
 
 
 def _base_view(config):
@@ -70,9 +72,7 @@ def _preferred_attention(dtype):
 def _generation_cache(config, default_generation_config, args, kwargs):
     """The cache generate() starts from: preallocated for prompt + new tokens where every full-attention
     layer is global (a sliding window keeps transformers' own layers)."""
-    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-    base_types = config.dtr_hybrid.get("base_layer_types") or ()
-    if windowed or any(kind != "full_attention" for kind in base_types):
+    if not attends_globally(config):
         return DynamicCache()
     generation_config = kwargs.get("generation_config") or default_generation_config
     prompt = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -122,6 +122,15 @@ class {class_name}(_BaseModel):
             if kwargs.get(cache_arg) is None and kwargs.get("use_cache", True):
                 kwargs[cache_arg] = _generation_cache(self.config, self.generation_config, args, kwargs)
             return super().generate(*args, **kwargs)
+
+        def generate_static(self, input_ids, max_new_tokens, **kwargs):
+            """Generation for unpadded, equal-length prompts whose every decoding step, on CUDA, replays one
+            captured CUDA graph (much faster at long context; decoding.static_generate has the options:
+            do_sample, temperature, eos_token_id, pad_token_id, which default to the generation config's).
+            Returns prompts + new tokens."""
+            for name in ("eos_token_id", "pad_token_id"):
+                kwargs.setdefault(name, getattr(self.generation_config, name, None))
+            return static_generate(self, input_ids, max_new_tokens, **kwargs)
 '''
 
 

@@ -30,7 +30,7 @@ import torch
 from transformers import AttentionInterface
 
 from .ops import triton
-from .students import PreallocatedLayer, RecurrentStateLayer
+from .students import PreallocatedLayer, RecurrentStateLayer, attends_globally, preallocated_cache
 
 if triton is not None:
     import triton.language as tl
@@ -235,6 +235,9 @@ class StaticDecoder:
     def __init__(self, model: torch.nn.Module, cache, max_steps: int, graph: bool | None = None) -> None:
         attention_layers = [layer for layer in cache.layers if isinstance(layer, PreallocatedLayer)]
         state_layers = [layer for layer in cache.layers if isinstance(layer, RecurrentStateLayer)]
+        if not attends_globally(model.config):
+            raise ValueError("static decoding attends to every cached position; this model has sliding-window "
+                             "or chunked attention layers: decode it with generate()")
         others = [type(layer).__name__ for layer in cache.layers
                   if not isinstance(layer, (PreallocatedLayer, RecurrentStateLayer))]
         if others or not cache.layers:
@@ -334,3 +337,54 @@ def capture_graph(run, device) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         run()
     return graph
+
+
+@torch.no_grad()
+def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                    do_sample: bool = False, temperature: float = 1.0,
+                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                    graph: bool | None = None) -> torch.Tensor:
+    """Generate with a StaticDecoder: the prompt in one forward, then one token per step, each step a
+    replay of one CUDA graph on CUDA (eager elsewhere).
+
+    Args:
+        input_ids: [B, T] prompts of equal length, no padding (for padded batches use ``generate``).
+        max_new_tokens: tokens to add to every sequence.
+        do_sample: sample from softmax(logits / temperature) instead of taking the argmax.
+        eos_token_id: one or several end-of-sequence tokens: a sequence that produced one gets
+            ``pad_token_id`` (default: the first eos token) at every later step, and generation stops once
+            every sequence has (checking costs one host sync per step).
+        graph: see StaticDecoder.
+
+    Returns:
+        [B, T + n] prompts and new tokens, n <= max_new_tokens.
+    """
+    if input_ids.dim() != 2 or max_new_tokens < 1:
+        raise ValueError(f"input_ids must be [batch, length] and max_new_tokens >= 1; got {tuple(input_ids.shape)} "
+                         f"and {max_new_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
+    cache = preallocated_cache(model.config.num_hidden_layers, input_ids.shape[1] + max_new_tokens)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+    decoder = StaticDecoder(model, cache, max_steps=max_new_tokens - 1, graph=graph)
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).view(-1)
+    pad = int(eos[0]) if pad_token_id is None and eos is not None else pad_token_id
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    try:
+        for step in range(max_new_tokens):
+            if do_sample:
+                tokens = torch.multinomial((logits.float() / temperature).softmax(-1), 1)[:, 0]
+            else:
+                tokens = logits.argmax(-1)
+            if eos is not None:
+                tokens = tokens.masked_fill(finished, pad)
+                finished |= torch.isin(tokens, eos)
+            new_tokens.append(tokens)
+            if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
+                break
+            logits = decoder.step(tokens[:, None])[:, -1]
+    finally:
+        decoder.close()
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

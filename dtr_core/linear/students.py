@@ -170,6 +170,15 @@ class PreallocatedLayer(DynamicLayer):
         self.is_initialized = False
 
 
+def attends_globally(config) -> bool:
+    """Whether every attention layer of ``config`` sees all earlier tokens (no sliding window, no chunks):
+    only then does a preallocated cache, which keeps every position, decode the model correctly."""
+    hybrid = getattr(config, "dtr_hybrid", None) or {}
+    types = hybrid.get("base_layer_types") or getattr(config, "layer_types", None) or ()
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return not windowed and all(kind in ("full_attention", "linear_attention") for kind in types)
+
+
 def preallocated_cache(num_layers: int, capacity: int) -> DynamicCache:
     """A cache for ``capacity`` tokens (prompt + new tokens) whose full-attention layers write in place
     (PreallocatedLayer, allocated on first use); a student replaces its slot with its recurrent state."""
