@@ -298,12 +298,6 @@ class StaticDecoder:
         self._captured = None
         return self.cache
 
-    @property
-    def length(self) -> torch.Tensor:
-        """The device tensor the attention layers read as the number of positions to attend (the
-        ``static_decode_length`` keyword of a step's calls)."""
-        return self._length
-
     def _forward(self) -> None:
         """One step, in the order the graph records it: the model, then the position moves on."""
         with static_attention(self.model):
