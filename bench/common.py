@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
-import inspect
 import json
 import math
 import platform
@@ -69,12 +68,6 @@ def is_cuda(device) -> bool:
 def full_attention_implementations(device) -> list[str]:
     """The teacher attention backends to run: SDPA always, flash-attn 2 too when it is installed."""
     return ["sdpa", "flash_attention_2"] if is_cuda(device) and is_flash_attn_2_available() else ["sdpa"]
-
-
-def cache_argument(model: torch.nn.Module) -> str:
-    """Keyword under which ``forward`` takes (and its output returns) the cache: ``cache`` from
-    transformers 5.2x on, ``past_key_values`` in earlier 5.x releases."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _version(distribution: str) -> str | None:

@@ -63,7 +63,7 @@ from transformers import Cache, DynamicCache
 from dtr_core.adapters import ModelAdapter, adapter_for
 from dtr_core.hybrid import install_students, restore_attention
 from dtr_core.linear.build import student_from_teacher
-from dtr_core.linear.decoding import StaticDecoder, capture_graph, static_attention
+from dtr_core.linear.decoding import StaticDecoder, cache_keyword, capture_graph, static_attention
 from dtr_core.linear.students import PreallocatedLayer, preallocated_cache
 from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
@@ -72,7 +72,6 @@ from .common import (
     allocator_counters,
     allocator_retries,
     build_model,
-    cache_argument,
     cell,
     default_device,
     describe_attention,
@@ -194,7 +193,7 @@ def build_setup(name: str, spec: StudentSpec, device, dtype, smoke: bool, decode
     if any(not 0 <= i < adapter.num_layers for i in chosen):
         raise SystemExit(f"--linear-layers {chosen}: {name} has layers 0-{adapter.num_layers - 1}")
     counts = sorted({0, *(counts or linear_layer_counts(adapter.num_layers)), *([len(chosen)] if chosen else [])})
-    return Setup(name, model, adapter, students, attention, device, cache_argument(model), smoke, decode_steps,
+    return Setup(name, model, adapter, students, attention, device, cache_keyword(model), smoke, decode_steps,
                  max_batch, counts, cache, chosen)
 
 

@@ -3,7 +3,6 @@ replay them. On the CPU the same steps run eagerly; they must give what ordinary
 The Triton kernels run here in Triton's CPU interpreter (a subprocess: TRITON_INTERPRET is read at import).
 """
 
-import inspect
 import os
 import subprocess
 import sys
@@ -16,15 +15,11 @@ from test_generation import PROMPTS, exported_hybrid, perturbed_students
 
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
-from dtr_core.linear.decoding import StaticDecoder, decode_attention, static_generate
+from dtr_core.linear.decoding import StaticDecoder, cache_keyword, decode_attention, static_generate
 from dtr_core.linear.ops import gla_recurrent, gla_step_
 from dtr_core.linear.students import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
 
 STEPS = 5
-
-
-def cache_argument(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def greedy_steps(model, cache, first_logits, steps, decoder=None, fed=None):
@@ -35,7 +30,7 @@ def greedy_steps(model, cache, first_logits, steps, decoder=None, fed=None):
         for step in range(steps):
             tokens = last.argmax(-1, keepdim=True) if fed is None else fed[:, step:step + 1]
             if decoder is None:
-                last = model(tokens, use_cache=True, **{cache_argument(model): cache}).logits[:, -1]
+                last = model(tokens, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
             else:
                 last = decoder.step(tokens)[:, -1].clone()
             logits.append(last)
@@ -45,7 +40,7 @@ def greedy_steps(model, cache, first_logits, steps, decoder=None, fed=None):
 def prefill(model, prompt, capacity):
     cache = preallocated_cache(model.config.num_hidden_layers, capacity)
     with torch.no_grad():
-        logits = model(prompt, use_cache=True, **{cache_argument(model): cache}).logits[:, -1]
+        logits = model(prompt, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
     return cache, logits
 
 
@@ -103,7 +98,7 @@ def test_static_decoder_refuses_caches_it_cannot_decode():
     with pytest.raises(ValueError, match=r"capacity=\d+"):
         StaticDecoder(model, cache, max_steps=4)
     with torch.no_grad():
-        dynamic = model(prompt, use_cache=True, **{cache_argument(model): DynamicCache()}).past_key_values
+        dynamic = model(prompt, use_cache=True, **{cache_keyword(model): DynamicCache()}).past_key_values
     with pytest.raises(ValueError, match="preallocated_cache"):
         StaticDecoder(model, dynamic, max_steps=4)
 

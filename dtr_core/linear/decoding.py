@@ -215,6 +215,12 @@ def static_attention(model: torch.nn.Module):
             config._attn_implementation = implementation
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which the model's forward takes (and its output returns) the cache: ``cache`` from
+    transformers 5.2x on, ``past_key_values`` in earlier 5.x releases."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class StaticDecoder:
     """Decode one token per sequence per step from a prefilled cache, with every step the same sequence of
     kernels on the same buffers: on CUDA the first step is captured as a CUDA graph and later steps replay
@@ -258,7 +264,7 @@ class StaticDecoder:
         self.graph = self.device.type == "cuda" if graph is None else graph
         self.steps = 0
         self._attention_layers, self._state_layers = attention_layers, state_layers
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_arg = cache_keyword(model)
         # Static inputs: the graph reads these buffers, and increments the position itself.
         self._tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self._position = torch.tensor([self.start], dtype=torch.long, device=self.device)
@@ -359,8 +365,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
     cache = preallocated_cache(model.config.num_hidden_layers, input_ids.shape[1] + max_new_tokens)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
+    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}).logits[:, -1]
     decoder = StaticDecoder(model, cache, max_steps=max_new_tokens - 1, graph=graph)
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).view(-1)
     pad = int(eos[0]) if pad_token_id is None and eos is not None else pad_token_id
