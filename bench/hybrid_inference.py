@@ -64,7 +64,7 @@ from dtr_core.adapters import ModelAdapter, adapter_for
 from dtr_core.hybrid import install_students, restore_attention
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.linear.decoding import StaticDecoder, cache_keyword, capture_graph, static_attention
-from dtr_core.linear.students import PreallocatedLayer, preallocated_cache
+from dtr_core.linear.students import preallocated_cache
 from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 from .common import (
@@ -298,9 +298,7 @@ def decode_step(setup: Setup, cache: Cache, batch: int):
     """One decode step of ``batch`` sequences (token 0 each) as a callable: a StaticDecoder's step (a CUDA
     graph replay from the second call on) for the "static" cache, else the model's forward."""
     if setup.cache == "static":
-        room = min((layer.key_buffer.shape[-2] for layer in cache.layers if isinstance(layer, PreallocatedLayer)),
-                   default=sys.maxsize) - cache.get_seq_length()
-        return StaticDecoder(setup.model, cache, max_steps=room).step
+        return StaticDecoder(setup.model, cache).step
     tokens = torch.zeros(batch, 1, dtype=torch.long, device=setup.device)
     return lambda: setup.model(input_ids=tokens, use_cache=True, **{setup.cache_arg: cache})
 

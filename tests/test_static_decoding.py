@@ -97,6 +97,7 @@ def test_static_decoder_refuses_caches_it_cannot_decode():
     cache, _ = prefill(model, prompt, prompt.shape[1] + 2)
     with pytest.raises(ValueError, match=r"capacity=\d+"):
         StaticDecoder(model, cache, max_steps=4)
+    assert StaticDecoder(model, cache).max_steps == 2  # by default, what the buffers have room for
     with torch.no_grad():
         dynamic = model(prompt, use_cache=True, **{cache_keyword(model): DynamicCache()}).past_key_values
     with pytest.raises(ValueError, match="preallocated_cache"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
 
 import torch
 from transformers import AttentionInterface
@@ -230,7 +231,8 @@ class StaticDecoder:
         model: a causal LM (optionally with students installed) whose forward takes ``position_ids``.
         cache: its cache after the prompt: ``students.preallocated_cache`` with room for ``max_steps``
             more tokens per full-attention layer (students hold their recurrent states).
-        max_steps: how many steps this decoder may take.
+        max_steps: how many steps this decoder may take (default: as many as the full-attention layers'
+            buffers have room for; unlimited when every layer is linear).
         graph: capture and replay a CUDA graph (default: when the cache lives on CUDA).
 
     ``step(tokens)`` feeds one token per sequence and returns the logits ``[B, 1, vocab]`` (a buffer the
@@ -238,7 +240,8 @@ class StaticDecoder:
     advanced; ``close()`` brings them up to date and hands the cache back for ordinary use.
     """
 
-    def __init__(self, model: torch.nn.Module, cache, max_steps: int, graph: bool | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, cache, max_steps: int | None = None,
+                 graph: bool | None = None) -> None:
         attention_layers = [layer for layer in cache.layers if isinstance(layer, PreallocatedLayer)]
         state_layers = [layer for layer in cache.layers if isinstance(layer, RecurrentStateLayer)]
         if not attends_globally(model.config):
@@ -252,11 +255,13 @@ class StaticDecoder:
                 layer.state is None for layer in state_layers):
             raise ValueError("StaticDecoder continues a prefilled cache: run the prompt through the model first")
         self.start = cache.get_seq_length()
-        for layer in attention_layers:
-            if layer.key_buffer.shape[-2] < self.start + max_steps:
-                raise ValueError(f"the cache holds {layer.key_buffer.shape[-2]} positions per layer, fewer than the "
-                                 f"prompt's {self.start} + max_steps {max_steps}: build it with "
-                                 f"preallocated_cache(num_layers, capacity={self.start + max_steps})")
+        room = min((layer.key_buffer.shape[-2] for layer in attention_layers), default=None)
+        if max_steps is None:
+            max_steps = sys.maxsize if room is None else room - self.start
+        elif room is not None and room < self.start + max_steps:
+            raise ValueError(f"the cache holds {room} positions per layer, fewer than the prompt's {self.start} + "
+                             f"max_steps {max_steps}: build it with preallocated_cache(num_layers, "
+                             f"capacity={self.start + max_steps})")
         some_layer = (attention_layers or state_layers)[0]
         some_tensor = some_layer.key_buffer if attention_layers else some_layer.state
         self.batch, self.device = some_tensor.shape[0], some_tensor.device
@@ -366,7 +371,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
     cache = preallocated_cache(model.config.num_hidden_layers, input_ids.shape[1] + max_new_tokens)
     logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}).logits[:, -1]
-    decoder = StaticDecoder(model, cache, max_steps=max_new_tokens - 1, graph=graph)
+    decoder = StaticDecoder(model, cache, graph=graph)
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).view(-1)
     pad = int(eos[0]) if pad_token_id is None and eos is not None else pad_token_id
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -517,11 +517,6 @@ def gated_delta(
 # --------------------------------------------------------------------------- in-place decoding step
 
 
-def triton_available() -> bool:
-    """Whether Triton could be imported (it ships with fla and with CUDA builds of torch)."""
-    return triton is not None
-
-
 def resolve_step_backend(backend: str, q: torch.Tensor, state: torch.Tensor) -> str:
     """The backend `gla_step_` runs: "auto" picks Triton on CUDA when the state is stored V-first."""
     v_first = state.transpose(-1, -2).is_contiguous()
