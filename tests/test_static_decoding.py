@@ -110,7 +110,11 @@ def test_decode_attention_torch_matches_sdpa_over_the_length():
     for length in (1, 17, 40):
         expected = torch.nn.functional.scaled_dot_product_attention(
             query, keys[:, :, :length], values[:, :, :length], enable_gqa=True, scale=0.3).transpose(1, 2)
-        got = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="torch")
+        # Past the length a buffer holds unwritten memory: NaN there must not reach the output.
+        unwritten_keys, unwritten_values = keys.clone(), values.clone()
+        unwritten_keys[:, :, length:] = unwritten_values[:, :, length:] = float("nan")
+        got = decode_attention(query, unwritten_keys, unwritten_values, torch.tensor([length]), 0.3,
+                               backend="torch")
         assert (got - expected).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="one query token"):
         decode_attention(torch.randn(3, 6, 2, 16), keys, values, torch.tensor([3]))
@@ -141,9 +145,11 @@ INTERPRETED_KERNELS = textwrap.dedent("""
     worst = 0.0
     for length in (1, 37, 64, 65, 100):
         reference = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="torch")
+        unwritten_keys, unwritten_values = keys.clone(), values.clone()  # NaN past the length must be masked
+        unwritten_keys[:, :, length:] = unwritten_values[:, :, length:] = float("nan")
         for splits in (1, 2, 3):
-            got = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="triton",
-                                   num_splits=splits)
+            got = decode_attention(query, unwritten_keys, unwritten_values, torch.tensor([length]), 0.3,
+                                   backend="triton", num_splits=splits)
             worst = max(worst, (got - reference).abs().max().item())
     assert worst <= 1e-5, worst
 

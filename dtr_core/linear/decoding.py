@@ -115,7 +115,9 @@ def _decode_attention_torch(query, key_buffer, value_buffer, length, scale) -> t
     scores = torch.einsum("bhgd,bhnd->bhgn", grouped, key_buffer.float()) * scale
     attended = torch.arange(capacity, device=query.device) < length  # a device comparison: no host sync
     weights = scores.masked_fill(~attended, float("-inf")).softmax(-1)
-    out = torch.einsum("bhgn,bhnd->bhgd", weights, value_buffer.float())
+    # Positions past the length are unwritten memory, possibly NaN, which a zero weight would not cancel.
+    values = value_buffer.float().masked_fill(~attended[:, None], 0.0)
+    out = torch.einsum("bhgn,bhnd->bhgd", weights, values)
     return out.reshape(batch, 1, query_heads, dim).to(query.dtype)
 
 
