@@ -275,7 +275,6 @@ class StaticDecoder:
         # Static inputs: the graph reads these buffers, and increments the position itself.
         self._tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self._position = torch.tensor([self.start], dtype=torch.long, device=self.device)
-        self._length = self._position + 1
         self._logits: torch.Tensor | None = None
         self._captured: torch.cuda.CUDAGraph | None = None
         for layer in attention_layers:
@@ -315,10 +314,9 @@ class StaticDecoder:
         """One step, in the order the graph records it: the model, then the position moves on."""
         with static_attention(self.model):
             output = self.model(input_ids=self._tokens, position_ids=self._position.view(1, 1), use_cache=True,
-                                static_decode_length=self._length, **{self._cache_arg: self.cache})
+                                static_decode_length=self._position + 1, **{self._cache_arg: self.cache})
         self._logits = output.logits
         self._position.add_(1)
-        self._length.add_(1)
 
     def _warm_up_and_capture(self) -> None:
         # capture_graph's real run is this step; from here on self._logits is the graph's output buffer.
