@@ -14,14 +14,13 @@ log-log between the measured lengths.
 fla's kernels autotune on their first call (minutes, then cached in TRITON_CACHE_DIR); the autotune
 key does not include the sequence length, so ``--warm-only`` (one call of each student per pass at
 one length) compiles everything this benchmark and bench/hybrid_inference.py need at this shape;
-bench/gpu_all.sh runs those warm-ups in parallel processes before any timing.
+tools/gpu/gpu_all.sh runs those warm-ups in parallel processes before any timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -37,14 +36,16 @@ from .common import (
     ARCHITECTURES,
     build_model,
     cell,
+    command_line,
     default_device,
+    default_dtype,
     describe_attention,
     environment,
     environment_line,
     full_attention_implementations,
-    is_cuda,
     markdown_table,
     median_ms,
+    synchronize,
     tokens_label,
     unless_oom,
     write_results,
@@ -212,8 +213,7 @@ def warm_kernels(students: list[Layer], hidden: torch.Tensor, rope, passes, devi
             started = time.perf_counter()
             step, _ = layer_step(student, hidden, rope, pass_name)
             step()
-            if is_cuda(device):
-                torch.cuda.synchronize()
+            synchronize(device)
             print(f"warmed {student.name} {pass_name} at {tokens_label(hidden.shape[1])} tokens in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or default_device(args.smoke)
     if args.smoke:
         torch.set_num_threads(1)  # tiny tensors: extra threads only contend with other processes
-    dtype = torch.bfloat16 if is_cuda(device) else torch.float32
+    dtype = default_dtype(device)
     lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else LENGTHS)
 
     teachers, students, rotary = build_layers(args.shape, args.kinds, device, dtype, args.smoke)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     meta = {
-        "command": "python -m bench.attention " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("bench.attention", argv),
         "environment": environment(device), "shape": args.shape,
         "attention": describe_attention(teachers[0].module.config),
         "dtype": str(dtype).removeprefix("torch."), "student_backends": {},

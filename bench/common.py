@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +64,16 @@ def default_device(smoke: bool) -> str:
 
 def is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on CUDA, the precision the GPU benchmarks measure; fp32 on the CPU (the smoke runs)."""
+    return torch.bfloat16 if is_cuda(device) else torch.float32
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command a results header quotes: ``python -m module`` with ``argv`` (None: this process's)."""
+    return f"python -m {module} " + " ".join(sys.argv[1:] if argv is None else argv)
 
 
 def full_attention_implementations(device) -> list[str]:

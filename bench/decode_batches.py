@@ -33,6 +33,7 @@ from bench.common import (
     allocator_counters,
     cell,
     default_device,
+    default_dtype,
     is_cuda,
     markdown_table,
     median_ms,
@@ -42,7 +43,15 @@ from bench.common import (
     synchronize,
     unless_oom,
 )
-from bench.hybrid_inference import CACHE_KINDS, batched_cache, build_setup, decode_cache, decode_step, hybrid, random_tokens
+from bench.hybrid_setup import (
+    CACHE_KINDS,
+    batched_cache,
+    build_setup,
+    decode_step,
+    hybrid,
+    prefilled_cache,
+    random_tokens,
+)
 from dtr_core.specs import StudentSpec
 
 FLOAT_COLUMNS = ("ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib")
@@ -158,7 +167,7 @@ def main(argv=None) -> None:
         args.context, args.batches, args.steps = 16, [1, 2], 2
         args.profile = min(args.profile, 2)
     device = default_device(args.smoke)
-    dtype = torch.bfloat16 if is_cuda(device) else torch.float32
+    dtype = default_dtype(device)
     setup = build_setup(args.model, StudentSpec(kind="gla"), device, dtype, args.smoke, args.steps, max(args.batches),
                         [args.linear], args.cache)
     rows = []
@@ -166,8 +175,7 @@ def main(argv=None) -> None:
         ids = random_tokens(setup, 1, args.context)
         # per batched copy: trace, warm-up, timed, host-timed, profiled
         steps = args.trace + 2 + 2 * args.steps + args.profile
-        single = getattr(setup.model(input_ids=ids, use_cache=True, logits_to_keep=1,
-                                     **{setup.cache_arg: decode_cache(setup, args.context, steps)}), setup.cache_arg)
+        single = prefilled_cache(setup, ids, steps)
         for batch in args.batches:
             row = unless_oom(lambda: measure(setup, single, batch, args.steps, args.trace, args.profile),
                              device) or {"batch": batch}

