@@ -6,7 +6,8 @@ import torch
 
 from ..adapters import AttentionWeights
 from ..specs import StudentSpec
-from .students import LinearAttentionStudent
+from .base import LinearAttentionStudent
+from .students import build_student
 
 
 def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: bool, seed: int = 42,
@@ -14,24 +15,26 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
     """A student whose q/k/v/o projections are copies of the teacher's (GQA K/V heads expanded).
 
     The student's own extra parameters (feature maps, gates, beta, output norm) keep the
-    initial values documented in ``students.py``; the one random one (GLA's gate down-projection)
-    is drawn from ``seed``, so a layer's student is the same in every process.
+    initial values documented in ``base.py`` and the mechanism files; the one random one (GLA's gate
+    down-projection) is drawn from ``seed``, so a layer's student is the same in every process.
     """
     weights = weights.with_expanded_kv()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = LinearAttentionStudent(
-            kind=spec.kind,
-            hidden_size=weights.hidden_size,
-            num_heads=weights.num_heads,
-            head_dim=weights.head_dim,
-            causal=causal,
-            feature_map=spec.feature_map,
-            gate_rank=spec.gate_rank,
-            chunk_size=spec.chunk_size,
-            qkv_bias=weights.q_bias is not None,
-            output_proj=weights.o_weight is not None,
-            o_bias=weights.o_bias is not None,
+        student = build_student(
+            dict(
+                kind=spec.kind,
+                hidden_size=weights.hidden_size,
+                num_heads=weights.num_heads,
+                head_dim=weights.head_dim,
+                causal=causal,
+                feature_map=spec.feature_map,
+                gate_rank=spec.gate_rank,
+                chunk_size=spec.chunk_size,
+                qkv_bias=weights.q_bias is not None,
+                output_proj=weights.o_weight is not None,
+                o_bias=weights.o_bias is not None,
+            ),
             backend=backend,
         )
     copies = {

@@ -7,48 +7,35 @@ hybrid with 14 of 28 layers linear kept the GPU busy 22 ms of a 32 ms step, the 
 so half the layers linear bought 1.16x instead of the 1.6x the GPU work allows. A captured step costs the
 host one launch.
 
-What makes a step capturable (``StaticDecoder`` sets it up on a prefilled ``students.preallocated_cache``):
+What makes a step capturable (``StaticDecoder`` sets it up on a prefilled ``cache.preallocated_cache``,
+switching the cache's layers to their static mode while it is open):
 
-* full-attention layers (``students.PreallocatedLayer``) write the new key and value at a position held
+* full-attention layers (``cache.PreallocatedLayer``) write the new key and value at a position held
   in a device tensor, and attention reads the first ``length`` positions of the buffers, ``length`` also
-  a device tensor: ``decode_attention`` (Triton on CUDA: the keys split across programs, each key/value
-  head read once for all the query heads that share it);
-* students advance their recurrent states in place (``ops.gla_step_``; other kinds copy the new state in);
+  a device tensor: ``decode_attention`` (Triton on CUDA, ``kernels.decode_attention_triton``: the keys
+  split across programs, each key/value head read once for all the query heads that share it), switched
+  in by ``static_attention`` only while a step runs or is captured;
+* students advance their recurrent states in place (``gla.gla_step_``; other kinds copy the new state in);
 * positions come from a device tensor that the step itself increments.
 
-This file is copied next to exported hybrids with ``students.py`` and ``ops.py``: it imports only torch,
-transformers, its siblings and (optionally) Triton.
+Copied next to exported hybrids: imports only torch, transformers and its siblings.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import sys
 
 import torch
 from transformers import AttentionInterface
 
-from .ops import triton
-from .students import PreallocatedLayer, RecurrentStateLayer, attends_globally, preallocated_cache
-
-if triton is not None:
-    import triton.language as tl
+from .cache import PreallocatedLayer, RecurrentStateLayer, attends_globally, preallocated_cache
+from .kernels import decode_attention_triton, triton
 
 # The attention implementation a StaticDecoder switches the model to while it runs (or captures) a step.
 # It is deliberately not registered as a mask function: transformers then builds no mask for it.
 STATIC_DECODE_ATTENTION = "dtr_static_decode"
-# The Triton kernel's launch configuration, from a sweep on an H200 at 64K context (Qwen2.5-1.5B shape at
-# batch 76 and 147, Llama-3.2-1B shape at 64 and 128; BENCHMARKS.md): 128 keys per block, 8 warps
-# and at least 4 splits per sequence read 4.4-4.6 TB/s at every shape, within 1-5% of the best
-# configuration of each and at or above cuDNN's SDPA (3.9-4.6 TB/s).
-_KEY_BLOCK = 128
-_NUM_WARPS = 8
-_NUM_STAGES = 3
-_MIN_SPLITS = 4
-_PROGRAMS_PER_SM = 8
-_MAX_SPLITS = 64  # the combining kernel holds every split's partial output of a head at once
 
 
 def decode_attention(query: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor,
@@ -69,8 +56,8 @@ def decode_attention(query: torch.Tensor, key_buffer: torch.Tensor, value_buffer
     Returns:
         [B, 1, Hq, D] in the query's dtype (the layout transformers' attention functions return).
     """
-    batch, query_heads, query_length, dim = query.shape
-    kv_heads, capacity = key_buffer.shape[1], key_buffer.shape[2]
+    _, query_heads, query_length, dim = query.shape
+    kv_heads = key_buffer.shape[1]
     if query_length != 1 or query_heads % kv_heads or value_buffer.shape != key_buffer.shape:
         raise ValueError(f"decode_attention takes one query token per sequence and Hq a multiple of Hkv; got "
                          f"query {tuple(query.shape)}, keys {tuple(key_buffer.shape)}, "
@@ -84,28 +71,7 @@ def decode_attention(query: torch.Tensor, key_buffer: torch.Tensor, value_buffer
         raise ValueError(f"unknown backend {backend!r}; valid: 'auto', 'triton', 'torch'")
     if triton is None:
         raise RuntimeError("backend 'triton' needs Triton, which could not be imported")
-    group = query_heads // kv_heads
-    if num_splits is None:
-        programs = _PROGRAMS_PER_SM * _multiprocessors(query.device)
-        # Every split gets at least 4 blocks of keys, which leaves short buffers unsplit.
-        num_splits = min(max(_MIN_SPLITS, -(-programs // (batch * kv_heads))), capacity // (4 * _KEY_BLOCK))
-    num_splits = max(1, min(num_splits, _MAX_SPLITS, triton.cdiv(capacity, _KEY_BLOCK)))
-    split = triton.cdiv(triton.cdiv(capacity, num_splits), _KEY_BLOCK) * _KEY_BLOCK
-    parts = torch.empty(batch, query_heads, num_splits, dim, dtype=torch.float32, device=query.device)
-    part_lse = torch.empty(batch, query_heads, num_splits, dtype=torch.float32, device=query.device)
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    _split_attention_kernel[(batch, kv_heads, num_splits)](
-        query, key_buffer, value_buffer, length, parts, part_lse, scale,
-        query.stride(0), query.stride(1), *key_buffer.stride()[:3], *value_buffer.stride()[:3],
-        QUERY_HEADS=query_heads, GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), DIM=dim,
-        BLOCK_KEYS=_KEY_BLOCK, SPLIT=split, NUM_SPLITS=num_splits, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
-    )
-    out = torch.empty(batch, 1, query_heads, dim, dtype=query.dtype, device=query.device)
-    _combine_splits_kernel[(batch * query_heads,)](
-        parts, part_lse, out, QUERY_HEADS=query_heads, DIM=dim, NUM_SPLITS=num_splits,
-        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-    )
-    return out
+    return decode_attention_triton(query, key_buffer, value_buffer, length, scale, num_splits)
 
 
 def _decode_attention_torch(query, key_buffer, value_buffer, length, scale) -> torch.Tensor:
@@ -121,76 +87,6 @@ def _decode_attention_torch(query, key_buffer, value_buffer, length, scale) -> t
     return out.reshape(batch, 1, query_heads, dim).to(query.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-if triton is not None:
-
-    @triton.jit
-    def _split_attention_kernel(query, keys, values, length, parts, part_lse, scale,
-                                query_stride_b, query_stride_h, key_stride_b, key_stride_h, key_stride_n,
-                                value_stride_b, value_stride_h, value_stride_n,
-                                QUERY_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr,
-                                DIM: tl.constexpr, BLOCK_KEYS: tl.constexpr, SPLIT: tl.constexpr,
-                                NUM_SPLITS: tl.constexpr):
-        # One sequence, one key/value head, one split of its keys: the GROUP query heads that share the head
-        # attend to keys [start, end) with an online softmax; writes their normalised partial outputs and
-        # log-sum-exps (-inf for a split past the length) for _combine_splits_kernel.
-        i_b, i_kv, i_split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-        start = i_split * SPLIT
-        end = tl.minimum(start + SPLIT, tl.load(length))
-        rows, dims = tl.arange(0, BLOCK_GROUP), tl.arange(0, DIM)
-        row_ok = rows < GROUP
-        heads = i_kv * GROUP + rows
-        b_q = tl.load(query + i_b * query_stride_b + heads[:, None] * query_stride_h + dims[None, :],
-                      mask=row_ok[:, None], other=0)
-        key_base = keys + i_b * key_stride_b + i_kv * key_stride_h
-        value_base = values + i_b * value_stride_b + i_kv * value_stride_h
-        running_max = tl.full([BLOCK_GROUP], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_GROUP], tl.float32)
-        acc = tl.zeros([BLOCK_GROUP, DIM], tl.float32)
-        # A fixed trip count (blocks past ``end`` are masked: no memory traffic) keeps the loop bounds
-        # compile-time constants, which Triton's CPU interpreter needs too.
-        for offset in range(0, SPLIT, BLOCK_KEYS):
-            positions = start + offset + tl.arange(0, BLOCK_KEYS)
-            key_ok = positions < end
-            b_k = tl.load(key_base + positions[:, None] * key_stride_n + dims[None, :], mask=key_ok[:, None], other=0)
-            scores = tl.dot(b_q, tl.trans(b_k)) * scale
-            scores = tl.where(key_ok[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            # Until a key is seen the maximum is -inf; shifting by 0 then keeps exp() from making NaNs.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            rescale = tl.exp(running_max - shift)
-            weights = tl.exp(scores - shift[:, None])
-            b_v = tl.load(value_base + positions[:, None] * value_stride_n + dims[None, :], mask=key_ok[:, None],
-                          other=0)
-            acc = acc * rescale[:, None] + tl.dot(weights.to(b_v.dtype), b_v)
-            total = total * rescale + tl.sum(weights, 1)
-            running_max = new_max
-        seen = total > 0
-        slot = (i_b * QUERY_HEADS + heads) * NUM_SPLITS + i_split
-        tl.store(parts + slot[:, None] * DIM + dims[None, :], acc / tl.where(seen, total, 1.0)[:, None],
-                 mask=row_ok[:, None])
-        tl.store(part_lse + slot, tl.where(seen, running_max + tl.log(total), float("-inf")), mask=row_ok)
-
-    @triton.jit
-    def _combine_splits_kernel(parts, part_lse, out, QUERY_HEADS: tl.constexpr, DIM: tl.constexpr,
-                               NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-        # One (sequence, query head): the splits' partial outputs weighted by their share of the softmax.
-        i_bh = tl.program_id(0).to(tl.int64)
-        splits, dims = tl.arange(0, BLOCK_SPLITS), tl.arange(0, DIM)
-        split_ok = splits < NUM_SPLITS
-        lse = tl.load(part_lse + i_bh * NUM_SPLITS + splits, mask=split_ok, other=float("-inf"))
-        weights = tl.exp(lse - tl.max(lse, 0))
-        b_parts = tl.load(parts + (i_bh * NUM_SPLITS + splits)[:, None] * DIM + dims[None, :],
-                          mask=split_ok[:, None], other=0)
-        result = tl.sum(b_parts * weights[:, None], 0) / tl.sum(weights, 0)
-        # out is [B, 1, Hq, D] contiguous: (sequence, head) rows are consecutive
-        tl.store(out + i_bh * DIM + dims, result.to(out.dtype.element_ty))
-
-
 def static_decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                             static_decode_length=None, **kwargs):
     """transformers attention function for StaticDecoder steps: ``key``/``value`` are a PreallocatedLayer's
@@ -200,13 +96,13 @@ def static_decode_attention(module, query, key, value, attention_mask, scaling=N
     return decode_attention(query, key, value, static_decode_length, scaling), None
 
 
-AttentionInterface.register(STATIC_DECODE_ATTENTION, static_decode_attention)
-
-
 @contextlib.contextmanager
 def static_attention(model: torch.nn.Module):
     """Within the block the model's attention modules call ``static_decode_attention``. Every config in
     the model is switched: an exported hybrid's layers hold the base architecture's copy of its config."""
+    # Registered on entry, not at import, so that importing this module changes nothing global; registering
+    # the same function again is a no-op.
+    AttentionInterface.register(STATIC_DECODE_ATTENTION, static_decode_attention)
     configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
     saved = [config._attn_implementation for config in configs]
     for config in configs:
@@ -231,15 +127,17 @@ class StaticDecoder:
 
     Args:
         model: a causal LM (optionally with students installed) whose forward takes ``position_ids``.
-        cache: its cache after the prompt: ``students.preallocated_cache`` with room for ``max_steps``
+        cache: its cache after the prompt: ``cache.preallocated_cache`` with room for ``max_steps``
             more tokens per full-attention layer (students hold their recurrent states).
         max_steps: how many steps this decoder may take (default: as many as the full-attention layers'
             buffers have room for; unlimited when every layer is linear).
         graph: capture and replay a CUDA graph (default: when the cache lives on CUDA).
 
     ``step(tokens)`` feeds one token per sequence and returns the logits ``[B, 1, vocab]`` (a buffer the
-    next step overwrites: copy what you keep). While the decoder is open the cache's own lengths are not
-    advanced; ``close()`` brings them up to date and hands the cache back for ordinary use.
+    next step overwrites: copy what you keep). From construction to ``close()`` the decoder owns the cache:
+    its layers are in their static mode (``begin_static``) and their own lengths are not advanced;
+    ``close()`` brings them up to date and hands the cache back for ordinary use. Used as a context
+    manager, the decoder closes on exit.
     """
 
     def __init__(self, model: torch.nn.Module, cache, max_steps: int | None = None,
@@ -252,7 +150,7 @@ class StaticDecoder:
         others = [type(layer).__name__ for layer in cache.layers
                   if not isinstance(layer, (PreallocatedLayer, RecurrentStateLayer))]
         if others or not cache.layers:
-            raise ValueError(f"StaticDecoder needs a students.preallocated_cache (got layers {others or 'none'})")
+            raise ValueError(f"StaticDecoder needs a cache.preallocated_cache (got layers {others or 'none'})")
         if any(layer.key_buffer is None for layer in attention_layers) or any(
                 layer.state is None for layer in state_layers):
             raise ValueError("StaticDecoder continues a prefilled cache: run the prompt through the model first")
@@ -278,11 +176,15 @@ class StaticDecoder:
         self._logits: torch.Tensor | None = None
         self._captured: torch.cuda.CUDAGraph | None = None
         for layer in attention_layers:
-            layer.write_position = self._position
+            layer.begin_static(self._position)
         for layer in state_layers:
-            # V-first storage: ops.gla_step_'s kernel reads each value channel's keys as one contiguous row.
-            layer.state = layer.state.transpose(-1, -2).contiguous().transpose(-1, -2)
-            layer.in_place = True
+            layer.begin_static()
+
+    def __enter__(self) -> "StaticDecoder":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def step(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``tokens`` ([B, 1]; None repeats the previous ones) and return the next logits."""
@@ -302,11 +204,8 @@ class StaticDecoder:
     def close(self):
         """Stop static decoding: the cache's lengths take in the steps taken, and it works as usual again."""
         length = self.start + self.steps
-        for layer in self._attention_layers:
-            layer.write_position = None
-            layer._expose(length)
-        for layer in self._state_layers:
-            layer.in_place, layer.seen_tokens = False, length
+        for layer in (*self._attention_layers, *self._state_layers):
+            layer.end_static(length)
         self._captured = None
         return self.cache
 
@@ -371,12 +270,11 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
         raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
     cache = preallocated_cache(model.config.num_hidden_layers, input_ids.shape[1] + max_new_tokens)
     logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache}).logits[:, -1]
-    decoder = StaticDecoder(model, cache, graph=graph)
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).view(-1)
     pad = int(eos[0]) if pad_token_id is None and eos is not None else pad_token_id
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     new_tokens = []
-    try:
+    with StaticDecoder(model, cache, graph=graph) as decoder:
         for step in range(max_new_tokens):
             if do_sample:
                 tokens = torch.multinomial((logits.float() / temperature).softmax(-1), 1)[:, 0]
@@ -389,6 +287,4 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
             if step + 1 == max_new_tokens or (eos is not None and bool(finished.all())):
                 break
             logits = decoder.step(tokens[:, None])[:, -1]
-    finally:
-        decoder.close()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)

@@ -1,0 +1,179 @@
+"""transformers cache layers for hybrids: a recurrent state for each linear layer, and key/value buffers
+written in place for the full-attention layers.
+
+Both layers have a static mode for ``decoding.StaticDecoder`` (``begin_static`` ... ``end_static``):
+in it every step works on the same memory at positions held in device tensors, so that a captured CUDA
+graph can replay it; the decoder keeps the lengths meanwhile.
+
+Copied next to exported hybrids: imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class RecurrentStateLayer(DynamicLayer):
+    """A transformers cache layer for a linear-attention layer: one recurrent state, no keys.
+
+    It still counts the tokens it has seen, because transformers reads the sequence length (for
+    positions and masks) from layer 0, which may be a linear layer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: torch.Tensor | None = None
+        self.seen_tokens = 0
+        # Static mode (begin_static): students then update ``state`` where it lies and leave the count alone.
+        self.in_place = False
+
+    def advance(self, state: torch.Tensor, num_tokens: int) -> None:
+        self.state, self.seen_tokens = state, self.seen_tokens + num_tokens
+
+    def begin_static(self) -> None:
+        """Static mode: students overwrite ``state`` in place (a captured CUDA graph replays on that memory),
+        which is stored V-first from here on (``gla.gla_step_``'s kernel reads each value channel's keys as
+        one contiguous row). The token count stays as it is until ``end_static``."""
+        self.state = self.state.transpose(-1, -2).contiguous().transpose(-1, -2)
+        self.in_place = True
+
+    def end_static(self, seen_tokens: int) -> None:
+        """Back to ordinary updates, ``seen_tokens`` tokens seen."""
+        self.in_place, self.seen_tokens = False, seen_tokens
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen_tokens
+
+    def update(self, *args, **kwargs):
+        raise RuntimeError("a linear-attention layer keeps a recurrent state, not keys and values")
+
+    def reset(self) -> None:
+        self.state, self.seen_tokens = None, 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a recurrent state cannot be rolled back to an earlier length")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = self.state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state[indices, ...]
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A transformers cache layer for a full-attention layer that writes keys and values in place into
+    buffers sized for the whole generation (``capacity`` tokens), instead of concatenating.
+
+    DynamicLayer concatenates into new tensors at every step, so each step copies the layer's whole
+    cache and briefly holds it twice; near full GPU memory that costs more than the attention itself.
+    Here ``keys``/``values`` are views of the buffers' first ``length`` positions, so the DynamicLayer
+    methods that read them (sequence length, mask sizes, crop) work unchanged. Going past the
+    capacity doubles the buffers (one copy), so an underestimate costs memory, never correctness.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+        # Static mode (begin_static): a device tensor [1] holding the position the next token is written to.
+        self._write_position: torch.Tensor | None = None
+
+    def begin_static(self, write_position: torch.Tensor) -> None:
+        """Static mode: ``update`` writes its one token at ``write_position`` (an int64 device tensor [1]
+        that the caller advances) and returns the whole buffers, which the attention reads up to a length
+        it is given; ``keys``/``values`` and the length stay as they are until ``end_static``."""
+        self._write_position = write_position
+
+    def end_static(self, length: int) -> None:
+        """Back to ordinary updates, the first ``length`` positions holding tokens."""
+        self._write_position = None
+        self._expose(length)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._write_position is not None:
+            self.key_buffer.index_copy_(2, self._write_position, key_states)
+            self.value_buffer.index_copy_(2, self._write_position, value_states)
+            return self.key_buffer, self.value_buffer
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            self._reserve(key_states, value_states, end)
+        self.key_buffer[..., length:end, :].copy_(key_states)
+        self.value_buffer[..., length:end, :].copy_(value_states)
+        self._expose(end)
+        return self.keys, self.values
+
+    def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        length = self.get_seq_length()
+        held = 0 if self.key_buffer is None else self.key_buffer.shape[-2]
+        capacity = max(needed, self.capacity, 2 * held)
+        buffers = []
+        for old, new in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+            buffer = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+            if length:
+                buffer[..., :length, :].copy_(old[..., :length, :])
+            buffers.append(buffer)
+        self.key_buffer, self.value_buffer = buffers
+
+    def _expose(self, length: int) -> None:
+        self.keys = self.key_buffer[..., :length, :]
+        self.values = self.value_buffer[..., :length, :]
+        self.is_initialized = True
+
+    def _rebuild(self, transform) -> None:
+        """Apply a batch-dimension ``transform`` to the buffers (the exposed views follow)."""
+        if self.key_buffer is not None:
+            length = self.get_seq_length()
+            self.key_buffer, self.value_buffer = transform(self.key_buffer), transform(self.value_buffer)
+            self._expose(length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rebuild(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rebuild(lambda buffer: buffer[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rebuild(lambda buffer: buffer.index_select(0, beam_idx.to(buffer.device)))
+
+    def reset(self) -> None:
+        self.key_buffer = self.value_buffer = self.keys = self.values = None
+        self.is_initialized = False
+
+
+def attends_globally(config) -> bool:
+    """Whether every attention layer of ``config`` sees all earlier tokens (no sliding window, no chunks):
+    only then does a preallocated cache, which keeps every position, decode the model correctly."""
+    hybrid = getattr(config, "dtr_hybrid", None) or {}
+    types = hybrid.get("base_layer_types") or getattr(config, "layer_types", None) or ()
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return not windowed and all(kind in ("full_attention", "linear_attention") for kind in types)
+
+
+def preallocated_cache(num_layers: int, capacity: int) -> DynamicCache:
+    """A cache for ``capacity`` tokens (prompt + new tokens) whose full-attention layers write in place
+    (PreallocatedLayer, allocated on first use); a student replaces its slot with its recurrent state."""
+    cache = DynamicCache()
+    cache.layers[:] = [PreallocatedLayer(capacity) for _ in range(num_layers)]
+    return cache
+
+
+def state_layer(cache, layer_idx: int) -> RecurrentStateLayer:
+    """Layer ``layer_idx``'s recurrent-state slot in ``cache``, put there on first use.
+
+    The slot a cache made for this index (a key/value layer, or transformers' own linear layer
+    when built from a hybrid config) has not been written yet, so it is simply replaced.
+    """
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    if not isinstance(cache.layers[layer_idx], RecurrentStateLayer):
+        cache.layers[layer_idx] = RecurrentStateLayer()
+    return cache.layers[layer_idx]
