@@ -7,18 +7,20 @@ from ~100M tokens: terabytes of activations). One step:
 1. one teacher forward without autograd, in the teacher's own dtype; forward hooks keep each
    layer's attention input (after the pre-norm) and output on the device;
 2. each student's forward on its own layer's input, and backward of its masked MSE to the
-   teacher's output, relative to that output's variance (as ``distill.py``). The layers' losses
-   are independent, so backward per layer gives the gradients of their sum while freeing each
-   layer's activations at once;
-3. one AdamW step over all students (fp32 master weights; forward under bf16 autocast on CUDA).
+   teacher's output, relative to that output's variance (``training.relative_error``, as in disk
+   mode). The layers' losses are independent, so backward per layer gives the gradients of their
+   sum while freeing each layer's activations at once;
+3. one AdamW step over all students (``training.optimizer_step``; fp32 master weights, forward
+   under bf16 autocast on CUDA).
 
 The first ``DistillSpec.holdout_batches`` batches of the stream are never trained on: they fix each
 layer's normaliser (the teacher output's variance) and measure the relative error before and after.
 
 Checkpoints (every ``DistillSpec.checkpoint_every`` steps and at the end) go to
 ``<checkpoint_root>/<configuration digest>/``; a run started again with the same configuration
-resumes from the last one, skipping the batches it had consumed, and ends with the same weights as
-an uninterrupted run. A different configuration has a different digest, so it never resumes from it.
+resumes from the last one (``checkpoints.py``), skipping the batches it had consumed, and ends with
+the same weights as an uninterrupted run. A different configuration has a different digest, so it
+never resumes from it.
 
 Data parallel: when ``torch.distributed`` is initialised (torchrun), each rank runs the teacher and
 the students on its own contiguous slice of every global batch; gradients are summed over ranks
@@ -30,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,17 +39,17 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .adapters import ModelAdapter
 from .capture import AttentionRecorder
-from .distill import DistillResult, masked_squared_error, warmup_cosine
-from .io import load_tensors, load_torch_state, read_json, save_tensors, save_torch_state, write_json
-from .linear.students import LinearAttentionStudent
+from .checkpoints import load_checkpoint, save_checkpoint
+from .distributed import all_reduce_sum, rank_and_world
+from .linear.base import LinearAttentionStudent
 from .specs import CaptureSpec, DistillSpec, SpecError, spec_digest, spec_to_dict
+from .training import (CurveLogger, DistillResult, build_optimizer, masked_squared_error, optimizer_step,
+                       relative_error, trained_weights, warmup_cosine)
 
-CHECKPOINT_MANIFEST = "checkpoint.json"
 GB = 10**9
 
 
@@ -89,45 +89,6 @@ def choose_mode(spec: CaptureSpec, num_layers: int, hidden_size: int, world_size
     return ModeChoice("disk", size, f"{described}, within disk_budget_gb={spec.disk_budget_gb:g}")
 
 
-# --- processes ---------------------------------------------------------------------------------
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str) -> str:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on
-    CPU. Returns this process's device: "cuda" becomes "cuda:<LOCAL_RANK>"."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=torch.device(device))
-    else:
-        dist.init_process_group("gloo")
-    return device
-
-
-def close_distributed() -> None:
-    """Leave the process group ``init_distributed`` joined (nothing to do in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum same-dtype tensors over ranks in place, as one collective."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    offset = 0
-    for tensor in tensors:
-        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
-
-
 # --- results -----------------------------------------------------------------------------------
 
 @dataclass
@@ -145,7 +106,8 @@ class StreamResult:
 
 @dataclass
 class _Progress:
-    """Where the run stands; everything a checkpoint needs besides the weights and optimizer."""
+    """Where the run stands; everything a checkpoint needs besides the weights and optimizer (its
+    fields are the checkpoint's ``progress``: renaming one orphans existing checkpoints)."""
 
     variance: torch.Tensor  # [L] fp32, the teacher output's variance per layer on the held-out batches
     rel_error_init: list[float]
@@ -156,6 +118,15 @@ class _Progress:
     train_tokens: int = 0
     seconds: float = 0.0
     curve: list[list[float]] = dataclasses.field(default_factory=list)  # per layer, one loss per step
+
+    def to_checkpoint(self) -> dict:
+        """Plain values and CPU tensors, as ``checkpoints.save_checkpoint`` takes them."""
+        return {**dataclasses.asdict(self), "variance": self.variance.cpu()}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict, device: torch.device) -> _Progress:
+        """What ``to_checkpoint`` gave, the variance back on ``device``."""
+        return cls(**{**saved, "variance": saved["variance"].to(device)})
 
 
 def checkpoint_digest(capture: CaptureSpec, distill: DistillSpec, students: Sequence[LinearAttentionStudent],
@@ -182,8 +153,7 @@ class _StreamTrainer:
         for student in self.students:
             student.to(device).float().train()
         self.parameters = [p for s in self.students for p in s.parameters()]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=distill.learning_rate,
-                                           weight_decay=distill.weight_decay)
+        self.optimizer = build_optimizer(self.students, distill)
         first = self.students[0]
         self.output_width = first.o_proj.out_features if first.o_proj is not None else first.num_heads * first.head_dim
         modules = [adapter.attention_module(model, i) for i in range(adapter.num_layers)]
@@ -242,7 +212,7 @@ class _StreamTrainer:
                 moments[1, layer_idx] += target.pow(2).sum(0)
             self.recorder.clear()
         if self.world > 1:
-            _all_reduce_sum([squared, moments, tokens])
+            all_reduce_sum([squared, moments, tokens])
         return squared, moments, tokens
 
     def step(self, batch: dict, variance: torch.Tensor, lr: float) -> torch.Tensor:
@@ -254,7 +224,8 @@ class _StreamTrainer:
             ids, mask = share
             for layer_idx, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
                 pred = self._student_forward(student, x, mask)
-                loss = masked_squared_error(pred, y, mask) / (global_tokens * y.shape[-1]) / variance[layer_idx]
+                loss = relative_error(masked_squared_error(pred, y, mask), global_tokens, y.shape[-1],
+                                      variance[layer_idx])
                 loss.backward()
                 losses[layer_idx] = loss.detach()
             self.recorder.clear()
@@ -264,62 +235,9 @@ class _StreamTrainer:
                 if p.grad is None:  # a rank with no rows still takes part in the sum
                     p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
-            _all_reduce_sum([*grads, losses])
-        for student in self.students:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            all_reduce_sum([*grads, losses])
+        optimizer_step(self.optimizer, self.students, lr)
         return losses
-
-
-def _relative_errors(squared: torch.Tensor, tokens: torch.Tensor, width: int, variance: torch.Tensor) -> list[float]:
-    return (squared / (tokens * width) / variance.double()).tolist()
-
-
-# --- checkpoints -------------------------------------------------------------------------------
-
-def _save_checkpoint(folder: Path, digest: str, trainer: _StreamTrainer, progress: _Progress) -> None:
-    """Write step files into their own sub-folder, then the manifest naming it (last, atomically),
-    then drop older sub-folders: a kill at any point leaves the previous checkpoint intact."""
-    step_dir = folder / f"step_{progress.step:08d}"
-    weights = {f"{i}.{name}": t for i, s in enumerate(trainer.students) for name, t in s.state_dict().items()}
-    weights_sha = save_tensors(step_dir / "students.safetensors", weights)
-    rng = {"cpu": torch.get_rng_state()}
-    if trainer.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
-    state = {"optimizer": trainer.optimizer.state_dict(), "rng": rng,
-             "progress": {**dataclasses.asdict(progress), "variance": progress.variance.cpu()}}
-    state_sha = save_torch_state(step_dir / "trainer.pt", state)
-    write_json(folder / CHECKPOINT_MANIFEST, {"digest": digest, "step": progress.step, "directory": step_dir.name,
-                                              "students_sha256": weights_sha, "trainer_sha256": state_sha})
-    for old in folder.glob("step_*"):
-        if old != step_dir:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(folder: Path, digest: str, trainer: _StreamTrainer) -> _Progress | None:
-    """Restore the students, optimizer and RNG from ``folder``'s checkpoint; None if there is none."""
-    path = folder / CHECKPOINT_MANIFEST
-    if not path.exists():
-        return None
-    manifest = read_json(path)
-    if manifest["digest"] != digest:
-        raise ValueError(f"{path} belongs to another configuration (digest {manifest['digest'][:12]}…, "
-                         f"expected {digest[:12]}…); delete the folder")
-    step_dir = folder / manifest["directory"]
-    weights = load_tensors(step_dir / "students.safetensors", manifest["students_sha256"])
-    for i, student in enumerate(trainer.students):
-        prefix = f"{i}."
-        student.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
-    state = load_torch_state(step_dir / "trainer.pt", manifest["trainer_sha256"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"], trainer.device)
-    values = state["progress"]
-    return _Progress(**{**values, "variance": values["variance"].to(trainer.device)})
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -339,6 +257,7 @@ def stream_distill(
     fingerprint: str,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = _silent,
+    log_curve: CurveLogger | None = None,
 ) -> StreamResult:
     """Distil every layer's student (in place) from one pass of the teacher per batch.
 
@@ -351,6 +270,11 @@ def stream_distill(
         capture, distill: the token budget and training settings (``distill.epochs`` passes).
         checkpoint_root: checkpoints go to ``checkpoint_root/<digest[:16]>``.
         fingerprint: identifies the teacher and data (part of the checkpoint digest).
+        log: progress messages (every rank).
+        log_curve: called as ``log_curve(layer_idx, first_step, losses)`` for every layer whenever
+            the losses waiting on the device come to the host: at each checkpoint and at the end
+            (never a device sync per step). Steps count from the run's start, so a resumed run
+            continues the series; every rank gets the same (all-reduced) losses.
     """
     if len(students) != adapter.num_layers:
         raise ValueError(f"got {len(students)} students for a teacher with {adapter.num_layers} layers; "
@@ -362,29 +286,32 @@ def stream_distill(
     if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
         log("stream distill: the teacher runs in float32; loading it in bfloat16 (ModelSpec.dtype) halves its time")
     try:
-        return _run(trainer, batches, capture, distill, folder, digest, log)
+        return _run(trainer, batches, capture, distill, folder, digest, log, log_curve)
     finally:
         trainer.close()
 
 
 def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture: CaptureSpec,
-         distill: DistillSpec, folder: Path, digest: str, log: Callable[[str], None]) -> StreamResult:
+         distill: DistillSpec, folder: Path, digest: str, log: Callable[[str], None],
+         log_curve: CurveLogger | None) -> StreamResult:
     holdout = list(islice(batches(), distill.holdout_batches))
     if not holdout or int(holdout[0]["attention_mask"].sum()) == 0:
         raise ValueError("the distillation text yielded no tokens")
 
-    progress = _load_checkpoint(folder, digest, trainer)
-    resumed_from = progress.step if progress else 0
-    if progress is None:
+    saved = load_checkpoint(folder, digest, trainer.students, trainer.optimizer, trainer.device)
+    if saved is None:
         trainer.calibrate(holdout[0])
         squared, moments, tokens = trainer.holdout_statistics(holdout)
         mean, mean_sq = moments / tokens
         variance = (mean_sq - mean.pow(2)).mean(-1).clamp_min(1e-12).float()  # [L]
         progress = _Progress(variance=variance, holdout_tokens=int(tokens.item()),
-                             rel_error_init=_relative_errors(squared, tokens, trainer.output_width, variance),
+                             rel_error_init=relative_error(squared, tokens, trainer.output_width,
+                                                           variance.double()).tolist(),
                              curve=[[] for _ in trainer.students])
     else:
+        progress = _Progress.from_checkpoint(saved, trainer.device)
         log(f"resuming from the checkpoint at step {progress.step} ({progress.train_tokens:,} tokens) in {folder}")
+    resumed_from = progress.step
 
     # The cosine decays over the planned training tokens (known from the budget); warm-up is in steps.
     planned_tokens = max(1, distill.epochs * (capture.token_budget - progress.holdout_tokens))
@@ -394,13 +321,16 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
     def flush_curve() -> None:
         if pending:
             for layer_idx, values in enumerate(torch.stack(pending).T.tolist()):
+                if log_curve is not None:
+                    log_curve(layer_idx, len(progress.curve[layer_idx]), values)
                 progress.curve[layer_idx].extend(values)
             pending.clear()
 
     def checkpoint() -> None:
         flush_curve()
         if trainer.rank == 0:
-            _save_checkpoint(folder, digest, trainer, progress)
+            save_checkpoint(folder, digest, progress.step, trainer.students, trainer.optimizer,
+                            progress.to_checkpoint(), trainer.device)
         latest = [curve[-1] for curve in progress.curve]
         log(f"stream distill: step {progress.step}, {progress.train_tokens:,} tokens, {progress.seconds:.0f}s; "
             f"loss mean {sum(latest) / len(latest):.4f}, max {max(latest):.4f} (checkpoint saved)")
@@ -436,11 +366,11 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
         checkpoint()
 
     squared, _, tokens = trainer.holdout_statistics(holdout)
-    rel_error_final = _relative_errors(squared, tokens, trainer.output_width, progress.variance)
+    rel_error_final = relative_error(squared, tokens, trainer.output_width, progress.variance.double()).tolist()
     layers = [
         DistillResult(
             layer_idx=layer_idx,
-            state_dict={k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+            state_dict=trained_weights(student),
             loss_curve=progress.curve[layer_idx],
             rel_error_init=progress.rel_error_init[layer_idx],
             rel_error_final=rel_error_final[layer_idx],
