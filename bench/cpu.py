@@ -3,7 +3,7 @@
 1. the chunked linear-attention forms against their step-by-step references, forward and
    forward+backward, at a few lengths (times: informative only);
 2. the layer-forwards a full greedy trajectory costs with and without prefix reuse, for the
-   orders in which layers go linear (counts: deterministic, checked in CI by tests/test_bench.py).
+   orders in which layers go linear (counts: deterministic, checked in CI by tests/tools/test_bench.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from dtr_core.linear import ops
+from dtr_core.linear.gated_deltanet import gated_delta_chunked, gated_delta_recurrent
+from dtr_core.linear.gla import gla_chunked, gla_recurrent
 
 LENGTHS = (256, 1024, 4096)
 
@@ -45,8 +46,8 @@ def _seconds(fn, inputs, backward: bool, repeats: int = 3) -> float:
 def time_ops(lengths=LENGTHS) -> list[dict]:
     generator = torch.Generator().manual_seed(42)
     rows = []
-    for mechanism, reference, chunked in (("gla", ops.gla_recurrent, ops.gla_chunked),
-                                          ("gated_delta", ops.gated_delta_recurrent, ops.gated_delta_chunked)):
+    for mechanism, reference, chunked in (("gla", gla_recurrent, gla_chunked),
+                                          ("gated_delta", gated_delta_recurrent, gated_delta_chunked)):
         for length in lengths:
             inputs = _inputs(mechanism, length, generator)
             for backward in (False, True):
@@ -62,6 +63,7 @@ def trajectory_forwards(num_layers: int, order: str) -> tuple[int, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dtr_core.adapters import adapter_for
+    from dtr_core.direction import Direction
     from dtr_core.evaluation import PrefixCachingEvaluator
     from dtr_core.linear.build import student_from_teacher
     from dtr_core.search import greedy_replace
@@ -81,7 +83,7 @@ def trajectory_forwards(num_layers: int, order: str) -> tuple[int, int]:
     class ScriptedOrder:
         """Real forwards; the score only encodes the order in which layers should be kept."""
 
-        higher_is_better = True
+        direction = Direction.HIGHER
         layers: frozenset = frozenset()
 
         def collect(self, output, batch):
@@ -93,12 +95,17 @@ def trajectory_forwards(num_layers: int, order: str) -> tuple[int, int]:
     scorer = ScriptedOrder()
     evaluator = PrefixCachingEvaluator(model, adapter, students, [batch], scorer, prefix_reuse=True)
 
-    def evaluate(layers):
-        scorer.layers = layers
-        return evaluator(layers)
+    class TellingEvaluator:
+        """Tells the scorer which candidate it scores; rebases the real evaluator."""
 
-    evaluate.rebase = evaluator.rebase
-    greedy_replace(num_layers, evaluate, SearchSpec(tolerance=0.99, run_to_end=True), higher_is_better=True)
+        def __call__(self, layers):
+            scorer.layers = layers
+            return evaluator(layers)
+
+        def rebase(self, layers):
+            evaluator.rebase(layers)
+
+    greedy_replace(num_layers, TellingEvaluator(), SearchSpec(tolerance=0.99, run_to_end=True), Direction.HIGHER)
     return evaluator.layer_forwards, evaluator.layer_forwards_full
 
 

@@ -26,10 +26,10 @@ import torch
 from bench.common import (
     build_model,
     default_device,
+    default_dtype,
     environment,
     environment_line,
     full_attention_implementations,
-    is_cuda,
     markdown_table,
     synchronize,
     write_results,
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         args.batch_size, args.length, args.steps, args.examples, args.eval_length, args.eval_batch = 2, 32, 2, 8, 16, 4
     device = default_device(args.smoke)
     attention = full_attention_implementations(device)[-1]
-    model = build_model("qwen-1.5b", device=device, dtype=torch.bfloat16 if is_cuda(device) else torch.float32,
+    model = build_model("qwen-1.5b", device=device, dtype=default_dtype(device),
                         attn_implementation=attention, smoke=args.smoke)
     adapter = adapter_for(model)
     num_layers = adapter.num_layers

@@ -17,7 +17,7 @@ Decode: each process first decodes for 45 s untimed (``warm_up_process``: fresh 
 steady. One sequence of ``context`` tokens is prefilled, its cache is copied to the batch
 (``Cache.batch_repeat_interleave``: a step costs the same whatever the cache holds), then single-token
 steps with that cache; median step time. Decoding (--cache): "static" (default), a
-``decoding.StaticDecoder`` on a ``students.preallocated_cache`` (full-attention layers write into buffers
+``decoding.StaticDecoder`` on a ``cache.preallocated_cache`` (full-attention layers write into buffers
 sized for the context + the steps run, linear layers update their recurrent state in place; on CUDA
 the batch's first step is captured as a CUDA graph and every later step replays it, so the host's
 Python no longer sets the pace); "preallocated", the same cache through the model's eager forward (the

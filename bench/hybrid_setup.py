@@ -15,8 +15,8 @@ from transformers import Cache, DynamicCache
 from dtr_core.adapters import ModelAdapter, adapter_for
 from dtr_core.hybrid import install_students, restore_attention
 from dtr_core.linear.build import student_from_teacher
+from dtr_core.linear.cache import preallocated_cache
 from dtr_core.linear.decoding import StaticDecoder, cache_keyword
-from dtr_core.linear.students import preallocated_cache
 from dtr_core.specs import StudentSpec
 
 from .common import ARCHITECTURES, build_model, full_attention_implementations
@@ -27,7 +27,7 @@ CACHE_DESCRIPTIONS = {
                "decoding.decode_attention, a Triton kernel, in place of the implementation above; students update "
                "their states in place): on CUDA one CUDA graph per batch, captured at its first step, replays "
                "every step"),
-    "preallocated": "preallocated cache (full-attention layers write in place; students.preallocated_cache)",
+    "preallocated": "preallocated cache (full-attention layers write in place; cache.preallocated_cache)",
     "dynamic": "transformers DynamicCache (concatenates at every step)",
 }
 CACHE_KINDS = tuple(CACHE_DESCRIPTIONS)

@@ -1,5 +1,8 @@
 """``python -m dtr_core``: run every DtR stage in order on one machine and print a summary.
 
+Stage results are cached (``--cache-dir``, default ``<output-dir>/cache``): the same command, run
+again after a kill, redoes only what had not finished.
+
 Under ``torchrun --nproc_per_node N -m dtr_core ...`` the distillation streams data-parallel over
 the N processes (one GPU each with ``--device cuda``); rank 0 then runs the remaining stages.
 """
@@ -24,7 +27,7 @@ from .specs import (
 from .report import format_summary
 
 
-def parse_args(argv: list[str] | None = None) -> RunSpec:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dtr_core", description=__doc__)
     parser.add_argument("--model", default=ModelSpec.path,
                         help="HF folder, hub id, 'minilm' (default) or 'smollm2-135m'")
@@ -52,9 +55,17 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
     parser.add_argument("--checkpoint-every", type=int, default=DistillSpec.checkpoint_every,
                         help="stream mode: steps between checkpoints (a rerun resumes from the last)")
     parser.add_argument("--model-dtype", default=ModelSpec.dtype, help="float32 | bfloat16 | float16")
-    parser.add_argument("--output-dir", default=RunSpec.output_dir)
+    parser.add_argument("--output-dir", default=RunSpec.output_dir,
+                        help="the run folder: search.json, hybrid/ (the exported model), report/")
+    parser.add_argument("--cache-dir", default=None,
+                        help="stage results, reused by later runs that share them (default: <output-dir>/cache)")
     parser.add_argument("--device", default=RunSpec.device)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
+    """The run's specs and the cache folder (None: the default inside the run folder)."""
+    args = build_parser().parse_args(argv)
     return RunSpec(
         model=ModelSpec(path=args.model, dtype=args.model_dtype),
         student=StudentSpec(kind=args.student),
@@ -67,21 +78,25 @@ def parse_args(argv: list[str] | None = None) -> RunSpec:
                           max_eval_examples=args.eval_examples, batch_size=args.eval_batch_size),
         output_dir=args.output_dir,
         device=args.device,
-    )
+    ), args.cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     from .adapters import UnsupportedModelError
-    from .pipeline import OutputDirError, run_dtr
-    from .streaming import close_distributed, init_distributed, rank_and_world
+    from .distributed import close_distributed, init_distributed, rank_and_world
+    from .run import default_cache_dir, run_dtr
+    from .runner import PlainRunner
+    from .stage_cache import StageCache
+    from .stages import OutputDirError, check_output_dir
     from .targets.data import DataError
     from .teacher import ModelLoadError
 
     try:
-        run = parse_args(argv)
+        run, cache_dir = parse_args(argv)
         run = dataclasses.replace(run, device=init_distributed(run.device))
-        rank = rank_and_world()[0]
-        summary = run_dtr(run, log=print if rank == 0 else lambda line: None)  # one voice for N processes
+        log = print if rank_and_world()[0] == 0 else lambda line: None  # one voice for N processes
+        cache = StageCache(check_output_dir(cache_dir or default_cache_dir(run)))
+        summary = run_dtr(run, PlainRunner(cache, log), log=log)
     except (SpecError, DataError, ModelLoadError, UnsupportedModelError, OutputDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

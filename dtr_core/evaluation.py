@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter
+from .direction import Direction
 from .hybrid import hybrid_view
 from .targets.tasks import model_inputs
 
@@ -22,7 +23,7 @@ from .targets.tasks import model_inputs
 class Scorer(Protocol):
     """Turns model outputs on a split into one validation score."""
 
-    higher_is_better: bool
+    direction: Direction
 
     def collect(self, output: Any, batch: Mapping[str, torch.Tensor]) -> Any:
         """What the score needs from one batch's output (small; kept until ``score``)."""
@@ -44,7 +45,7 @@ def _first_difference(a: frozenset[int], b: frozenset[int], num_layers: int) -> 
 
 
 class PrefixCachingEvaluator:
-    """Callable ``evaluate(linear_layers) -> score`` for the greedy search.
+    """``search.Evaluator`` for scores computed from forward passes (every kind but generation).
 
     Keeps the per-layer input hidden states of one *base* hybrid (the first one evaluated, then
     whatever ``rebase`` names). A candidate whose first difference from the base is layer ``j``
@@ -82,7 +83,7 @@ class PrefixCachingEvaluator:
         score = self.scorer.score(collected)
         if self._base is None:
             self._base, self._base_score, self._base_states = layers, score, states
-        elif self._best is None or self._is_better(score, self._best[1]):
+        elif self._best is None or self.scorer.direction.better(score, self._best[1]):
             self._best = (layers, score, states)
         return score
 
@@ -104,9 +105,6 @@ class PrefixCachingEvaluator:
         layers, self._pending_base = self._pending_base, None
         _, states = self._run(layers)
         self._base, self._base_score, self._base_states = layers, None, states
-
-    def _is_better(self, a: float, b: float) -> bool:
-        return a > b if self.scorer.higher_is_better else a < b
 
     def _start_layer(self, layers: frozenset[int]) -> int:
         if not self.prefix_reuse or self._base is None:
@@ -175,7 +173,7 @@ class PrefixCachingEvaluator:
 class GenerationScorer(Protocol):
     """Turns greedy generations on a split into one validation score."""
 
-    higher_is_better: bool
+    direction: Direction
     max_new_tokens: int
 
     def collect(self, generated: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> Any:
@@ -186,7 +184,7 @@ class GenerationScorer(Protocol):
 
 
 class GenerationEvaluator:
-    """Callable ``evaluate(linear_layers) -> score`` from greedy generation (e.g. exact match).
+    """``search.Evaluator`` for scores from greedy generation (e.g. exact match).
 
     ``batches`` are left-padded prompts, so every row's new tokens follow its last real token.
     No prefix reuse: ``generate`` feeds the prompt once and then one token at a time through every
@@ -221,3 +219,6 @@ class GenerationEvaluator:
                 generated = self.model.generate(**inputs, generation_config=self.generation_config)
                 collected.append(self.scorer.collect(generated[:, inputs["input_ids"].shape[1]:].cpu(), batch))
         return self.scorer.score(collected)
+
+    def rebase(self, linear_layers: Iterable[int]) -> None:
+        """Nothing to move: every candidate is generated from scratch."""

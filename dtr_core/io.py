@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,27 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def link_tree(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """``destination`` becomes a copy of the flat folder ``source`` whose files are hard links (no
+    extra space; copied where the two lie on different filesystems), replacing what was there."""
+    source, destination = Path(source), Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside the destination so that it appears whole or not at all.
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.tmp-"))
+    try:
+        for file in source.iterdir():
+            try:
+                os.link(file, staging / file.name)
+            except OSError:
+                shutil.copy2(file, staging / file.name)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

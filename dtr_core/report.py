@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from .direction import Direction
 from .io import write_json, write_text
-
-if TYPE_CHECKING:
-    from .pipeline import RunSummary
 
 TRAJECTORY_PLOT = "search_trajectory.png"
 DISTILL_PLOT = "distill_loss.png"
+
+
+@dataclass
+class RunSummary:
+    """What one run found and measured: the content of report.json."""
+
+    output_dir: str
+    model: str
+    family: str
+    num_layers: int
+    metric: str
+    direction: Direction
+    exported: str  # "opt" or "best"
+    linear_layers: tuple[int, ...]
+    scores: dict[str, dict[str, float]]  # {"validation"|"test": {"full"|"m_opt"|"m_best": score}}
+    m_opt: tuple[int, ...]
+    m_best: tuple[int, ...]
+    evaluations: int
+    layer_forwards: int
+    layer_forwards_without_reuse: int
+    stage_seconds: dict[str, float]
+    distillation: list[dict]
+    capture_tokens: int
+    export_dir: str
+    report_dir: str
+    search: dict
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunSummary:
+        return cls(**{**data, "direction": Direction(data["direction"])})
 
 
 def _plot_trajectory(summary: RunSummary, path: Path) -> None:
@@ -58,13 +89,12 @@ def _plot_distillation(summary: RunSummary, path: Path) -> None:
 
 def render_markdown(summary: RunSummary) -> str:
     scores = summary.scores
-    arrow = "higher is better" if summary.higher_is_better else "lower is better"
     selection = summary.search["result"]["selection"]
     lines = [
         "# DtR run report",
         "",
         f"- Teacher: `{summary.model}` ({summary.family}, {summary.num_layers} layers)",
-        f"- Metric: {summary.metric} ({arrow}); tolerance {selection['tolerance']} "
+        f"- Metric: {summary.metric} ({summary.direction.phrase}); tolerance {selection['tolerance']} "
         f"({selection['tolerance_mode']}), P_min = {selection['p_min']:.4f}",
         f"- Exported: M_{summary.exported} — linear layers {list(summary.linear_layers)} "
         f"({len(summary.linear_layers)}/{summary.num_layers}) → `{summary.export_dir}`",

@@ -9,12 +9,32 @@ so one trajectory recorded with ``run_to_end`` answers every tolerance (``read_o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
 
+from .direction import Direction
 from .specs import SearchSpec
 
-Evaluate = Callable[[frozenset[int]], float]
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Scores candidate hybrids for the search: ``evaluator(linear_layers) -> validation score``."""
+
+    def __call__(self, linear_layers: frozenset[int]) -> float:
+        """The validation score of the model with ``linear_layers`` replaced by their students."""
+
+    def rebase(self, linear_layers: frozenset[int]) -> None:
+        """The search kept ``linear_layers``: later candidates extend it (an evaluator that caches
+        the current hybrid's hidden states moves them; others do nothing)."""
+
+
+@runtime_checkable
+class RoundEvaluator(Evaluator, Protocol):
+    """An evaluator that takes a whole round's candidates at once (e.g. to score them in parallel)."""
+
+    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[float, float]]:
+        """(score, seconds) per candidate, in order."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,7 @@ class Selection:
 class SearchResult:
     num_layers: int
     candidates: tuple[int, ...]
-    higher_is_better: bool
+    direction: Direction
     tolerance: float
     tolerance_mode: str
     full_score: float
@@ -70,56 +90,50 @@ class SearchResult:
     def to_json(self) -> dict:
         return {**asdict(self), "selection": asdict(self.selection)}
 
-
-def minimum_score(full_score: float, tolerance: float, mode: str, higher_is_better: bool) -> float:
-    """P_min: the worst acceptable validation score."""
-    if mode == "relative":
-        margin = abs(full_score) * tolerance
-    elif mode == "absolute":
-        margin = tolerance
-    else:
-        raise ValueError(f"tolerance_mode={mode!r}: must be 'relative' or 'absolute'")
-    return full_score - margin if higher_is_better else full_score + margin
-
-
-def _at_least(score: float, threshold: float, higher_is_better: bool) -> bool:
-    return score >= threshold if higher_is_better else score <= threshold
-
-
-def _better(a: float, b: float, higher_is_better: bool) -> bool:
-    return a > b if higher_is_better else a < b
+    @classmethod
+    def from_json(cls, data: dict) -> SearchResult:
+        """The inverse of ``to_json`` (the selection is derived again, not read)."""
+        fields = {k: v for k, v in data.items() if k != "selection"}
+        return cls(**{
+            **fields,
+            "candidates": tuple(fields["candidates"]),
+            "direction": Direction(fields["direction"]),
+            "evaluations": tuple(Evaluation(**{**e, "linear_layers": tuple(e["linear_layers"])})
+                                 for e in fields["evaluations"]),
+            "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"])})
+                                for s in fields["trajectory"]),
+        })
 
 
-def greedy_replace(num_layers: int, evaluate: Evaluate, spec: SearchSpec, higher_is_better: bool,
+def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec, direction: Direction,
                    clock: Callable[[], float] = time.perf_counter) -> SearchResult:
-    """Run the greedy search; ``evaluate(linear_layers) -> validation score`` is called once per candidate.
+    """Run the greedy search; ``evaluator`` is called once per candidate (see ``Evaluator``).
 
-    If ``evaluate`` has a ``rebase(linear_layers)`` method it is called each time a swap is kept,
-    so evaluators that cache the current hybrid's hidden states can move to the new one.
-    If it has ``evaluate_round(layer_sets) -> [(score, seconds), ...]``, each round's candidates
-    (independent of each other) are handed over together, e.g. to score them in parallel.
-    Ties within a round go to the lowest layer index (deterministic).
+    ``evaluator.rebase`` is called each time a swap is kept. A ``RoundEvaluator`` gets each round's
+    candidates (independent of each other) together. Ties within a round go to the lowest layer
+    index (deterministic).
     """
     candidates = sorted(range(num_layers) if spec.candidate_layers is None else spec.candidate_layers)
     if any(i >= num_layers for i in candidates):
         raise ValueError(f"candidate_layers {candidates} include layers outside 0..{num_layers - 1}")
-    rebase = getattr(evaluate, "rebase", None)
-    evaluate_round = getattr(evaluate, "evaluate_round", None)
     evaluations: list[Evaluation] = []
 
     def timed(layers: frozenset[int]) -> tuple[float, float]:
         started = clock()
-        score = evaluate(layers)
+        score = evaluator(layers)
         return score, clock() - started
 
     def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[float]:
-        results = evaluate_round(layer_sets) if evaluate_round else [timed(s) for s in layer_sets]
+        if isinstance(evaluator, RoundEvaluator):
+            results = evaluator.evaluate_round(layer_sets)
+        else:
+            results = [timed(s) for s in layer_sets]
         for layers, (score, seconds) in zip(layer_sets, results, strict=True):
             evaluations.append(Evaluation(round_, tuple(sorted(layers)), float(score), seconds))
         return [float(score) for score, _ in results]
 
     (full_score,) = score_round(0, [frozenset()])
-    p_min = minimum_score(full_score, spec.tolerance, spec.tolerance_mode, higher_is_better)
+    p_min = direction.worst_acceptable(full_score, spec.tolerance, spec.tolerance_mode)
     kept: frozenset[int] = frozenset()
     trajectory: list[Step] = []
     stopped_because = "every candidate layer is linear"
@@ -128,19 +142,19 @@ def greedy_replace(num_layers: int, evaluate: Evaluate, spec: SearchSpec, higher
         scores = score_round(round_, [kept | {layer_idx} for layer_idx in remaining])
         best_layer, best_score = None, None
         for layer_idx, score in zip(remaining, scores):
-            if best_score is None or _better(score, best_score, higher_is_better):
+            if best_score is None or direction.better(score, best_score):
                 best_layer, best_score = layer_idx, score
-        meets = _at_least(best_score, p_min, higher_is_better)
+        meets = direction.meets(best_score, p_min)
         if not meets and not spec.run_to_end:
             stopped_because = f"round {round_}: best candidate scored {best_score:.6g}, below P_min {p_min:.6g}"
             break
         kept = kept | {best_layer}
         trajectory.append(Step(round_, best_layer, tuple(sorted(kept)), best_score, meets))
-        if rebase is not None and round_ < len(candidates):
-            rebase(kept)
+        if round_ < len(candidates):
+            evaluator.rebase(kept)
 
     return SearchResult(
-        num_layers=num_layers, candidates=tuple(candidates), higher_is_better=higher_is_better,
+        num_layers=num_layers, candidates=tuple(candidates), direction=direction,
         tolerance=spec.tolerance, tolerance_mode=spec.tolerance_mode, full_score=full_score,
         evaluations=tuple(evaluations), trajectory=tuple(trajectory), stopped_because=stopped_because,
     )
@@ -152,12 +166,12 @@ def read_off(result: SearchResult, tolerance: float, tolerance_mode: str = "rela
     Exact when the recorded run went at least as far as this tolerance would have (always true for
     a ``run_to_end`` trajectory; otherwise a looser tolerance than the run's raises).
     """
-    hib = result.higher_is_better
-    p_min = minimum_score(result.full_score, tolerance, tolerance_mode, hib)
+    direction = result.direction
+    p_min = direction.worst_acceptable(result.full_score, tolerance, tolerance_mode)
     accepted = []
     stop_round = None
     for step in result.trajectory:
-        if not _at_least(step.score, p_min, hib):
+        if not direction.meets(step.score, p_min):
             stop_round = step.round
             break
         accepted.append(step)
@@ -167,8 +181,7 @@ def read_off(result: SearchResult, tolerance: float, tolerance_mode: str = "rela
         round_scores = [e.score for e in result.evaluations if e.round == next_round]
         if not round_scores:
             raise ValueError("the recorded search stopped before this tolerance would; rerun with run_to_end")
-        best = max(round_scores) if hib else min(round_scores)
-        if _at_least(best, p_min, hib):
+        if direction.meets(direction.best(round_scores), p_min):
             raise ValueError(
                 f"tolerance {tolerance} would continue past where the recorded search stopped; "
                 "rerun the search with run_to_end=True"
@@ -182,7 +195,7 @@ def read_off(result: SearchResult, tolerance: float, tolerance_mode: str = "rela
     m_best, m_best_score = (), result.full_score
     for e in hybrids:
         # Ties toward more replacements.
-        if (m_best == () or _better(e.score, m_best_score, hib)
+        if (m_best == () or direction.better(e.score, m_best_score)
                 or (e.score == m_best_score and len(e.linear_layers) > len(m_best))):
             m_best, m_best_score = e.linear_layers, e.score
     return Selection(

@@ -1,8 +1,7 @@
-"""Hydra config → dtr_core specs (validated) + the pipeline's own options."""
+"""Hydra config → dtr_core specs (validated) + the orchestration's own options."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,39 +12,13 @@ from dtr_core.specs import (
     ModelSpec,
     RunSpec,
     SearchSpec,
-    SpecError,
     StudentSpec,
     TargetSpec,
     spec_from_dict,
 )
+from tasks.options import PipelineOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-TASK_RUNNERS = ("thread", "dask")
-DASK_CLUSTERS = ("cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """What the flow needs beyond the method's specs."""
-
-    cache_dir: str
-    refresh: frozenset[str]
-    task_runner: str
-    max_workers: int
-    dask_address: str | None
-    dask_workers: int
-    dask_cluster: str
-    tracking_enabled: bool
-    tracking_uri: str
-    experiment: str
-
-    def __post_init__(self) -> None:
-        if self.task_runner not in TASK_RUNNERS:
-            raise SpecError(f"runtime.task_runner={self.task_runner!r}: must be one of {list(TASK_RUNNERS)}")
-        if self.dask_cluster not in DASK_CLUSTERS:
-            raise SpecError(f"runtime.dask_cluster={self.dask_cluster!r}: must be one of {list(DASK_CLUSTERS)}")
-        if self.max_workers < 1 or self.dask_workers < 1:
-            raise SpecError("runtime.max_workers and runtime.dask_workers must be >= 1")
 
 
 def compose(overrides: list[str] | None = None) -> dict[str, Any]:

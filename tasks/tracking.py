@@ -1,13 +1,19 @@
-"""MLflow tracking of one DtR flow run: params, per-layer curves, every evaluation, scores, artefacts."""
+"""MLflow as a ``dtr_core.tracking.Tracker``: one MLflow run per flow run."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dtr_core.pipeline import RunSummary, SearchOutcome
+from dtr_core.tracking import NoTracking, Tracker
+
+from .options import PipelineOptions
+
+# MLflow accepts at most 1000 metrics in one batch.
+BATCH = 900
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -22,65 +28,73 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class RunTracker:
-    """One MLflow run per flow run; jobs of one sweep share the ``sweep`` tag and the experiment."""
+class MlflowTracker:
+    """Logs into one MLflow run by its id, through a client of its own: picklable, so stages on
+    Dask workers log into the same run."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> None:
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.run_name, self.tags = run_name, dict(tags)
-        self.run_id: str | None = None
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._client = None
 
-    def __enter__(self) -> RunTracker:
-        import mlflow
+    def __getstate__(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_experiment(self.experiment)
-        self.run_id = mlflow.start_run(run_name=self.run_name, tags=self.tags).info.run_id
-        return self
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        import mlflow
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
 
-        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+    def _log_batch(self, metrics: list) -> None:
+        for start in range(0, len(metrics), BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + BATCH])
 
-    def log_config(self, config: Mapping[str, Any], config_yaml: str) -> None:
-        import mlflow
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
 
-        mlflow.log_params(flatten(config))
-        mlflow.log_text(config_yaml, "config.yaml")
+        items = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's limit for params in one batch
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
 
-    def log_distillation(self, records: Sequence[Mapping]) -> None:
-        import mlflow
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        client = mlflow.tracking.MlflowClient()
-        for record in records:
-            layer = record["layer_idx"]
-            metrics = [Metric(f"distill/layer_{layer:02d}/loss", value, now, step)
-                       for step, value in enumerate(record["loss_curve"])]
-            metrics += [Metric(f"distill/layer_{layer:02d}/rel_error_init", record["rel_error_init"], now, 0),
-                        Metric(f"distill/layer_{layer:02d}/rel_error_final", record["rel_error_final"], now, 0)]
-            for start in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 entries
-                client.log_batch(self.run_id, metrics=metrics[start:start + 900])
+        self._log_batch([Metric(key, float(value), now, step or 0) for key, value in metrics.items()])
 
-    def log_search(self, outcome: SearchOutcome) -> None:
-        import mlflow
+    def log_series(self, name: str, values: Sequence[float], first_step: int) -> None:
+        from mlflow.entities import Metric
 
-        result = outcome.result
-        for index, evaluation in enumerate(result.evaluations):
-            mlflow.log_metric("search/evaluation_score", evaluation.score, step=index)
-        for step in result.trajectory:
-            mlflow.log_metric("search/trajectory_score", step.score, step=len(step.linear_layers))
-        mlflow.log_metrics({"search/layer_forwards": outcome.layer_forwards,
-                            "search/layer_forwards_without_reuse": outcome.layer_forwards_without_reuse})
+        now = int(time.time() * 1000)
+        self._log_batch([Metric(name, float(value), now, first_step + i) for i, value in enumerate(values)])
 
-    def log_summary(self, summary: RunSummary, report_dir: str | Path) -> None:
-        import mlflow
+    def log_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
 
-        for split, scores in summary.scores.items():
-            mlflow.log_metrics({f"{split}/{name}": value for name, value in scores.items()})
-        mlflow.log_metrics({"linear_layers": len(summary.linear_layers), "evaluations": summary.evaluations})
-        mlflow.log_metrics({f"seconds/{stage}": seconds for stage, seconds in summary.stage_seconds.items()})
-        mlflow.set_tags({"linear_layer_set": str(list(summary.linear_layers)), "export_dir": summary.export_dir})
-        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+
+@contextmanager
+def open_tracker(options: PipelineOptions, run_name: str, tags: Mapping[str, str]) -> Iterator[Tracker]:
+    """The flow run's tracker: an MLflow run (ended FINISHED, or FAILED on an error), or no tracking."""
+    if not options.tracking_enabled:
+        yield NoTracking()
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(options.tracking_uri)
+    mlflow.set_experiment(options.experiment)
+    run = mlflow.start_run(run_name=run_name, tags=dict(tags))
+    status = "FAILED"
+    try:
+        yield MlflowTracker(options.tracking_uri, run.info.run_id)
+        status = "FINISHED"
+    finally:
+        mlflow.end_run(status=status)

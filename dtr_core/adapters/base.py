@@ -1,4 +1,4 @@
-"""The adapter contract and the registry of supported families."""
+"""The adapter contract: what every model family's adapter says about its attention."""
 
 from __future__ import annotations
 
@@ -114,39 +114,3 @@ class ModelAdapter:
     def check_layer_idx(self, layer_idx: int) -> None:
         if not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx={layer_idx} is outside 0..{self.num_layers - 1}")
-
-
-_ADAPTERS: list[type[ModelAdapter]] = []
-
-
-def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    _ADAPTERS.append(cls)
-    return cls
-
-
-def supported_model_types() -> dict[str, tuple[str, ...]]:
-    """Family name → the ``config.model_type`` values it covers."""
-    _load_families()
-    return {cls.family: cls.model_types for cls in _ADAPTERS}
-
-
-def adapter_for(model_or_config) -> ModelAdapter:
-    """The adapter for a model (or its config); unknown families fail with the supported list."""
-    _load_families()
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    for cls in _ADAPTERS:
-        if model_type in cls.model_types:
-            adapter = cls(config)
-            adapter.check_supported()
-            return adapter
-    families = "; ".join(f"{cls.family} ({', '.join(cls.model_types)})" for cls in _ADAPTERS)
-    raise UnsupportedModelError(
-        f"model_type {model_type!r} is not supported. Supported families: {families}. "
-        "Adding a family means writing one adapter in dtr_core/adapters/."
-    )
-
-
-def _load_families() -> None:
-    # Importing the family modules registers them; done lazily to avoid an import cycle.
-    from . import bert, gpt2, llama  # noqa: F401

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionWeights, ModelAdapter, UnsupportedModelError, register
+from .base import AttentionWeights, ModelAdapter, UnsupportedModelError
 
 
-@register
 class BertAdapter(ModelAdapter):
     family = "bert"
     model_types = ("bert",)

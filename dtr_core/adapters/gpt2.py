@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionWeights, ModelAdapter, UnsupportedModelError, register
+from .base import AttentionWeights, ModelAdapter, UnsupportedModelError
 
 
-@register
 class GPT2Adapter(ModelAdapter):
     family = "gpt2"
     model_types = ("gpt2",)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import AttentionWeights, ModelAdapter, UnsupportedModelError, register
+from .base import AttentionWeights, ModelAdapter, UnsupportedModelError
 
 
-@register
 class LlamaLikeAdapter(ModelAdapter):
     family = "llama-like"
     model_types = ("llama", "qwen2", "mistral")

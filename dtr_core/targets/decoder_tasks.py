@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..batching import pad_rows
+from ..direction import Direction
 from ..specs import TargetSpec
 from .data import DataError, TaskData, TextSplit
 
@@ -154,7 +155,7 @@ def tokenize_prompts(tokenizer, data: TaskData, split: TextSplit, spec: TargetSp
 class MultipleChoice:
     """Accuracy of the answer with the highest summed log-probability of its continuation tokens."""
 
-    higher_is_better = True
+    direction = Direction.HIGHER
     metric_name = "mc_accuracy"
 
     def collect(self, output: Any, batch: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, ...]:
@@ -195,7 +196,7 @@ class ExactMatch:
     ``collect`` takes the generated new tokens ``[B, max_new_tokens]`` (not a forward output).
     """
 
-    higher_is_better = True
+    direction = Direction.HIGHER
     metric_name = "exact_match"
 
     def __init__(self, tokenizer, answer_texts: Sequence[str], max_new_tokens: int) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..direction import Direction
 from ..specs import LABELLED_KINDS, PROMPTED_KINDS, TargetSpec
 from .data import DataError, TaskData, TextSplit
 
@@ -78,7 +79,7 @@ class LinearProbe:
 class ProbeClassification:
     """Accuracy of a frozen probe on the candidate's pooled embeddings."""
 
-    higher_is_better = True
+    direction = Direction.HIGHER
     metric_name = "accuracy"
 
     def __init__(self, probe: LinearProbe) -> None:
@@ -116,7 +117,7 @@ def fit_probe(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], *
 class Perplexity:
     """exp(mean next-token negative log-likelihood over real tokens)."""
 
-    higher_is_better = False
+    direction = Direction.LOWER
     metric_name = "perplexity"
 
     def collect(self, output: Any, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:

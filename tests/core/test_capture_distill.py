@@ -8,7 +8,7 @@ from conftest import synthetic_texts, tiny_model, tiny_tokenizer
 
 from dtr_core.adapters import adapter_for
 from dtr_core.capture import CaptureManifest, capture_teacher, load_layer_activations, tokenize_for_capture
-from dtr_core.distill import distill_layer
+from dtr_core.distill import CURVE_LOG_EVERY, distill_layer
 from dtr_core.io import IntegrityError
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.specs import CaptureSpec, DistillSpec, StudentSpec
@@ -106,9 +106,15 @@ def test_distillation_lowers_relative_error(family, kind, tmp_path):
     student = student_from_teacher(StudentSpec(kind=kind), adapter.read_attention_weights(model, 1),
                                    causal=adapter.causal)
     teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = distill_layer(student, data, DistillSpec(epochs=10, batch_size=8, warmup_steps=5), layer_idx=1)
+    calls = []
+    result = distill_layer(student, data, DistillSpec(epochs=10, batch_size=8, warmup_steps=5), layer_idx=1,
+                           log_curve=lambda *args: calls.append(args))
     assert result.rel_error_final < 0.7 * result.rel_error_init
-    assert len(result.loss_curve) == result.steps > 0
+    assert len(result.loss_curve) == result.steps > CURVE_LOG_EVERY
+    # Logged while training ran: every CURVE_LOG_EVERY steps, the rest at the end, in order.
+    assert [(layer_idx, first) for layer_idx, first, _ in calls] == [
+        (1, first) for first in range(0, result.steps, CURVE_LOG_EVERY)]
+    assert [loss for _, _, losses in calls for loss in losses] == result.loss_curve
     assert result.train_tokens > 0
     assert set(result.state_dict) == set(student.state_dict())
     for name, tensor in model.state_dict().items():  # the teacher is frozen

@@ -7,10 +7,11 @@ import torch
 from conftest import save_tiny_model, synthetic_texts, tiny_model, tiny_tokenizer, write_jsonl
 
 from dtr_core.adapters import adapter_for
+from dtr_core.direction import Direction
 from dtr_core.evaluation import GenerationEvaluator, PrefixCachingEvaluator
 from dtr_core.hybrid import hybrid_view
 from dtr_core.linear.build import student_from_teacher
-from dtr_core.pipeline import run_dtr
+from dtr_core.run import run_dtr
 from dtr_core.search import greedy_replace
 from dtr_core.specs import (
     CaptureSpec,
@@ -208,7 +209,7 @@ def test_multiple_choice_prefix_reuse_gives_identical_scores():
     search = SearchSpec(tolerance=0.5, run_to_end=True)
     scorers = {reuse: RecordingMultipleChoice() for reuse in (True, False)}
     results = {reuse: greedy_replace(3, PrefixCachingEvaluator(model, adapter, students, batches, scorer,
-                                                               prefix_reuse=reuse), search, True)
+                                                               prefix_reuse=reuse), search, Direction.HIGHER)
                for reuse, scorer in scorers.items()}
     with_reuse, without = ([(e.linear_layers, e.score) for e in results[r].evaluations] for r in (True, False))
     assert with_reuse == without and len(with_reuse) == 7
@@ -335,7 +336,7 @@ def test_tiny_run_with_a_prompted_target(tmp_path, kind):
     )
     summary = run_dtr(run, log=lambda line: None)
     assert summary.metric == {"multiple_choice": "mc_accuracy", "exact_match": "exact_match"}[kind]
-    assert summary.higher_is_better and summary.evaluations == 1 + 2 * 3 // 2
+    assert summary.direction is Direction.HIGHER and summary.evaluations == 1 + 2 * 3 // 2
     assert all(0.0 <= score <= 1.0 for score in summary.scores["test"].values())
     assert (summary.layer_forwards < summary.layer_forwards_without_reuse) == (kind == "multiple_choice")
 

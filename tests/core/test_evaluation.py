@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_model
 
 from dtr_core.adapters import adapter_for
+from dtr_core.direction import Direction
 from dtr_core.evaluation import PrefixCachingEvaluator
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.search import greedy_replace
@@ -17,7 +18,7 @@ NUM_LAYERS = 4
 class PooledMean:
     """A continuous encoder score (mean of pooled embeddings), so equality is checked to the last bit."""
 
-    higher_is_better = True
+    direction = Direction.HIGHER
 
     def collect(self, output, batch):
         return mean_pooled(output, batch["attention_mask"]).sum().item(), batch["input_ids"].shape[0]
@@ -54,7 +55,7 @@ def test_prefix_reuse_gives_identical_scores(family, kind):
     results = {}
     for reuse in (True, False):
         evaluator = PrefixCachingEvaluator(model, adapter, students, batches(), scorer, prefix_reuse=reuse)
-        results[reuse] = (greedy_replace(NUM_LAYERS, evaluator, spec, scorer.higher_is_better), evaluator)
+        results[reuse] = (greedy_replace(NUM_LAYERS, evaluator, spec, scorer.direction), evaluator)
     with_reuse, without = results[True][0], results[False][0]
     assert [e.linear_layers for e in with_reuse.evaluations] == [e.linear_layers for e in without.evaluations]
     for a, b in zip(with_reuse.evaluations, without.evaluations):
@@ -71,7 +72,7 @@ def test_prefix_reuse_gives_identical_scores(family, kind):
 class ScriptedPreference(Perplexity):
     """Runs real forwards but scores candidates by a script: later layers are preferred."""
 
-    higher_is_better = True
+    direction = Direction.HIGHER
     layers: frozenset = frozenset()
 
     def score(self, collected):
@@ -90,12 +91,18 @@ def test_forward_count_of_a_full_trajectory(prefix_reuse, expected):
     scorer = ScriptedPreference()
     evaluator = PrefixCachingEvaluator(model, adapter, students, batches(), scorer, prefix_reuse=prefix_reuse)
 
-    def evaluate(layers):
-        scorer.layers = layers
-        return evaluator(layers)
+    class ScriptedEvaluator:
+        """Tells the scorer which candidate it scores; rebases the real evaluator."""
 
-    evaluate.rebase = evaluator.rebase
-    result = greedy_replace(NUM_LAYERS, evaluate, SearchSpec(tolerance=0.5, run_to_end=True), True)
+        def __call__(self, layers):
+            scorer.layers = layers
+            return evaluator(layers)
+
+        def rebase(self, layers):
+            evaluator.rebase(layers)
+
+    result = greedy_replace(NUM_LAYERS, ScriptedEvaluator(), SearchSpec(tolerance=0.5, run_to_end=True),
+                            Direction.HIGHER)
     assert [s.added_layer for s in result.trajectory] == [3, 2, 1, 0]
     assert evaluator.layer_forwards == expected
     assert evaluator.layer_forwards_full == 44

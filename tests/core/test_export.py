@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +12,14 @@ from conftest import tiny_model, tiny_tokenizer
 
 from dtr_core.adapters import adapter_for
 from dtr_core.export import export_hybrid
+from dtr_core.export.hf_folder import COPIED_SOURCES, MODELING_FILE, hybrid_class_source
 from dtr_core.hybrid import hybrid_view
 from dtr_core.io import load_tensors, save_tensors
+from dtr_core.linear import modeling_dtr_hybrid
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.specs import ExportSpec, StudentSpec
+
+STUDENT_CLASSES = {"gla": "GLAStudent", "gated_deltanet": "GatedDeltaNetStudent"}
 
 # Runs in a fresh interpreter where importing dtr_core fails, as on a user's machine.
 LOADER = textwrap.dedent("""
@@ -64,8 +69,7 @@ def test_export_reload_reproduces_hybrid(family, kind, linear_layers, tmp_path):
     assert config["layer_types"] == ["linear_attention" if i in linear_layers else "full_attention" for i in range(2)]
     assert [s["student_type"] for s in config["dtr_hybrid"]["students"]] == [kind] * len(linear_layers)
     assert config["auto_map"] == {manifest.auto_class: f"modeling_dtr_hybrid.{manifest.class_name}"}
-    assert {"model.safetensors", "modeling_dtr_hybrid.py", "students.py", "ops.py", "tokenizer.json"} <= set(
-        manifest.files)
+    assert {"model.safetensors", MODELING_FILE, *COPIED_SOURCES, "tokenizer.json"} <= set(manifest.files)
     assert adapter.attention_module(model, linear_layers[0]) is not chosen[linear_layers[0]]  # base untouched
 
     ids = torch.randint(4, 100, (2, 11), generator=torch.Generator().manual_seed(42))
@@ -82,7 +86,7 @@ def test_export_reload_reproduces_hybrid(family, kind, linear_layers, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("LinearAttentionStudent") == len(linear_layers)
+    assert run.stdout.count(STUDENT_CLASSES[kind]) == len(linear_layers)
     reloaded = load_tensors(tmp_path / "out.safetensors")["out"]
     assert (reloaded - expected).abs().max().item() <= 1e-5
 
@@ -135,3 +139,28 @@ def test_exported_model_prefers_flash_attention_where_it_can_run(tmp_path, monke
     assert load(True, False, dtype=torch.bfloat16) is None
     assert load(False, True, dtype=torch.bfloat16) is None
     assert load(True, True, dtype=torch.bfloat16, attn_implementation="sdpa") == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_modeling_file_is_the_package_module_plus_the_hybrid_class(family, tmp_path):
+    """The exported modeling file is dtr_core/linear/modeling_dtr_hybrid.py with one class appended (the
+    generation mixin only for a base class that generates); in process the same mixins load the folder."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    students = trained_like_students(model, adapter, "gla")
+    manifest = export_hybrid(model, adapter, tiny_tokenizer(), {1: students[1]}, tmp_path / "hybrid", ExportSpec())
+    exported = (tmp_path / "hybrid" / MODELING_FILE).read_text()
+    assert exported == Path(modeling_dtr_hybrid.__file__).read_text() + hybrid_class_source(manifest.class_name,
+                                                                                             type(model))
+    base = type(model).__name__
+    mixin = "DtrHybridMixin" if family == "bert" else "DtrHybridGenerationMixin"
+    assert f"class DtrHybrid{base}({mixin}, transformers.{base}):" in exported.splitlines()
+
+    hybrid_class = type(manifest.class_name, (getattr(modeling_dtr_hybrid, mixin), type(model)), {})
+    hybrid = hybrid_class.from_pretrained(str(tmp_path / "hybrid")).eval()
+    ids = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(42))
+    with torch.no_grad(), hybrid_view(model, adapter, students, (1,)):
+        expected = model(input_ids=ids)
+        got = hybrid(input_ids=ids)
+    key = "last_hidden_state" if family == "bert" else "logits"
+    assert torch.equal(got[key], expected[key])

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model, tiny_tokenizer
@@ -121,6 +122,7 @@ def read_samples(out_dir, task: str) -> list[dict]:
     return sorted(samples, key=lambda sample: sample["doc_id"])
 
 
+@pytest.mark.integration
 def test_lm_eval_runs_local_tasks_on_exported_hybrid(tmp_path):
     model, adapter, students = tiny_hybrid()
     tokenizer = tiny_tokenizer()

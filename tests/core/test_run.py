@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import save_tiny_model, synthetic_texts, write_jsonl
 
-from dtr_core.pipeline import run_dtr
+from dtr_core.direction import Direction
+from dtr_core.run import RUN_FOLDER, run_dtr
 from dtr_core.specs import CaptureSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, TargetSpec
 
 
@@ -43,7 +44,20 @@ def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
     assert len(report["distillation"]) == 3
     config = json.loads((out / "hybrid" / "config.json").read_text())
     assert config["layer_types"].count("linear_attention") == len(summary.linear_layers)
-    assert summary.higher_is_better == (kind == "classification")
+    assert {p.name for p in out.iterdir()} == {*RUN_FOLDER, "cache"}
+    assert (summary.direction is Direction.HIGHER) == (kind == "classification")
+
+
+def test_a_second_run_reuses_every_stage(tmp_path):
+    """The command line caches its stages like the flow: started again, it computes nothing."""
+    run = tiny_run(tmp_path, "llama", "perplexity")
+    first = run_dtr(run, log=lambda line: None)
+    lines = []
+    second = run_dtr(run, log=lines.append)
+    hits = [line.split(":")[0] for line in lines if "cache hit" in line]
+    assert hits == ["capture", "distill layer 0", "distill layer 1", "distill layer 2", "search", "test scores",
+                    "export"]
+    assert (second.scores, second.linear_layers, second.search) == (first.scores, first.linear_layers, first.search)
 
 
 @pytest.mark.parametrize("mode", ["stream", "disk"])
@@ -65,17 +79,18 @@ def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
     (["--dataset", "/no/such/data.jsonl"], "does not exist"),
     (["--target-kind", "perplexity"], "needs a decoder"),
 ], ids=["tolerance", "student", "model-path", "dataset-path", "encoder-perplexity"])
+@pytest.mark.integration
 def test_cli_rejects_bad_input_before_heavy_work(tmp_path, args, message):
     out = tmp_path / "out"
     run = subprocess.run([sys.executable, "-m", "dtr_core", "--output-dir", str(out), *args],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 2, run.stderr[-2000:]
     assert message in run.stderr
-    assert not (out / "capture").exists() and not (out / "hybrid").exists()
+    assert not (out / "cache" / "capture").exists() and not (out / "hybrid").exists()
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):
-    from dtr_core.pipeline import OutputDirError, check_output_dir
+    from dtr_core.stages import OutputDirError, check_output_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -94,7 +109,7 @@ def test_unsupported_model_family_is_named(tmp_path):
         load_teacher(ModelSpec(path=str(tmp_path)))
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_minilm_end_to_end_on_a_small_budget(tmp_path):
     """The real teacher and the built-in BBC task: every layer's student improves on its init."""
     run = RunSpec(
@@ -114,15 +129,16 @@ def test_minilm_end_to_end_on_a_small_budget(tmp_path):
 
 def test_capture_from_general_text_files(tmp_path):
     """Distillation data can come from local text instead of the task's train split."""
-    from dtr_core.capture import load_layer_activations
-    from dtr_core.pipeline import capture_stage, open_run
+    from dtr_core.capture import CaptureManifest, load_layer_activations
+    from dtr_core.stages import capture_stage, run_context
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(" ".join(f"w{4 + i % 90}" for i in range(3000)))
     capture = CaptureSpec(source="text_files", text_files=(str(corpus),), token_budget=1500, max_length=24,
                           batch_size=16, dtype="float32")
-    ctx = open_run(tiny_run(tmp_path, "llama", "perplexity", capture=capture))
-    manifest = capture_stage(ctx, tmp_path / "capture")
+    run = tiny_run(tmp_path, "llama", "perplexity", capture=capture)
+    ctx = run_context(run)
+    manifest = CaptureManifest.from_json(capture_stage(run, tmp_path / "capture", print))
     assert 1500 <= manifest.tokens < 1500 + 24
     data = load_layer_activations(manifest, 0)
     first_block = ctx.teacher.tokenizer(corpus.read_text(), add_special_tokens=False)["input_ids"][:24]
@@ -135,10 +151,11 @@ def test_capture_from_general_text_files(tmp_path):
 def test_cli_flags_reach_the_specs():
     from dtr_core.__main__ import parse_args
 
-    run = parse_args(["--model", "smollm2-135m", "--model-dtype", "bfloat16", "--target-kind", "exact_match",
+    run, cache_dir = parse_args(["--model", "smollm2-135m", "--model-dtype", "bfloat16", "--target-kind", "exact_match",
                       "--eval-examples", "200", "--eval-batch-size", "100", "--mode", "stream",
                       "--token-budget", "1000", "--epochs", "3", "--run-to-end"])
     assert (run.model.path, run.model.dtype) == ("smollm2-135m", "bfloat16")
     assert (run.target.kind, run.target.max_eval_examples, run.target.batch_size) == ("exact_match", 200, 100)
     assert (run.capture.mode, run.capture.token_budget, run.distill.epochs) == ("stream", 1000, 3)
-    assert run.search.run_to_end
+    assert run.search.run_to_end and cache_dir is None
+    assert parse_args(["--cache-dir", "/shared/cache"])[1] == "/shared/cache"

@@ -96,7 +96,7 @@ def bbc_perplexity(teacher, examples: int = 8) -> float:
     return metric.score(collected)
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_smollm2_is_a_sane_llama_teacher(converted):
     cache, teacher, _ = converted
     model, tokenizer, adapter = teacher.model, teacher.tokenizer, teacher.adapter
@@ -121,7 +121,7 @@ def test_smollm2_is_a_sane_llama_teacher(converted):
     assert 10 < bbc_perplexity(teacher) < 40
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_second_load_reuses_the_cached_folder(converted):
     cache, first, first_seconds = converted
     folder = cache / "smollm2-135m-b179c9523d0e"
@@ -134,7 +134,7 @@ def test_second_load_reuses_the_cached_folder(converted):
     assert model_fingerprint(again.model) == model_fingerprint(first.model)
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_incomplete_cached_folder_is_rebuilt(converted):
     cache, _, _ = converted
     folder = cache / "smollm2-135m-b179c9523d0e"
@@ -149,7 +149,7 @@ def test_incomplete_cached_folder_is_rebuilt(converted):
     assert read_json(marker) == complete  # converted again, the same files byte for byte
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_smollm2_hybrid_generates_with_recurrent_cache(converted, tmp_path):
     """An exported SmolLM2 hybrid decodes with its cache exactly as by recomputing every step."""
     from transformers import AutoModelForCausalLM

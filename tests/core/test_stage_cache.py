@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dtr_core.io import save_tensors, sha256_file
-from tasks.cache import StageCache
+from dtr_core.stage_cache import StageCache
 
 
 @pytest.fixture

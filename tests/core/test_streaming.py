@@ -15,10 +15,11 @@ from conftest import save_tiny_model, synthetic_texts, tiny_model, tiny_tokenize
 
 from dtr_core.adapters import adapter_for
 from dtr_core.capture import tokenize_for_capture
+from dtr_core.checkpoints import CHECKPOINT_MANIFEST
 from dtr_core.io import IntegrityError, load_tensors, save_tensors
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.specs import CaptureSpec, DistillSpec, SpecError, StudentSpec
-from dtr_core.streaming import CHECKPOINT_MANIFEST, choose_mode, estimate_capture_bytes, stream_distill
+from dtr_core.streaming import choose_mode, estimate_capture_bytes, stream_distill
 
 TEXTS = [text for text, _ in synthetic_texts(400)]
 
@@ -50,12 +51,23 @@ def token_batches(adapter, capture=CAPTURE):
     return lambda: tokenize_for_capture(tiny_tokenizer(), TEXTS, capture, pack=adapter.causal)
 
 
-def stream(family, root, kind="gla", capture=CAPTURE, distill=DISTILL, batches=None):
+def stream(family, root, kind="gla", capture=CAPTURE, distill=DISTILL, batches=None, log_curve=None):
     model, adapter = sharpened_teacher(family)
     students = [student_from_teacher(StudentSpec(kind=kind), adapter.read_attention_weights(model, i),
                                      causal=adapter.causal, seed=42 + i) for i in range(adapter.num_layers)]
     return stream_distill(model, adapter, students, batches or token_batches(adapter, capture), capture, distill,
-                          root, "teacher-and-data")
+                          root, "teacher-and-data", log_curve=log_curve)
+
+
+def logged_curve(calls, layer_idx, first_step=0):
+    """One layer's losses as ``log_curve`` received them (``calls``: its arguments, in order),
+    joined; each chunk must start at a checkpoint, where the previous one ended."""
+    curve = []
+    for idx, first, losses in calls:
+        if idx == layer_idx:
+            assert first == first_step + len(curve) and first % DISTILL.checkpoint_every == 0
+            curve += losses
+    return curve
 
 
 def assert_same_students(a, b, rtol=0.0, atol=0.0):
@@ -95,19 +107,29 @@ def killing_batches(batches, after: int):
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
-    uninterrupted = stream("llama", tmp_path / "a")
+    calls = {"a": [], "killed": [], "resumed": []}
+    uninterrupted = stream("llama", tmp_path / "a", log_curve=lambda *args: calls["a"].append(args))
     _, adapter = sharpened_teacher("llama")
     per_pass = len(list(token_batches(adapter)()))
     # Killed in the second epoch: the held-out batches, the whole first pass, 5 batches more.
     with pytest.raises(KeyboardInterrupt):
-        stream("llama", tmp_path / "b", batches=killing_batches(token_batches(adapter), 2 + per_pass + 5))
-    resumed = stream("llama", tmp_path / "b")
+        stream("llama", tmp_path / "b", batches=killing_batches(token_batches(adapter), 2 + per_pass + 5),
+               log_curve=lambda *args: calls["killed"].append(args))
+    resumed = stream("llama", tmp_path / "b", log_curve=lambda *args: calls["resumed"].append(args))
     assert 0 < resumed.resumed_from_step < uninterrupted.steps
     assert resumed.steps == uninterrupted.steps and resumed.train_tokens == uninterrupted.train_tokens
     assert_same_students(resumed, uninterrupted)  # bit for bit
     for a, b in zip(resumed.layers, uninterrupted.layers):
         assert a.loss_curve == b.loss_curve
         assert (a.rel_error_init, a.rel_error_final) == (b.rel_error_init, b.rel_error_final)
+
+    # The curves were logged while training ran, and the resumed run continued the killed one's series.
+    for layer in uninterrupted.layers:
+        assert logged_curve(calls["a"], layer.layer_idx) == layer.loss_curve
+        before_kill = logged_curve(calls["killed"], layer.layer_idx)
+        assert len(before_kill) == resumed.resumed_from_step  # up to the checkpoint the run resumed from
+        after = logged_curve(calls["resumed"], layer.layer_idx, first_step=resumed.resumed_from_step)
+        assert before_kill + after == layer.loss_curve
 
 
 def test_checkpoints_of_another_configuration_are_not_resumed(tmp_path):
@@ -168,6 +190,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_processes_equal_one(tmp_path):
     mp.spawn(data_parallel_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     _, adapter = sharpened_teacher("bert")
@@ -204,6 +227,7 @@ def test_mode_follows_the_disk_budget():
 
 # --- the command line under torchrun -----------------------------------------------------------
 
+@pytest.mark.integration
 def test_torchrun_cli_streams_data_parallel_and_runs_every_stage(tmp_path):
     model = save_tiny_model("llama", tmp_path / "model", num_layers=2)
     data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(120))

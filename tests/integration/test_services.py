@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from test_flow import REPO, exported_weights, flow_env, overrides, run_flow
 
+# Every test starts servers or flow processes.
+pytestmark = pytest.mark.integration
+
 VENV_BIN = Path(sys.executable).parent
 
 

@@ -153,7 +153,7 @@ def decode_logits(model, cache, input_ids, steps):
 def test_preallocated_cache_decodes_like_dynamic_cache_in_place(capacity):
     from transformers import DynamicCache
 
-    from dtr_core.linear.students import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
+    from dtr_core.linear.cache import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
 
     model = tiny_model("llama", num_layers=3)
     adapter = adapter_for(model)
@@ -178,7 +178,7 @@ def test_preallocated_layer_batch_operations_match_dynamic_layer():
 
     from transformers.cache_utils import DynamicLayer
 
-    from dtr_core.linear.students import PreallocatedLayer
+    from dtr_core.linear.cache import PreallocatedLayer
 
     torch.manual_seed(0)
     chunks = [(torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)) for n in (5, 1, 1)]

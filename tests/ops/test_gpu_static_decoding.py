@@ -8,14 +8,15 @@ from test_static_decoding import greedy_steps, prefill
 
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
-from dtr_core.linear import ops
+from dtr_core.linear import backends
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.linear.decoding import StaticDecoder, decode_attention
+from dtr_core.linear.gla import gla_step_
 from dtr_core.specs import StudentSpec
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not (torch.cuda.is_available() and ops.fla_available()), reason="needs CUDA and fla"),
+    pytest.mark.skipif(not (torch.cuda.is_available() and backends.fla_available()), reason="needs CUDA and fla"),
 ]
 
 
@@ -40,10 +41,10 @@ def test_triton_gla_step_matches_torch():
     g = torch.nn.functional.logsigmoid(torch.randn(5, 1, 12, 256, device="cuda")).bfloat16()
     initial = torch.randn(5, 12, 256, 129, device="cuda")
     expected_state = initial.clone()
-    expected = ops.gla_step_(q, k, v, g, 1.0, expected_state, backend="torch")
+    expected = gla_step_(q, k, v, g, 1.0, expected_state, backend="torch")
     state = initial.transpose(-1, -2).contiguous().transpose(-1, -2)
-    assert ops.resolve_step_backend("auto", q, state) == "triton"
-    got = ops.gla_step_(q, k, v, g, 1.0, state)
+    assert backends.resolve_step_backend("auto", q, state) == "triton"
+    got = gla_step_(q, k, v, g, 1.0, state)
     assert rel_err(got, expected) <= 1e-2 and rel_err(state, expected_state) <= 1e-4
 
 

@@ -1,5 +1,6 @@
-"""Tests for dtr_core.linear.ops: chunked forms vs the step-by-step references, dispatchers,
-and (marked `gpu`) fla's kernels vs the references."""
+"""Tests for the operators of dtr_core.linear.gla and .gated_deltanet: chunked forms vs the step-by-step
+references, dispatchers (backend choice: dtr_core.linear.backends), and (marked `gpu`) fla's kernels vs
+the references."""
 
 import os
 import re
@@ -9,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtr_core.linear import ops
+from dtr_core.linear import backends
+from dtr_core.linear.gated_deltanet import gated_delta, gated_delta_chunked, gated_delta_recurrent
+from dtr_core.linear.gla import gla, gla_chunked, gla_recurrent
 
 B, T, H, K, V = 2, 75, 2, 16, 12  # T is not a multiple of any tested chunk size
 SCALE = K**-0.5
@@ -72,13 +75,13 @@ class Mechanism(NamedTuple):
 
 
 MECHANISMS = {
-    "gla": Mechanism(gla_inputs, run_gla, ops.gla_recurrent, ops.gla_chunked, ops.gla),
+    "gla": Mechanism(gla_inputs, run_gla, gla_recurrent, gla_chunked, gla),
     "gated_delta": Mechanism(
         gated_delta_inputs,
         run_gated_delta,
-        ops.gated_delta_recurrent,
-        ops.gated_delta_chunked,
-        ops.gated_delta,
+        gated_delta_recurrent,
+        gated_delta_chunked,
+        gated_delta,
     ),
 }
 
@@ -195,8 +198,8 @@ def test_dispatcher_unknown_backend(mechanism):
 @pytest.mark.parametrize("backend", ["fla", "fla_recurrent"])
 def test_dispatcher_fla_without_fla(mechanism, backend, monkeypatch):
     m = MECHANISMS[mechanism]
-    monkeypatch.setattr(ops, "_FLA_IMPORT_ERROR", "ModuleNotFoundError: No module named 'fla'")
-    assert not ops.fla_available()
+    monkeypatch.setattr(backends, "_FLA_IMPORT_ERROR", "ModuleNotFoundError: No module named 'fla'")
+    assert not backends.fla_available()
     with pytest.raises(RuntimeError, match="flash-linear-attention"):
         m.run(m.dispatch, m.make(), backend=backend)
 
@@ -205,7 +208,7 @@ def test_dispatcher_fla_without_fla(mechanism, backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["fla", "fla_recurrent"])
 def test_dispatcher_fla_needs_cuda(mechanism, backend, monkeypatch):
     m = MECHANISMS[mechanism]
-    monkeypatch.setattr(ops, "_FLA_IMPORT_ERROR", None)  # pretend fla imported
+    monkeypatch.setattr(backends, "_FLA_IMPORT_ERROR", None)  # pretend fla imported
     inputs = m.make()
     with pytest.raises(RuntimeError, match="CUDA"):
         m.run(m.dispatch, inputs, backend=backend)
@@ -227,7 +230,7 @@ def _name(fn):
     return fn.__name__
 
 
-@pytest.mark.parametrize("fn", [ops.gla_recurrent, ops.gla_chunked, ops.gla], ids=_name)
+@pytest.mark.parametrize("fn", [gla_recurrent, gla_chunked, gla], ids=_name)
 @pytest.mark.parametrize(
     "index, shape",
     [(1, (B, T, H, K + 1)), (2, (B, T, H + 1, V)), (3, (B, T, H)), (4, (B, H, V, K))],
@@ -239,7 +242,7 @@ def test_gla_shape_errors(fn, index, shape):
 
 
 @pytest.mark.parametrize(
-    "fn", [ops.gated_delta_recurrent, ops.gated_delta_chunked, ops.gated_delta], ids=_name
+    "fn", [gated_delta_recurrent, gated_delta_chunked, gated_delta], ids=_name
 )
 @pytest.mark.parametrize(
     "index, shape",
@@ -269,7 +272,7 @@ def test_bad_chunk_size(mechanism, chunk_size):
 
 gpu = pytest.mark.gpu
 needs_fla = pytest.mark.skipif(
-    not (torch.cuda.is_available() and ops.fla_available()), reason="needs CUDA and fla"
+    not (torch.cuda.is_available() and backends.fla_available()), reason="needs CUDA and fla"
 )
 GPU_SHAPE = dict(t=100, kv=(64, 64))  # typical head sizes; T not a multiple of fla's chunk (64)
 # fla's chunk kernels do their fp32 matmuls (tl.dot) in TF32 unless Triton is started with
@@ -314,7 +317,7 @@ def test_fla_recurrent_decoding_step(mechanism):
 @needs_fla
 @mechanisms
 def test_fla_gradients_match_chunked(mechanism):
-    if mechanism == "gated_delta" and not ops.fla_gated_delta_backward_supported():
+    if mechanism == "gated_delta" and not backends.fla_gated_delta_backward_supported():
         pytest.skip("fla refuses the gated delta backward on Hopper with Triton < 3.7.1 (fla issue #640)")
     m = MECHANISMS[mechanism]
 

@@ -15,9 +15,9 @@ from test_generation import PROMPTS, exported_hybrid, perturbed_students
 
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
+from dtr_core.linear.cache import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
 from dtr_core.linear.decoding import StaticDecoder, cache_keyword, decode_attention, static_generate
-from dtr_core.linear.ops import gla_recurrent, gla_step_
-from dtr_core.linear.students import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
+from dtr_core.linear.gla import gla_recurrent, gla_step_
 
 STEPS = 5
 
@@ -136,7 +136,7 @@ def test_gla_step_in_place_matches_the_recurrence():
 INTERPRETED_KERNELS = textwrap.dedent("""
     import torch
     from dtr_core.linear.decoding import decode_attention
-    from dtr_core.linear.ops import gla_recurrent, gla_step_
+    from dtr_core.linear.gla import gla_recurrent, gla_step_
 
     torch.manual_seed(0)
     # Grouped-query attention with 3 query heads per key/value head; lengths inside a key block, on a
@@ -164,11 +164,12 @@ INTERPRETED_KERNELS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_triton_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", INTERPRETED_KERNELS], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
 
 

@@ -9,13 +9,19 @@ from conftest import tiny_model
 
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
-from dtr_core.linear import ops
-from dtr_core.linear import students as students_module
+from dtr_core.linear import backends
+from dtr_core.linear.base import INITIAL_SPAN_RANGE, key_padding_mask
 from dtr_core.linear.build import student_from_teacher
-from dtr_core.linear.students import LinearAttentionStudent, key_padding_mask
+from dtr_core.linear.gated_deltanet import GatedDeltaNetStudent
+from dtr_core.linear.gla import GLAStudent
+from dtr_core.linear.students import build_student
 from dtr_core.specs import StudentSpec
 
 KINDS = ("gla", "gated_deltanet")
+
+
+def new_student(kind, **config):
+    return build_student(dict(kind=kind, **config))
 
 
 def make_student(family, kind, feature_map="hedgehog", layer_idx=0):
@@ -42,13 +48,13 @@ def test_student_starts_from_teacher_projections(family, kind):
 
 
 def test_initial_gates_follow_documented_spans():
-    student = LinearAttentionStudent(kind="gla", hidden_size=32, num_heads=2, head_dim=8, causal=True)
+    student = GLAStudent(hidden_size=32, num_heads=2, head_dim=8, causal=True)
     retention = torch.sigmoid(student.gate_up.bias.view(2, 16))
-    low, high = students_module.INITIAL_SPAN_RANGE
+    low, high = INITIAL_SPAN_RANGE
     torch.testing.assert_close(1 / (1 - retention[0, 0]), torch.tensor(low))
     torch.testing.assert_close(1 / (1 - retention[0, -1]), torch.tensor(high), rtol=1e-3, atol=0)
     assert torch.count_nonzero(student.gate_up.weight) == 0  # data-independent at the start
-    delta = LinearAttentionStudent(kind="gated_deltanet", hidden_size=32, num_heads=2, head_dim=8, causal=True)
+    delta = GatedDeltaNetStudent(hidden_size=32, num_heads=2, head_dim=8, causal=True)
     torch.testing.assert_close(torch.sigmoid(delta.beta_proj.bias), torch.full((2,), 0.5))
     assert math.isclose(torch.sigmoid(delta.decay_proj.bias[0]).item(), 1 - 1 / low, rel_tol=1e-5)
 
@@ -58,8 +64,7 @@ def test_initial_gates_follow_documented_spans():
 def test_padding_does_not_change_real_positions(kind, feature_map):
     torch.manual_seed(42)
     for causal, side in ((True, "left"), (False, "right"), (True, "right")):
-        student = LinearAttentionStudent(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal,
-                                         feature_map=feature_map)
+        student = new_student(kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal, feature_map=feature_map)
         real = torch.randn(1, 9, 32)
         pad = torch.randn(1, 4, 32)
         padded = torch.cat([pad, real], 1) if side == "left" else torch.cat([real, pad], 1)
@@ -81,7 +86,7 @@ def test_causal_student_never_looks_ahead_bidirectional_does(kind):
     changed = x.clone()
     changed[:, 8:] += 1.0
     for causal in (True, False):
-        student = LinearAttentionStudent(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal)
+        student = new_student(kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal)
         a, _ = student(x)
         b, _ = student(changed)
         prefix_equal = torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
@@ -126,7 +131,7 @@ def test_hybrid_runs_with_padding_and_restores_base(family, kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and ops.fla_available()), reason="needs CUDA and fla")
+@pytest.mark.skipif(not (torch.cuda.is_available() and backends.fla_available()), reason="needs CUDA and fla")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
@@ -135,7 +140,7 @@ def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
     1e-2 of it, or no further than 1.5x the PyTorch path's own bf16 error where bf16 alone costs more
     (the input gradient: its two bf16 paths differed by 1.1-2.2e-2 on an H200, neither path exact)."""
     torch.manual_seed(42)
-    student = LinearAttentionStudent(kind=kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal).cuda()
+    student = new_student(kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal).cuda()
     x = torch.randn(2, 200, 256, device="cuda")
     mask = torch.ones(2, 200, device="cuda")
     mask[1, 150:] = 0
@@ -152,7 +157,7 @@ def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
 
     fp32_tol = 1e-4 if os.environ.get("TRITON_F32_DEFAULT") == "ieee" else 5e-3  # TF32 otherwise
     # Where fla cannot differentiate the gated delta rule, "auto" trains on the PyTorch form.
-    expected_backend = "fla" if kind == "gla" or ops.fla_gated_delta_backward_supported() else "chunked"
+    expected_backend = "fla" if kind == "gla" or backends.fla_gated_delta_backward_supported() else "chunked"
     exact, _ = run("chunked", torch.float32)
     fast, backend = run("auto", torch.float32)
     assert backend == expected_backend
@@ -183,3 +188,28 @@ def test_student_construction_is_seeded_and_leaves_global_rng_alone():
     c = student_from_teacher(StudentSpec(), weights, causal=True, seed=4)
     torch.testing.assert_close(a.gate_down.weight, b.gate_down.weight)
     assert not torch.equal(a.gate_down.weight, c.gate_down.weight)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("feature_map", ["hedgehog", "identity"])
+def test_build_student_rebuilds_a_student_from_its_config(kind, feature_map):
+    """What an exported model does: a student rebuilt from config_dict() is the same module, and with
+    the original's weights loaded computes the same outputs."""
+    model, adapter, original = make_student("gpt2", kind, feature_map)  # gpt2: biased projections
+    config = original.config_dict()
+    assert config["kind"] == kind == original.kind
+    rebuilt = build_student(config)
+    assert type(rebuilt) is type(original) and rebuilt.config_dict() == config
+    assert list(rebuilt.state_dict()) == list(original.state_dict())
+    rebuilt.load_state_dict(original.state_dict())
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x)[0], original(x)[0])
+    # Built twice from one seed: the same initial weights, bit for bit.
+    torch.manual_seed(3)
+    first = build_student(config)
+    torch.manual_seed(3)
+    second = build_student(config)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    with pytest.raises(ValueError, match="kind='mamba'"):
+        build_student({**config, "kind": "mamba"})

@@ -1,4 +1,4 @@
-"""Hydra config → specs and pipeline options; task runners chosen from the runtime group."""
+"""Hydra config → specs and orchestration options; task runners chosen from the runtime group."""
 
 import importlib.util
 import os
@@ -10,10 +10,10 @@ import pytest
 
 from dtr_core.specs import SpecError
 from flows.config import build_specs, compose
-from flows.dtr import dask_cluster, task_runner_for
+from tasks.runner import dask_cluster, task_runner_for
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def options_for(*overrides):
@@ -60,6 +60,7 @@ def test_task_runners():
     assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://10.0.0.5:8786"
 
 
+@pytest.mark.integration
 def test_local_dask_cluster_is_started_and_closed():
     from distributed import Client
 
@@ -92,6 +93,7 @@ def test_bad_values_are_named(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("given, expected", [(None, 90), ("45", 45)])
 def test_flows_give_prefects_temporary_server_time_to_start(given, expected):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}

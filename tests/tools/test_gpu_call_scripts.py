@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+# Every test runs a GPU-call shell script (with stand-in nvidia-smi/python3).
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 RETURNED_FILES_LIMIT = 8  # the most files one call of the device tool brings back
 
 FAKE_NVIDIA_SMI = """#!/bin/bash

@@ -1,8 +1,10 @@
 """A content-keyed stage cache on a (possibly shared) filesystem.
 
-Prefect's built-in policies hash task source or pickled inputs, which cannot identify a model; so
-every stage computes an explicit key (its spec, the teacher's fingerprint, upstream manifests'
-digests, the dtr_core code version) and stores its small JSON manifest under
+Both entry points (``python -m dtr_core`` and the Prefect flow) run their stages through it, so a
+killed run started again redoes only what had not finished. Prefect's built-in policies hash task
+source or pickled inputs, which cannot identify a model; so every stage computes an explicit key
+(its spec, the teacher's fingerprint, upstream manifests' digests, the dtr_core code version) and
+stores its small JSON manifest under
 ``<root>/<stage>/<key>.json``. The manifest is written last and atomically, so its presence means
 the stage finished; the files it lists are checked against their sha256 before a hit is trusted.
 A stage writes its files inside ``<root>/<stage>/<key>/`` only: a file of its own beside the
@@ -18,9 +20,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dtr_core.io import read_json, sha256_file, write_json
+from .io import read_json, sha256_file, write_json
 
-STAGES = ("capture", "distill", "target", "evaluate", "export")
+# The stages whose results are cached (``refresh`` names them).
+STAGES = ("capture", "distill", "target", "evaluate", "search", "test", "export")
 
 
 def content_key(*parts: Any) -> str:
@@ -33,9 +36,7 @@ def code_version() -> str:
     """Digest of every dtr_core source file: a change to the method invalidates cached stages.
 
     Computed once per process: every stage key includes it."""
-    import dtr_core
-
-    root = Path(dtr_core.__file__).parent
+    root = Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode())

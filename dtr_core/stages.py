@@ -1,0 +1,350 @@
+"""What each DtR stage computes, and the content keys that identify its result.
+
+``run.run_dtr`` puts these together in order and hands them to a ``StageRunner``. The stages that
+may run on another process (capture, distillation, a Dask worker's evaluation) are module-level
+functions of the ``RunSpec`` and small JSON values: each process loads the teacher and the task
+data once (``run_context``) and keeps them for every stage it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .capture import CaptureManifest, capture_teacher, load_layer_activations, tokenize_for_capture
+from .distill import distill_layer
+from .distributed import rank_and_world
+from .evaluation import GenerationEvaluator, PrefixCachingEvaluator
+from .io import load_tensors, save_tensors, sha256_file, write_json
+from .linear.base import LinearAttentionStudent
+from .linear.build import student_from_teacher
+from .linear.students import build_student
+from .runner import Log
+from .search import SearchResult
+from .specs import PROMPTED_KINDS, RunSpec, spec_digest, spec_to_dict
+from .stage_cache import code_version, content_key
+from .streaming import ModeChoice, choose_mode, stream_distill
+from .targets.data import TaskData, load_task_data, read_text_files
+from .targets.decoder_tasks import (
+    ExactMatch,
+    MultipleChoice,
+    exact_match_for,
+    tokenize_choices,
+    tokenize_prompts,
+)
+from .targets.tasks import (
+    LinearProbe,
+    Perplexity,
+    ProbeClassification,
+    check_task_fits_model,
+    fit_probe,
+    tokenize_split,
+)
+from .teacher import Teacher, load_teacher, model_fingerprint
+from .training import CurveLogger, DistillResult
+
+
+class OutputDirError(OSError):
+    """The run's output folder cannot be used."""
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """The output folder exists (or can be made) and is writable — checked before any heavy work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"cannot create output folder {path}: {err.strerror}; choose another output_dir") from err
+    if not os.access(path, os.W_OK):
+        raise OutputDirError(f"output folder {path} is not writable; choose another output_dir")
+    return path
+
+
+# --- the loaded run ----------------------------------------------------------------------------
+
+@dataclass
+class RunContext:
+    """What every stage of one run shares: the spec, the loaded teacher and the task data."""
+
+    run: RunSpec
+    teacher: Teacher
+    data: TaskData
+    fingerprint: str
+
+
+def open_run(run: RunSpec) -> RunContext:
+    """Validate the run and load what every stage needs; fails fast on bad data, model or folder."""
+    check_output_dir(run.output_dir)
+    data = load_task_data(run.target)
+    teacher = load_teacher(run.model, device=run.device)
+    check_task_fits_model(run.target, data, teacher.adapter.causal)
+    return RunContext(run=run, teacher=teacher, data=data, fingerprint=model_fingerprint(teacher.model))
+
+
+_contexts: dict[RunSpec, RunContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def run_context(run: RunSpec) -> RunContext:
+    """``open_run(run)``, once per process: stages on threads or on one Dask worker share it."""
+    with _contexts_lock:
+        if run not in _contexts:
+            _contexts[run] = open_run(run)
+        return _contexts[run]
+
+
+def distill_mode(ctx: RunContext) -> ModeChoice:
+    """Disk or stream for this run (see ``streaming.choose_mode``)."""
+    return choose_mode(ctx.run.capture, ctx.teacher.adapter.num_layers, ctx.teacher.model.config.hidden_size,
+                       world_size=rank_and_world()[1])
+
+
+# --- content keys: what a stage's result depends on --------------------------------------------
+
+def capture_texts(ctx: RunContext) -> list[str]:
+    spec = ctx.run.capture
+    if spec.source == "text_files":
+        return read_text_files(spec.text_files, ctx.run.target.text_field)
+    return list(ctx.data.train.texts)
+
+
+def capture_source_digest(ctx: RunContext) -> str:
+    """Identifies the distillation text: the task's data, or the text files' contents."""
+    spec = ctx.run.capture
+    if spec.source == "task_train":
+        return ctx.data.fingerprint()
+    return spec_digest([sha256_file(path) for path in spec.text_files])
+
+
+def capture_key(ctx: RunContext) -> str:
+    return content_key("capture", spec_to_dict(ctx.run.capture), capture_source_digest(ctx), ctx.fingerprint,
+                       code_version())
+
+
+def distill_key(ctx: RunContext, capture_key_: str, layer_idx: int) -> str:
+    return content_key("distill", spec_to_dict(ctx.run.student), spec_to_dict(ctx.run.distill), capture_key_,
+                       layer_idx, ctx.fingerprint, code_version())
+
+
+def stream_distill_key(ctx: RunContext) -> str:
+    return content_key("stream distill", spec_to_dict(ctx.run.student), spec_to_dict(ctx.run.distill),
+                       spec_to_dict(ctx.run.capture), capture_source_digest(ctx), ctx.fingerprint, code_version())
+
+
+def target_key(ctx: RunContext) -> str:
+    return content_key("target", spec_to_dict(ctx.run.target), ctx.data.fingerprint(), ctx.fingerprint,
+                       code_version())
+
+
+def evaluation_key(ctx: RunContext, records: Sequence[Mapping]) -> str:
+    """Scores depend on the task, the teacher and the students — not on tolerance or prefix reuse."""
+    return content_key("evaluate", target_key(ctx), [r["weights_sha256"] for r in records], ctx.fingerprint,
+                       code_version())
+
+
+def export_key(ctx: RunContext, records: Mapping[int, Mapping], linear_layers: Sequence[int]) -> str:
+    return content_key("export", spec_to_dict(ctx.run.export), sorted(linear_layers),
+                       [records[i]["weights_sha256"] for i in sorted(linear_layers)], ctx.fingerprint,
+                       code_version())
+
+
+# --- capture and distillation ------------------------------------------------------------------
+
+def capture_stage(run: RunSpec, folder: Path, log: Log) -> dict:
+    """Teacher activations for every layer into ``folder`` → the capture manifest (json)."""
+    ctx = run_context(run)
+    spec = run.capture
+    batches = tokenize_for_capture(ctx.teacher.tokenizer, capture_texts(ctx), spec, pack=ctx.teacher.adapter.causal)
+    return capture_teacher(ctx.teacher.model, ctx.teacher.adapter, batches, spec, folder, ctx.fingerprint,
+                           device=run.device).to_json()
+
+
+def describe_capture(manifest: Mapping) -> str:
+    return f"{manifest['tokens']} tokens ({manifest['sequences']} sequences) in {manifest['seconds']:.1f}s"
+
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """One distilled layer: weights file + what its distillation measured."""
+
+    layer_idx: int
+    weights_file: str
+    weights_sha256: str
+    student_config: dict
+    rel_error_init: float
+    rel_error_final: float
+    loss_curve: list[float]
+    steps: int
+    train_tokens: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def new_student(ctx: RunContext, layer_idx: int) -> LinearAttentionStudent:
+    adapter = ctx.teacher.adapter
+    weights = adapter.read_attention_weights(ctx.teacher.model, layer_idx)
+    return student_from_teacher(ctx.run.student, weights, causal=adapter.causal, seed=ctx.run.seed + layer_idx)
+
+
+def write_student(student: LinearAttentionStudent, result: DistillResult, weights_file: Path) -> StudentRecord:
+    """Writes ``weights_file`` and, beside it, the layer's record as ``.json`` (last)."""
+    digest = save_tensors(weights_file, result.state_dict)
+    record = StudentRecord(
+        layer_idx=result.layer_idx, weights_file=str(weights_file), weights_sha256=digest,
+        student_config=student.config_dict(), rel_error_init=result.rel_error_init,
+        rel_error_final=result.rel_error_final, loss_curve=result.loss_curve, steps=result.steps,
+        train_tokens=result.train_tokens, seconds=result.seconds,
+    )
+    write_json(weights_file.with_suffix(".json"), record.to_json())
+    return record
+
+
+def describe_record(record: Mapping) -> str:
+    return (f"relative error {record['rel_error_init']:.3f} → {record['rel_error_final']:.3f} "
+            f"in {record['seconds']:.1f}s (process {os.getpid()})")
+
+
+def record_files(record: Mapping) -> dict[str, str]:
+    return {record["weights_file"]: record["weights_sha256"]}
+
+
+def distill_stage(run: RunSpec, capture: Mapping, layer_idx: int, log_curve: CurveLogger, folder: Path,
+                  log: Log) -> dict:
+    """One layer's student from the capture → its StudentRecord (json); weights in ``folder``."""
+    ctx = run_context(run)
+    student = new_student(ctx, layer_idx)
+    activations = load_layer_activations(CaptureManifest.from_json(capture), layer_idx)
+    result = distill_layer(student, activations, run.distill, layer_idx, device=run.device, log_curve=log_curve)
+    return write_student(student, result, folder / "student.safetensors").to_json()
+
+
+def stream_distill_stage(run: RunSpec, restart: bool, log_curve: CurveLogger, folder: Path, log: Log) -> dict | None:
+    """Every layer's student from the streamed teacher, resuming from ``folder/checkpoints`` (dropped
+    first when ``restart``) → {"records": one StudentRecord json per layer, "tokens": distinct tokens
+    streamed}. Under torchrun every rank trains; ranks other than 0 return None (nothing to record)."""
+    ctx = run_context(run)
+    if restart:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    adapter, spec = ctx.teacher.adapter, run.capture
+    texts = capture_texts(ctx)
+    students = [new_student(ctx, layer_idx) for layer_idx in range(adapter.num_layers)]
+    result = stream_distill(
+        ctx.teacher.model, adapter, students,
+        lambda: tokenize_for_capture(ctx.teacher.tokenizer, texts, spec, pack=adapter.causal),
+        spec, run.distill, folder / "checkpoints", spec_digest(ctx.fingerprint, capture_source_digest(ctx)),
+        device=run.device, log=log, log_curve=log_curve,
+    )
+    if rank_and_world()[0] != 0:
+        return None
+    records = [write_student(student, layer, folder / f"layer_{layer.layer_idx:03d}.safetensors")
+               for student, layer in zip(students, result.layers)]
+    return {"records": [r.to_json() for r in records], "tokens": result.tokens_per_pass}
+
+
+def load_student(record: Mapping, device: str | torch.device, dtype: str) -> LinearAttentionStudent:
+    """The distilled student in the teacher's ``dtype`` (ModelSpec.dtype): it replaces one of its layers."""
+    student = build_student(record["student_config"])
+    student.load_state_dict(load_tensors(record["weights_file"], record["weights_sha256"]))
+    return student.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def load_students(records: Sequence[Mapping], run: RunSpec) -> dict[int, LinearAttentionStudent]:
+    """Every record's student on the run's device, in the teacher's dtype."""
+    return {r["layer_idx"]: load_student(r, run.device, run.model.dtype) for r in records}
+
+
+# --- the target task ---------------------------------------------------------------------------
+
+def fit_probe_stage(run: RunSpec, folder: Path, log: Log) -> dict:
+    """The frozen classification probe, fit on the full model's train embeddings → {"file", "sha256"}."""
+    ctx = run_context(run)
+    probe = fit_probe(ctx.teacher.model, tokenize_split(ctx.teacher.tokenizer, ctx.data.train, run.target),
+                      seed=run.target.seed, device=run.device)
+    probe_file = folder / "probe.safetensors"
+    return {"file": str(probe_file), "sha256": save_tensors(probe_file, probe.to_tensors())}
+
+
+@dataclass
+class PreparedTarget:
+    scorer: ProbeClassification | Perplexity | MultipleChoice | ExactMatch
+    validation: list[dict[str, torch.Tensor]]
+    test: list[dict[str, torch.Tensor]]
+
+
+def prepare_target(ctx: RunContext, probe: Mapping | None) -> PreparedTarget:
+    """Tokenise validation/test once; classification loads the probe ``fit_probe_stage`` wrote."""
+    spec, tokenizer, data = ctx.run.target, ctx.teacher.tokenizer, ctx.data
+    if spec.kind in PROMPTED_KINDS:
+        # Multiple choice scores prompt + answer rows; exact match generates after left-padded prompts.
+        multiple_choice = spec.kind == "multiple_choice"
+        tokenize = tokenize_choices if multiple_choice else tokenize_prompts
+        scorer = MultipleChoice() if multiple_choice else exact_match_for(tokenizer, data, spec)
+        return PreparedTarget(scorer, tokenize(tokenizer, data, data.validation, spec),
+                              tokenize(tokenizer, data, data.test, spec))
+    validation = tokenize_split(tokenizer, data.validation, spec)
+    test = tokenize_split(tokenizer, data.test, spec)
+    if spec.kind == "perplexity":
+        return PreparedTarget(Perplexity(), validation, test)
+    probe_tensors = LinearProbe.from_tensors(load_tensors(probe["file"], probe["sha256"]))
+    return PreparedTarget(ProbeClassification(probe_tensors), validation, test)
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def split_evaluator(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: PreparedTarget,
+                    batches: Sequence[Mapping[str, torch.Tensor]], prefix_reuse: bool
+                    ) -> PrefixCachingEvaluator | GenerationEvaluator:
+    """Scores hybrids on ``batches``: exact match generates, every other kind scores forward passes."""
+    if ctx.run.target.kind == "exact_match":
+        return GenerationEvaluator(ctx.teacher.model, ctx.teacher.adapter, students, batches, target.scorer,
+                                   pad_token_id=ctx.teacher.tokenizer.pad_token_id, device=ctx.run.device)
+    return PrefixCachingEvaluator(ctx.teacher.model, ctx.teacher.adapter, students, batches, target.scorer,
+                                  prefix_reuse=prefix_reuse, device=ctx.run.device)
+
+
+_worker_evaluators: dict[tuple, PrefixCachingEvaluator | GenerationEvaluator] = {}
+_worker_evaluators_lock = threading.Lock()
+
+
+def worker_evaluation_stage(run: RunSpec, records: Sequence[Mapping], probe: Mapping | None,
+                            linear_layers: frozenset[int], folder: Path, log: Log) -> float:
+    """One candidate's validation score with this process's own evaluator, built once from the stage
+    files (no prefix reuse: hidden states are not shared between processes)."""
+    evaluator_key = (run, tuple(r["weights_sha256"] for r in records), probe and probe["sha256"])
+    # One lock for building and scoring: candidates swap modules in the process's one model.
+    with _worker_evaluators_lock:
+        if evaluator_key not in _worker_evaluators:
+            ctx = run_context(run)
+            target = prepare_target(ctx, probe)
+            _worker_evaluators[evaluator_key] = split_evaluator(
+                ctx, load_students(records, run), target, target.validation, prefix_reuse=False)
+        return _worker_evaluators[evaluator_key](linear_layers)
+
+
+def describe_worker_score(score: float) -> str:
+    return f"{score:.4f} (process {os.getpid()})"
+
+
+@dataclass
+class SearchOutcome:
+    result: SearchResult
+    layer_forwards: int
+    layer_forwards_without_reuse: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"result": self.result.to_json(), "layer_forwards": self.layer_forwards,
+                "layer_forwards_without_reuse": self.layer_forwards_without_reuse, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> SearchOutcome:
+        return cls(result=SearchResult.from_json(data["result"]), layer_forwards=data["layer_forwards"],
+                   layer_forwards_without_reuse=data["layer_forwards_without_reuse"], seconds=data["seconds"])
