@@ -28,6 +28,20 @@ def _check_choice(spec: object, name: str, choices: tuple[str, ...]) -> None:
     _check(getattr(spec, name) in choices, spec, name, f"must be one of {list(choices)}")
 
 
+TOLERANCE_MODES = ("relative", "absolute")
+
+
+def _check_tolerance(spec: object, tolerance: object, mode: object) -> None:
+    _check(mode in TOLERANCE_MODES, spec, "tolerance_mode", f"must be one of {list(TOLERANCE_MODES)}")
+    _check(isinstance(tolerance, (int, float)) and not isinstance(tolerance, bool), spec, "tolerance",
+           "must be a number, e.g. 0.05")
+    if mode == "relative":
+        _check(0.0 <= tolerance < 1.0, spec, "tolerance", "a relative tolerance must be in [0, 1) (0.05 means 5%)")
+    else:
+        _check(tolerance >= 0.0, spec, "tolerance",
+               "an absolute tolerance must be >= 0 (how far the score may move the wrong way)")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which pretrained teacher to load.
@@ -157,46 +171,66 @@ class SearchSpec:
     candidate_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        _check_choice(self, "tolerance_mode", ("relative", "absolute"))
-        if self.tolerance_mode == "relative":
-            _check(0.0 <= self.tolerance < 1.0, self, "tolerance",
-                   "a relative tolerance must be in [0, 1) (0.05 means 5%)")
-        else:
-            _check(self.tolerance >= 0.0, self, "tolerance", "an absolute tolerance must be >= 0")
+        _check_tolerance(self, self.tolerance, self.tolerance_mode)
         if self.candidate_layers is not None:
             _check(len(set(self.candidate_layers)) == len(self.candidate_layers)
                    and all(i >= 0 for i in self.candidate_layers), self, "candidate_layers",
                    "must be distinct non-negative layer indices")
 
 
-TARGET_KINDS = ("classification", "perplexity", "multiple_choice", "exact_match")
-# Decoder kinds that write each example as a prompt and score its label name as the answer.
-PROMPTED_KINDS = ("multiple_choice", "exact_match")
-LABELLED_KINDS = ("classification", *PROMPTED_KINDS)
+# Scored on greedy generations against each example's answer(s): free-form or a closed label set.
+GENERATION_KINDS = ("exact_match", "contains", "token_f1")
+# Synthetic in-context recall probes (dtr_core/targets/probes.py), scored like ``contains``.
+PROBE_KINDS = ("passkey", "multi_key_needle", "kv_lookup")
+TARGET_KINDS = ("classification", "perplexity", "multiple_choice", *GENERATION_KINDS, *PROBE_KINDS, "lm_eval")
+# Decoder kinds that write each example as a prompt (templates, few-shot examples).
+PROMPTED_KINDS = ("multiple_choice", *GENERATION_KINDS)
+# Kinds whose examples need a label from a closed set seen in train.
+LABELLED_KINDS = ("classification", "multiple_choice")
+# Kinds that only a decoder (causal LM) can be scored on.
+DECODER_KINDS = tuple(kind for kind in TARGET_KINDS if kind != "classification")
 
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """The target task whose validation score guides the search.
+    """One target task: its validation score guides the search (the run's ``target``) or guards it
+    (the run's ``guards``).
 
+    ``name``: how reports and tracking call it (default: the kind; two targets of one kind need names).
+    ``tolerance`` / ``tolerance_mode``: how far this target may fall from the full model's
+    validation score (see ``SearchSpec``); None takes the search's.
     ``dataset``: "bbc_news" (built in) or a path to a .jsonl/.csv file, a folder of them with
-    train/validation/test files, or a folder written by ``datasets.save_to_disk``.
-    ``kind``: "classification" (frozen logistic-regression probe on pooled embeddings; higher is
-    better), "perplexity" (decoders; lower is better), "multiple_choice" (decoders: the label name
-    with the highest summed log-likelihood after the prompt is the prediction; accuracy) or
-    "exact_match" (decoders: greedy generation after the prompt must equal the label name; accuracy).
+    train/validation/test files, or a folder written by ``datasets.save_to_disk``. For the recall
+    probes it is the real text the haystacks are cut from.
+    ``kind``:
+      - "classification": frozen logistic-regression probe on pooled embeddings; accuracy.
+      - "perplexity" (decoders; lower is better).
+      - "multiple_choice" (decoders): the label name with the highest summed log-likelihood after
+        the prompt is the prediction; accuracy.
+      - "exact_match", "contains", "token_f1" (decoders): greedy generation after the prompt,
+        compared with the example's answer(s) (``label_field``; a string or a list of strings);
+        normalisation in ``targets/decoder_tasks.py``. Answers may be free-form: no label set needed.
+      - "passkey", "multi_key_needle", "kv_lookup": synthetic in-context recall probes of about
+        ``context_tokens`` tokens, ``num_examples`` per split, built with the teacher's tokenizer.
+      - "lm_eval": the lm-evaluation-harness task ``lm_eval_task`` (local YAML under
+        ``lm_eval_include_path``), scored in process with the task's first metric.
     ``max_length``: tokens kept of each text. For the prompted kinds the templates, the few-shot
     answers and the answer come on top and are never cut.
     ``prompt_template`` (with ``{text}``) and ``answer_template`` (with ``{label}``) write one
-    example; ``num_fewshot`` train examples (drawn once with ``seed``, labels in turn) written in
-    full precede every query. ``max_new_tokens`` (exact_match): None = the longest answer's tokens + 1.
+    example; ``num_fewshot`` train examples (drawn once with ``seed``; labels in turn for a closed
+    label set) written in full precede every query. ``max_new_tokens`` (generation kinds): None =
+    the longest answer's tokens + 1.
     Splits without their own files are drawn with ``seed`` in the given fractions.
     ``max_examples_per_split`` caps every split; ``max_eval_examples`` only validation and test
     (what the search and the test scores cost), leaving the train split whole for distillation.
     """
 
     dataset: str = "bbc_news"
-    kind: Literal["classification", "perplexity", "multiple_choice", "exact_match"] = "classification"
+    kind: Literal["classification", "perplexity", "multiple_choice", "exact_match", "contains", "token_f1",
+                  "passkey", "multi_key_needle", "kv_lookup", "lm_eval"] = "classification"
+    name: str = ""
+    tolerance: float | None = None
+    tolerance_mode: Literal["relative", "absolute"] | None = None
     text_field: str = "text"
     label_field: str = "label"
     max_length: int = 128
@@ -209,11 +243,21 @@ class TargetSpec:
     answer_template: str = " {label}"
     num_fewshot: int = 3
     max_new_tokens: int | None = None
+    context_tokens: int = 512
+    num_examples: int = 40
+    lm_eval_task: str = ""
+    lm_eval_include_path: str = ""
     seed: int = 42
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset), self, "dataset", "give 'bbc_news' or a path to local data")
         _check_choice(self, "kind", TARGET_KINDS)
+        _check(self.name == "" or self.name.replace("_", "").replace("-", "").isalnum(), self, "name",
+               "use letters, digits, '_' and '-' (it names metrics and report rows)")
+        if self.tolerance is not None or self.tolerance_mode is not None:
+            _check(self.tolerance is not None and self.tolerance_mode is not None, self, "tolerance",
+                   "give both tolerance and tolerance_mode, or neither (the search's apply)")
+            _check_tolerance(self, self.tolerance, self.tolerance_mode)
         _check(self.max_length >= 2, self, "max_length", "must be >= 2")
         _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         _check(0.0 < self.validation_fraction < 1.0, self, "validation_fraction", "must be in (0, 1)")
@@ -231,6 +275,22 @@ class TargetSpec:
         _check(self.num_fewshot >= 0, self, "num_fewshot", "must be >= 0")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, self, "max_new_tokens",
                "must be None (longest answer + 1) or >= 1")
+        _check(self.context_tokens >= 32, self, "context_tokens", "must be >= 32 (a probe's length in tokens)")
+        _check(self.num_examples >= 2, self, "num_examples", "must be >= 2 (probe examples per split)")
+        if self.kind == "lm_eval":
+            _check(bool(self.lm_eval_task), self, "lm_eval_task", "kind=lm_eval needs the task's name")
+
+    @property
+    def label(self) -> str:
+        """The target's name in reports, metrics and cache folders."""
+        return self.name or self.kind
+
+    def scoring_dict(self) -> dict[str, Any]:
+        """What the target's scores depend on: everything but its name and tolerance."""
+        values = spec_to_dict(self)
+        for not_scored in ("name", "tolerance", "tolerance_mode"):
+            values.pop(not_scored)
+        return values
 
 
 @dataclass(frozen=True)
@@ -247,7 +307,11 @@ class ExportSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything one DtR run needs; each stage is handed only its own part."""
+    """Everything one DtR run needs; each stage is handed only its own part.
+
+    ``target`` is the primary target (the search optimises it); ``guards`` are further targets
+    every kept hybrid must also stay within tolerance on (see ``search.greedy_replace``).
+    """
 
     model: ModelSpec = field(default_factory=ModelSpec)
     student: StudentSpec = field(default_factory=StudentSpec)
@@ -255,10 +319,29 @@ class RunSpec:
     distill: DistillSpec = field(default_factory=DistillSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
+    guards: tuple[TargetSpec, ...] = ()
     export: ExportSpec = field(default_factory=ExportSpec)
     output_dir: str = "outputs/dtr"
     device: str = "cpu"
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        names = [t.label for t in self.targets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise SpecError(f"RunSpec: targets {repeated} share a name; give each guard its own name "
+                            "(TargetSpec.name, e.g. guards=[{kind: passkey, name: passkey_1k, ...}])")
+
+    @property
+    def targets(self) -> tuple[TargetSpec, ...]:
+        """Every target: the primary one (optimised by the search) first, then the guards."""
+        return (self.target, *self.guards)
+
+    def tolerance_of(self, target: TargetSpec) -> tuple[float, str]:
+        """``target``'s own tolerance, or the search's."""
+        if target.tolerance is not None:
+            return target.tolerance, target.tolerance_mode
+        return self.search.tolerance, self.search.tolerance_mode
 
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
