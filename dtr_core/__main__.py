@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 
 from .specs import (
@@ -23,6 +24,7 @@ from .specs import (
     SpecError,
     StudentSpec,
     TargetSpec,
+    spec_from_dict,
 )
 from .report import format_summary
 
@@ -39,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batch-size", type=int, default=TargetSpec.batch_size,
                         help="rows per batch when scoring the target task (larger is faster on a GPU)")
     parser.add_argument("--target-kind", default=TargetSpec.kind, help=" | ".join(TARGET_KINDS))
+    parser.add_argument("--target", default="", metavar="FIELD=VALUE,...",
+                        help="more fields of the primary target (TargetSpec), e.g. "
+                             "'name=topic,prompt_template=Q: {text}\\nA:,num_fewshot=0'")
+    parser.add_argument("--guard", action="append", default=[], metavar="FIELD=VALUE,...",
+                        help="a further target every kept hybrid must stay within tolerance on (repeatable), e.g. "
+                             "'kind=passkey,context_tokens=256,tolerance=0.05,tolerance_mode=absolute'")
     parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance)
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
@@ -63,6 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_fields(cls: type, text: str, option: str) -> dict[str, object]:
+    """``field=value,field=value`` → typed values for ``cls``'s fields (a comma starts a new field
+    only before ``name=``, so values may contain commas; ``\\n`` in a value is a newline).
+    ``none`` means None."""
+    if not text.strip():
+        return {}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    values: dict[str, object] = {}
+    for item in re.split(r",(?=\s*\w+=)", text):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or name not in types:
+            raise SpecError(f"{option} {text!r}: {item!r} is not FIELD=VALUE with a {cls.__name__} field; "
+                            f"fields are {sorted(types)}")
+        values[name] = _typed(raw, types[name], f"{option} {name}")
+    return values
+
+
+def _typed(raw: str, annotation: str, where: str) -> object:
+    if raw.strip().lower() in ("none", "null") and "None" in annotation:
+        return None
+    try:
+        if annotation.startswith("int"):
+            return int(raw)
+        if annotation.startswith("float"):
+            return float(raw)
+        if annotation.startswith("bool"):
+            return {"true": True, "false": False}[raw.strip().lower()]
+    except (ValueError, KeyError):
+        raise SpecError(f"{where}={raw!r}: expected {annotation.split(' ')[0]}") from None
+    return raw.replace("\\n", "\n").replace("\\t", "\t")  # a shell passes newlines in templates as \n
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
     """The run's specs and the cache folder (None: the default inside the run folder)."""
     args = build_parser().parse_args(argv)
@@ -74,8 +115,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
                             mode=args.mode, disk_budget_gb=args.disk_budget_gb),
         distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end),
-        target=TargetSpec(dataset=args.dataset, kind=args.target_kind, max_examples_per_split=args.max_examples,
-                          max_eval_examples=args.eval_examples, batch_size=args.eval_batch_size),
+        target=spec_from_dict(TargetSpec, {
+            "dataset": args.dataset, "kind": args.target_kind, "max_examples_per_split": args.max_examples,
+            "max_eval_examples": args.eval_examples, "batch_size": args.eval_batch_size,
+            **parse_fields(TargetSpec, args.target, "--target")}),
+        guards=tuple(spec_from_dict(TargetSpec, parse_fields(TargetSpec, text, "--guard")) for text in args.guard),
         output_dir=args.output_dir,
         device=args.device,
     ), args.cache_dir

@@ -9,6 +9,7 @@ from .direction import Direction
 from .io import write_json, write_text
 
 TRAJECTORY_PLOT = "search_trajectory.png"
+RECALL_PLOT = "recall_vs_length.png"
 DISTILL_PLOT = "distill_loss.png"
 
 
@@ -20,11 +21,11 @@ class RunSummary:
     model: str
     family: str
     num_layers: int
-    metric: str
-    direction: Direction
+    # One per target, the primary first: name, kind, metric, direction, tolerance, tolerance_mode, primary.
+    targets: list[dict]
     exported: str  # "opt" or "best"
     linear_layers: tuple[int, ...]
-    scores: dict[str, dict[str, float]]  # {"validation"|"test": {"full"|"m_opt"|"m_best": score}}
+    scores: dict[str, dict[str, dict[str, float]]]  # {"validation"|"test": {target: {"full"|"m_opt"|"m_best": score}}}
     m_opt: tuple[int, ...]
     m_best: tuple[int, ...]
     evaluations: int
@@ -36,13 +37,29 @@ class RunSummary:
     export_dir: str
     report_dir: str
     search: dict
+    # The capability card (decoders): {"context_limit", "entries": [{name, kind, length, metric,
+    # direction, scores: {full, m_opt, m_best}}], "warnings": [...]}; None for encoders or when off.
+    card: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> RunSummary:
-        return cls(**{**data, "direction": Direction(data["direction"])})
+        return cls(**data)
+
+    @property
+    def primary(self) -> dict:
+        return self.targets[0]
+
+
+def _direction(target: dict) -> Direction:
+    return Direction(target["direction"])
+
+
+def _tolerance_text(target: dict) -> str:
+    tolerance, mode = target["tolerance"], target["tolerance_mode"]
+    return f"{tolerance:.0%} relative" if mode == "relative" else f"{tolerance:g} absolute"
 
 
 def _plot_trajectory(summary: RunSummary, path: Path) -> None:
@@ -50,19 +67,50 @@ def _plot_trajectory(summary: RunSummary, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     result = summary.search["result"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for evaluation in result["evaluations"]:
-        ax.scatter(len(evaluation["linear_layers"]), evaluation["score"], s=10, color="0.7", zorder=1)
-    xs = [0] + [len(step["linear_layers"]) for step in result["trajectory"]]
-    ys = [result["full_score"]] + [step["score"] for step in result["trajectory"]]
-    ax.plot(xs, ys, marker="o", color="C0", label="kept swaps", zorder=2)
-    ax.axhline(result["selection"]["p_min"], color="C3", linestyle="--", label="P_min")
-    ax.set_xlabel("linear-attention layers")
-    ax.set_ylabel(f"validation {summary.metric}")
-    ax.set_title("Greedy replacement (grey: every candidate evaluated)")
-    ax.legend()
+    thresholds = result["selection"]["thresholds"]
+    fig, axes = plt.subplots(len(summary.targets), 1, figsize=(6, 3.2 * len(summary.targets)), squeeze=False)
+    for ax, target in zip(axes[:, 0], summary.targets):
+        name = target["name"]
+        for evaluation in result["evaluations"]:
+            ax.scatter(len(evaluation["linear_layers"]), evaluation["scores"][name], s=10, color="0.7", zorder=1)
+        xs = [0] + [len(step["linear_layers"]) for step in result["trajectory"]]
+        ys = [result["full_scores"][name]] + [step["scores"][name] for step in result["trajectory"]]
+        ax.plot(xs, ys, marker="o", color="C0", label="kept swaps", zorder=2)
+        if name in thresholds:
+            ax.axhline(thresholds[name], color="C3", linestyle="--", label="P_min")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("linear-attention layers")
+        ax.set_ylabel(f"{name}: validation {target['metric']}")
+        ax.legend()
+    axes[0, 0].set_title("Greedy replacement (grey: every candidate evaluated)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_recall(summary: RunSummary, path: Path) -> None:
+    """Each probe's test score against context length, for the full model, M_opt and M_best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = [e for e in summary.card["entries"] if e["length"] is not None]
+    kinds = list(dict.fromkeys(e["kind"] for e in probes))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = sorted((e for e in probes if e["kind"] == kind), key=lambda e: e["length"])
+        for model, style in (("full", "o-"), ("m_opt", "s--"), ("m_best", "^:")):
+            ax.plot([e["length"] for e in rows], [e["scores"][model] for e in rows], style, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([e["length"] for e in rows], [str(e["length"]) for e in rows])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(f"{kind} ({rows[0]['metric']}, test)")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -89,13 +137,15 @@ def _plot_distillation(summary: RunSummary, path: Path) -> None:
 
 def render_markdown(summary: RunSummary) -> str:
     scores = summary.scores
-    selection = summary.search["result"]["selection"]
+    result = summary.search["result"]
+    targets = summary.targets
     lines = [
         "# DtR run report",
         "",
         f"- Teacher: `{summary.model}` ({summary.family}, {summary.num_layers} layers)",
-        f"- Metric: {summary.metric} ({summary.direction.phrase}); tolerance {selection['tolerance']} "
-        f"({selection['tolerance_mode']}), P_min = {selection['p_min']:.4f}",
+        f"- Targets: " + "; ".join(
+            f"{t['name']} ({t['metric']}, {_direction(t).phrase}, tolerance {_tolerance_text(t)}"
+            + (", primary: the search optimises it" if t["primary"] else ", guard") + ")" for t in targets),
         f"- Exported: M_{summary.exported} — linear layers {list(summary.linear_layers)} "
         f"({len(summary.linear_layers)}/{summary.num_layers}) → `{summary.export_dir}`",
         f"- Evaluations: {summary.evaluations}; layer-forwards {summary.layer_forwards} "
@@ -104,24 +154,38 @@ def render_markdown(summary: RunSummary) -> str:
         "",
         "## Scores",
         "",
-        "| model | linear layers | validation | test |",
-        "|---|---|---|---|",
-        f"| full | [] | {scores['validation']['full']:.4f} | {scores['test']['full']:.4f} |",
-        f"| M_opt | {list(summary.m_opt)} | {scores['validation']['m_opt']:.4f} | {scores['test']['m_opt']:.4f} |",
-        f"| M_best | {list(summary.m_best)} | {scores['validation']['m_best']:.4f} | {scores['test']['m_best']:.4f} |",
+        f"M_opt: linear layers {list(summary.m_opt)}; M_best: {list(summary.m_best)}.",
+        "",
+        "| target | P_min | full val | M_opt val | M_best val | full test | M_opt test | M_best test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    thresholds = result["selection"]["thresholds"]
+    for t in targets:
+        name = t["name"]
+        val, test = scores["validation"][name], scores["test"][name]
+        p_min = f"{thresholds[name]:.4f}" if name in thresholds else "—"
+        lines.append(f"| {name} ({t['metric']}) | {p_min} | {val['full']:.4f} | {val['m_opt']:.4f} | "
+                     f"{val['m_best']:.4f} | {test['full']:.4f} | {test['m_opt']:.4f} | {test['m_best']:.4f} |")
+    names = [t["name"] for t in targets]
+    lines += [
         "",
         "## Search trajectory",
         "",
-        "| round | added layer | linear layers | validation score | meets P_min |",
-        "|---|---|---|---|---|",
+        "| round | added layer | linear layers | " + " | ".join(names) + " | within every tolerance |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
     ]
-    for step in summary.search["result"]["trajectory"]:
+    for step in result["trajectory"]:
         lines.append(f"| {step['round']} | {step['added_layer']} | {list(step['linear_layers'])} | "
-                     f"{step['score']:.4f} | {'yes' if step['meets_p_min'] else 'no'} |")
+                     + " | ".join(f"{step['scores'][n]:.4f}" for n in names)
+                     + f" | {'yes' if step['meets_p_min'] else 'no'} |")
     lines += [
-        f"\nStopped: {summary.search['result']['stopped_because']}.",
+        f"\nStopped: {result['stopped_because']}.",
         f"\n![trajectory]({TRAJECTORY_PLOT})",
         "",
+    ]
+    if summary.card is not None:
+        lines += _card_markdown(summary)
+    lines += [
         "## Distillation",
         "",
         "| layer | relative error at init | after | steps | seconds |",
@@ -143,6 +207,27 @@ def render_markdown(summary: RunSummary) -> str:
     return "\n".join(lines)
 
 
+def _card_markdown(summary: RunSummary) -> list[str]:
+    card = summary.card
+    lines = [
+        "## Capability card",
+        "",
+        "Test scores on what the search did not look at (the run's own targets are above). "
+        f"Context limit of the teacher: {card['context_limit']} tokens.",
+        "",
+        "| capability | metric | full | M_opt | M_best |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in card["entries"]:
+        scores = entry["scores"]
+        lines.append(f"| {entry['name']} | {entry['metric']} | {scores['full']:.4f} | {scores['m_opt']:.4f} | "
+                     f"{scores['m_best']:.4f} |")
+    lines += [""] + [f"**Warning:** {warning}." for warning in card["warnings"]]
+    if any(e["length"] is not None for e in card["entries"]):
+        lines += [f"\n![recall against context length]({RECALL_PLOT})"]
+    return lines + [""]
+
+
 def write_report(summary: RunSummary, out_dir: str | Path) -> Path:
     """Write the three report artefacts; returns the folder."""
     out_dir = Path(out_dir)
@@ -152,25 +237,42 @@ def write_report(summary: RunSummary, out_dir: str | Path) -> Path:
     write_text(out_dir / "report.md", render_markdown(summary))
     _plot_trajectory(summary, out_dir / TRAJECTORY_PLOT)
     _plot_distillation(summary, out_dir / DISTILL_PLOT)
+    if summary.card is not None and any(e["length"] is not None for e in summary.card["entries"]):
+        _plot_recall(summary, out_dir / RECALL_PLOT)
     return out_dir
 
 
 def format_summary(summary: RunSummary) -> str:
-    """The short text summary printed at the end of a run."""
+    """The short text summary printed at the end of a run: one line per target."""
     chosen = "M_opt" if summary.exported == "opt" else "M_best"
     key = "m_opt" if summary.exported == "opt" else "m_best"
-    val, test = summary.scores["validation"], summary.scores["test"]
     saved = summary.layer_forwards_without_reuse - summary.layer_forwards
     times = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary.stage_seconds.items())
-    return "\n".join([
+    names = [(t["name"], t["metric"]) for t in summary.targets]
+    names += [(e["name"], e["metric"]) for e in (summary.card or {}).get("entries", ())]
+    width = max(18, *(len(name) + len(metric) + 3 for name, metric in names))
+    lines = [
         "DtR summary",
-        f"  teacher            {summary.model} ({summary.family}, {summary.num_layers} layers)",
-        f"  layers replaced    {len(summary.linear_layers)}/{summary.num_layers}: {list(summary.linear_layers)} ({chosen})",
-        f"  {summary.metric:<18} full model  val {val['full']:.4f}  test {test['full']:.4f}",
-        f"  {'':<18} hybrid      val {val[key]:.4f}  test {test[key]:.4f}",
-        f"  evaluations        {summary.evaluations} (layer-forwards {summary.layer_forwards}, "
+        f"  {'teacher':<{width}} {summary.model} ({summary.family}, {summary.num_layers} layers)",
+        f"  {'layers replaced':<{width}} {len(summary.linear_layers)}/{summary.num_layers}: "
+        f"{list(summary.linear_layers)} ({chosen})",
+    ]
+    for t in summary.targets:
+        val, test = summary.scores["validation"][t["name"]], summary.scores["test"][t["name"]]
+        label = f"{t['name']} ({t['metric']})" if t["name"] != t["metric"] else t["name"]
+        lines.append(f"  {label:<{width}} full val {val['full']:.4f} test {test['full']:.4f}  →  "
+                     f"hybrid val {val[key]:.4f} test {test[key]:.4f}  (tolerance {_tolerance_text(t)})")
+    for entry in (summary.card or {}).get("entries", ()):
+        scores = entry["scores"]
+        label = f"{entry['name']} ({entry['metric']})"
+        lines.append(f"  {label:<{width}} full test {scores['full']:.4f}  →  hybrid test {scores[key]:.4f}  "
+                     "(card: not guarded)")
+    lines += [f"  WARNING: {warning}" for warning in (summary.card or {}).get("warnings", ())]
+    lines += [
+        f"  {'evaluations':<{width}} {summary.evaluations} (layer-forwards {summary.layer_forwards}, "
         f"{saved} saved by prefix reuse)",
-        f"  time per stage     {times}",
-        f"  exported model     {summary.export_dir}",
-        f"  report             {summary.report_dir}/report.md",
-    ])
+        f"  {'time per stage':<{width}} {times}",
+        f"  {'exported model':<{width}} {summary.export_dir}",
+        f"  {'report':<{width}} {summary.report_dir}/report.md",
+    ]
+    return "\n".join(lines)

@@ -17,26 +17,32 @@ every layer trains together, resuming from ``<cache>/distill/<key>/checkpoints/`
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .card import card_entries
+from .card import warnings as card_warnings
 from .export import ExportManifest, export_hybrid
 from .io import link_tree, write_json
 from .linear.base import LinearAttentionStudent
 from .report import RunSummary, write_report
 from .runner import Log, PlainRunner, Stage, StageRunner
-from .search import greedy_replace
-from .specs import RunSpec, spec_to_dict
+from .search import SearchResult, TargetGuard, greedy_replace
+from .specs import RunSpec, TargetSpec, spec_to_dict
 from .stage_cache import StageCache, code_version, content_key
 from .stages import (
     PreparedTarget,
     RunContext,
     SearchOutcome,
+    TargetEvaluator,
     capture_key,
     capture_stage,
+    context_limit,
     describe_capture,
     describe_record,
     describe_worker_score,
@@ -119,31 +125,36 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
     timer = StageTimer()
     ctx = timer("load", run_context, run)
     adapter = ctx.teacher.adapter
-    log(f"teacher {ctx.teacher.path} ({adapter.family}, {adapter.num_layers} layers); data {ctx.data.source}")
+    log(f"teacher {ctx.teacher.path} ({adapter.family}, {adapter.num_layers} layers); targets: "
+        + "; ".join(f"{name} ({source.source})" for name, source in ctx.sources.items()))
 
     records, capture_tokens = _distill(ctx, runner, tracker, timer, log)
     if records is None:
         return None
-    probe = None
-    if run.target.kind == "classification":
-        probe = timer("target", runner.run, Stage(
-            "target", "probe", target_key(ctx), partial(fit_probe_stage, run),
-            files=lambda value: {value["file"]: value["sha256"]}))
-    target = timer("target", prepare_target, ctx, probe)
+    probes = {target.label: timer("target", runner.run, Stage(
+        "target", f"probe for {target.label}", target_key(ctx, target), partial(fit_probe_stage, run, target.label),
+        files=lambda value: {value["file"]: value["sha256"]}))
+        for target in run.targets if target.kind == "classification"}
+    targets = [timer("target", prepare_target, ctx, target, probes.get(target.label)) for target in run.targets]
     students = timer("target", load_students, records, run)
 
-    outcome = timer("search", _search, ctx, runner, records, probe, students, target, log)
+    outcome = timer("search", _search, ctx, runner, records, probes, students, targets, log)
     write_json(Path(run.output_dir) / "search.json", outcome.to_json())
     _track_search(tracker, outcome)
-    selection = outcome.result.selection
-    log(f"search: {len(outcome.result.evaluations)} evaluations; M_opt {list(selection.m_opt)}, "
-        f"M_best {list(selection.m_best)}")
+    result, selection = outcome.result, outcome.result.selection
+    log(f"search: {len(result.evaluations)} evaluations; M_opt {list(selection.m_opt)}, M_best {list(selection.m_best)}")
 
     layer_sets = {"full": (), "m_opt": selection.m_opt, "m_best": selection.m_best}
-    tests = timer("test", runner.run, Stage(
-        "test", "test scores", content_key("test", evaluation_key(ctx, records), sorted(layer_sets.items())),
-        lambda folder, stage_log: _test_scores(ctx, students, target, layer_sets),
+    tests = {target.name: timer("test", runner.run, Stage(
+        "test", f"test scores ({target.name})",
+        content_key("test", evaluation_key(ctx, target.spec, records), sorted(layer_sets.items())),
+        partial(_test_scores, ctx, students, target, layer_sets),
         describe=lambda scores: ", ".join(f"{name} {score:.4f}" for name, score in scores.items())))
+        for target in targets}
+
+    card = None
+    if run.card.enabled and adapter.causal:
+        card = timer("card", _capability_card, ctx, runner, records, students, layer_sets, log)
 
     chosen = selection.m_opt if run.export.which == "opt" else selection.m_best
     by_layer = {r["layer_idx"]: r for r in records}
@@ -155,21 +166,53 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
     hybrid_dir = link_tree(export.directory, Path(run.output_dir) / "hybrid")
 
     report_dir = Path(run.output_dir) / "report"
+    validation = {target.name: {"full": result.full_scores[target.name], "m_opt": selection.m_opt_scores[target.name],
+                                "m_best": selection.m_best_scores[target.name]} for target in targets}
     summary = RunSummary(
         output_dir=run.output_dir, model=ctx.teacher.path, family=adapter.family, num_layers=adapter.num_layers,
-        metric=target.scorer.metric_name, direction=target.scorer.direction, exported=run.export.which,
-        linear_layers=tuple(export.linear_layers),
-        scores={"validation": {"full": outcome.result.full_score, "m_opt": selection.m_opt_score,
-                               "m_best": selection.m_best_score},
-                "test": dict(tests)},
-        m_opt=selection.m_opt, m_best=selection.m_best, evaluations=len(outcome.result.evaluations),
+        targets=[_describe_target(run, target) for target in targets], exported=run.export.which,
+        linear_layers=tuple(export.linear_layers), scores={"validation": validation, "test": tests},
+        m_opt=selection.m_opt, m_best=selection.m_best, evaluations=len(result.evaluations),
         layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
         stage_seconds=dict(timer.seconds), distillation=list(records), capture_tokens=capture_tokens,
-        export_dir=str(hybrid_dir), report_dir=str(report_dir), search=outcome.to_json(),
+        export_dir=str(hybrid_dir), report_dir=str(report_dir), search=outcome.to_json(), card=card,
     )
     runner.run(Stage("report", "report", None, lambda folder, stage_log: str(write_report(summary, report_dir))))
     _track_summary(tracker, summary)
     return summary
+
+
+def _capability_card(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping],
+                     students: Mapping[int, LinearAttentionStudent], layer_sets: Mapping[str, tuple[int, ...]],
+                     log: Log) -> dict:
+    """Each card capability's test scores for the full model, M_opt and M_best (a cached stage each)."""
+    limit = context_limit(ctx.teacher)
+    entries = []
+    for entry in card_entries(ctx.run, limit):
+        target = entry.target
+        key = content_key("card", evaluation_key(ctx, target, records), sorted(layer_sets.items()))
+        scored = runner.run(Stage(
+            "card", f"card: {target.label}", key, partial(_card_scores, ctx, students, target, layer_sets),
+            describe=lambda value: ", ".join(f"{name} {score:.4f}" for name, score in value["scores"].items())))
+        entries.append({"name": target.label, "kind": target.kind, "length": entry.length, **scored})
+    card = {"context_limit": limit, "entries": entries}
+    card["warnings"] = card_warnings(card, ctx.run.card)
+    return card
+
+
+def _card_scores(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: TargetSpec,
+                 layer_sets: Mapping[str, tuple[int, ...]], folder: Path | None, log: Log) -> dict:
+    prepared = prepare_target(ctx, target, None)
+    return {"metric": prepared.scorer.metric_name, "direction": prepared.scorer.direction.value,
+            "scores": _test_scores(ctx, students, prepared, layer_sets, folder, log)}
+
+
+def _describe_target(run: RunSpec, target: PreparedTarget) -> dict:
+    """How the report names and reads one target."""
+    tolerance, mode = run.tolerance_of(target.spec)
+    return {"name": target.name, "kind": target.spec.kind, "metric": target.scorer.metric_name,
+            "direction": target.scorer.direction.value, "tolerance": tolerance, "tolerance_mode": mode,
+            "primary": target.spec is run.target}
 
 
 def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: StageTimer,
@@ -211,94 +254,137 @@ def _log_stored_curve(log_curve: CurveLogger, record: Mapping) -> None:
     log_stored_curves(log_curve, [record])
 
 
-class StagedEvaluator:
-    """``search.Evaluator`` whose every candidate is a cached "evaluate" stage run by the runner.
+class TargetsEvaluator:
+    """``search.Evaluator`` over every target: each candidate's score on each target is its own
+    cached "evaluate" stage, so a run that adds a guard reuses every score already made.
 
-    In this process the candidates share ``evaluator`` (and its prefix cache); a distributed runner
-    instead gets each round's candidates at once (``evaluate_round``), scored on its workers."""
+    In this process each target's candidates share its evaluator (and its prefix cache); a
+    distributed runner instead gets each round's candidates at once (``evaluate_round``), scored on
+    its workers."""
 
-    def __init__(self, ctx: RunContext, runner: StageRunner, evaluator, records: Sequence[Mapping],
-                 probe: Mapping | None, log: Log) -> None:
-        self.ctx, self.runner, self.evaluator = ctx, runner, evaluator
-        self.records, self.probe, self.log = records, probe, log
-        self.key = evaluation_key(ctx, records)
+    def __init__(self, ctx: RunContext, runner: StageRunner, evaluators: Mapping[str, TargetEvaluator],
+                 records: Sequence[Mapping], probes: Mapping[str, Mapping], log: Log) -> None:
+        self.ctx, self.runner, self.evaluators = ctx, runner, evaluators
+        self.records, self.probes, self.log = records, probes, log
+        self.keys = {target.label: evaluation_key(ctx, target, records) for target in ctx.run.targets}
         num_layers = ctx.teacher.adapter.num_layers
         self.most = num_layers * (num_layers + 1) // 2 + 1
         self.done, self.started = 0, time.perf_counter()
 
-    def _stage(self, layers: frozenset[int], compute, describe=None) -> Stage:
-        return Stage("evaluate", f"evaluate {sorted(layers)}", content_key(self.key, sorted(layers)), compute,
-                     quiet=True, describe=describe)
+    def _stage(self, name: str, layers: frozenset[int], compute, describe=None) -> Stage:
+        return Stage("evaluate", f"evaluate {name} {sorted(layers)}", content_key(self.keys[name], sorted(layers)),
+                     compute, quiet=True, describe=describe)
 
-    def _progress(self, layers: frozenset[int], score: float) -> None:
+    def _progress(self, layers: frozenset[int], scores: Mapping[str, float]) -> None:
         self.done += 1
         if self.done % SEARCH_PROGRESS_EVERY == 0:
             elapsed = time.perf_counter() - self.started
+            written = ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
             self.log(f"search: {self.done} evaluations of at most {self.most} ({elapsed:.0f}s); "
-                     f"{len(layers)} linear {sorted(layers)} → {score:.4f}")
+                     f"{len(layers)} linear {sorted(layers)} → {written}")
 
-    def __call__(self, linear_layers: frozenset[int]) -> float:
-        score = self.runner.run(self._stage(linear_layers, lambda folder, log: self.evaluator(linear_layers)))
-        self._progress(linear_layers, score)
-        return score
+    def __call__(self, linear_layers: frozenset[int]) -> dict[str, float]:
+        scores = {name: self.runner.run(self._stage(name, linear_layers,
+                                                    lambda folder, log, evaluator=evaluator: evaluator(linear_layers)))
+                  for name, evaluator in self.evaluators.items()}
+        self._progress(linear_layers, scores)
+        return scores
 
     def rebase(self, linear_layers: frozenset[int]) -> None:
-        self.evaluator.rebase(linear_layers)
+        for evaluator in self.evaluators.values():
+            evaluator.rebase(linear_layers)
 
 
-class RoundStagedEvaluator(StagedEvaluator):
-    """``StagedEvaluator`` that hands each round to the runner's workers (``search.RoundEvaluator``)."""
+class RoundTargetsEvaluator(TargetsEvaluator):
+    """``TargetsEvaluator`` that hands each round, every target's candidates together, to the
+    runner's workers (``search.RoundEvaluator``)."""
 
-    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[float, float]]:
+    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[dict[str, float], float]]:
         started = time.perf_counter()
-        scores = self.runner.run_all([
-            self._stage(layers, partial(worker_evaluation_stage, self.ctx.run, self.records, self.probe, layers),
-                        describe=describe_worker_score)
-            for layers in layer_sets])
+        pairs = [(name, layers) for layers in layer_sets for name in self.evaluators]
+        flat = self.runner.run_all([
+            self._stage(name, layers, partial(worker_evaluation_stage, self.ctx.run, name, self.records,
+                                              self.probes.get(name), layers), describe=describe_worker_score)
+            for name, layers in pairs])
         # The workers score in parallel: each candidate is credited an equal share of the round's time.
         seconds = (time.perf_counter() - started) / len(layer_sets)
-        for layers, score in zip(layer_sets, scores):
-            self._progress(layers, score)
-        return [(score, seconds) for score in scores]
+        per_target = len(self.evaluators)
+        results = []
+        for index, layers in enumerate(layer_sets):
+            scores = {name: score for (name, _), score in zip(pairs[index * per_target:(index + 1) * per_target],
+                                                              flat[index * per_target:(index + 1) * per_target])}
+            self._progress(layers, scores)
+            results.append((scores, seconds))
+        return results
 
 
-def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], probe: Mapping | None,
-            students: Mapping[int, LinearAttentionStudent], target: PreparedTarget, log: Log) -> SearchOutcome:
+def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], probes: Mapping[str, Mapping],
+            students: Mapping[int, LinearAttentionStudent], targets: Sequence[PreparedTarget], log: Log) -> SearchOutcome:
     """The greedy search as one cached stage, its candidates as cached stages inside it."""
     run = ctx.run
+    guards = [TargetGuard(target.name, target.scorer.direction, *run.tolerance_of(target.spec)) for target in targets]
 
     def search(folder: Path | None, stage_log: Log) -> dict:
         started = time.perf_counter()
-        evaluator = split_evaluator(ctx, students, target, target.validation, run.search.prefix_reuse)
-        staged_class = RoundStagedEvaluator if runner.distributed else StagedEvaluator
-        staged = staged_class(ctx, runner, evaluator, records, probe, log)
-        result = greedy_replace(ctx.teacher.adapter.num_layers, staged, run.search, target.scorer.direction)
-        return SearchOutcome(result, evaluator.layer_forwards, evaluator.layer_forwards_full,
+        evaluators = {target.name: split_evaluator(ctx, students, target, "validation", run.search.prefix_reuse)
+                      for target in targets}
+        staged_class = RoundTargetsEvaluator if runner.distributed else TargetsEvaluator
+        staged = staged_class(ctx, runner, evaluators, records, probes, log)
+        result = greedy_replace(ctx.teacher.adapter.num_layers, staged, run.search, guards)
+        return SearchOutcome(result, sum(e.layer_forwards for e in evaluators.values()),
+                             sum(e.layer_forwards_full for e in evaluators.values()),
                              time.perf_counter() - started).to_json()
 
-    key = content_key("search", evaluation_key(ctx, records), spec_to_dict(run.search), code_version())
+    key = content_key("search", [evaluation_key(ctx, target.spec, records) for target in targets],
+                      spec_to_dict(run.search), [asdict(guard) for guard in guards], code_version())
     return SearchOutcome.from_json(runner.run(Stage("search", "search", key, search, composite=True)))
 
 
 def _test_scores(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: PreparedTarget,
-                 layer_sets: Mapping[str, tuple[int, ...]]) -> dict[str, float]:
-    """Test-split score of each named layer set (prefix reuse off: each is run once)."""
-    evaluator = split_evaluator(ctx, students, target, target.test, prefix_reuse=False)
-    return {name: evaluator(frozenset(layers)) for name, layers in layer_sets.items()}
+                 layer_sets: Mapping[str, tuple[int, ...]], folder: Path | None, log: Log) -> dict[str, float]:
+    """Test-split score of each named layer set on one target (prefix reuse off: each distinct set
+    is run once)."""
+    evaluator = split_evaluator(ctx, students, target, "test", prefix_reuse=False)
+    by_set: dict[tuple[int, ...], float] = {}
+    for layers in layer_sets.values():
+        if layers not in by_set:
+            by_set[layers] = evaluator(frozenset(layers))
+    return {name: by_set[layers] for name, layers in layer_sets.items()}
 
 
 def _track_search(tracker: Tracker, outcome: SearchOutcome) -> None:
+    """Per target: every evaluation's score as a series and the trajectory by linear layers; the
+    evaluations with their layer sets as a table; search.json whole."""
     result = outcome.result
-    tracker.log_series("search/evaluation_score", [e.score for e in result.evaluations], 0)
-    for step in result.trajectory:
-        tracker.log_metrics({"search/trajectory_score": step.score}, step=len(step.linear_layers))
+    for target in result.targets:
+        tracker.log_series(f"search/{target.name}/evaluation_score",
+                           [e.scores[target.name] for e in result.evaluations], 0)
+        for step in result.trajectory:
+            tracker.log_metrics({f"search/{target.name}/trajectory_score": step.scores[target.name]},
+                                step=len(step.linear_layers))
     tracker.log_metrics({"search/layer_forwards": outcome.layer_forwards,
                          "search/layer_forwards_without_reuse": outcome.layer_forwards_without_reuse})
+    tracker.log_text(evaluations_table(result), "search/evaluations.csv")
+    tracker.log_text(json.dumps(outcome.to_json(), indent=1), "search/search.json")
+
+
+def evaluations_table(result: SearchResult) -> str:
+    """One CSV row per evaluation: round, layer count, layer set, each target's score, seconds."""
+    names = [target.name for target in result.targets]
+    rows = [",".join(["round", "linear_layers", "layer_set", *names, "seconds"])]
+    for e in result.evaluations:
+        layer_set = '"' + " ".join(str(i) for i in e.linear_layers) + '"'
+        rows.append(",".join([str(e.round), str(len(e.linear_layers)), layer_set,
+                              *(f"{e.scores[name]:.6g}" for name in names), f"{e.seconds:.3f}"]))
+    return "\n".join(rows) + "\n"
 
 
 def _track_summary(tracker: Tracker, summary: RunSummary) -> None:
-    for split, scores in summary.scores.items():
-        tracker.log_metrics({f"{split}/{name}": value for name, value in scores.items()})
+    for split, per_target in summary.scores.items():
+        for target, scores in per_target.items():
+            tracker.log_metrics({f"{split}/{target}/{name}": value for name, value in scores.items()})
+    for entry in (summary.card or {}).get("entries", ()):
+        tracker.log_metrics({f"card/{entry['name']}/{name}": value for name, value in entry["scores"].items()})
     tracker.log_metrics({"linear_layers": len(summary.linear_layers), "evaluations": summary.evaluations})
     tracker.log_metrics({f"seconds/{stage}": seconds for stage, seconds in summary.stage_seconds.items()})
     tracker.log_tags({"linear_layer_set": str(list(summary.linear_layers)), "export_dir": summary.export_dir})

@@ -1,28 +1,47 @@
-"""Greedy layer replacement (Algorithm 1 of arXiv 2601.11667), with the evaluator injected.
+"""Greedy layer replacement (Algorithm 1 of arXiv 2601.11667) over one or more targets, with the
+evaluator injected.
 
 Start from the full model. Each round, score every remaining full-attention layer swapped for its
-student (on top of the swaps kept so far), keep the best swap if its score meets P_min, repeat.
-Which swap is best in a round never depends on the tolerance — only where the search stops does —
-so one trajectory recorded with ``run_to_end`` answers every tolerance (``read_off``).
+student (on top of the swaps kept so far) on every target, keep one swap, repeat.
+
+Several targets (``TargetGuard``): the first is the *primary* target, the others guard it. Each
+target has a threshold P_min from its own tolerance around the full model's validation score.
+
+- A candidate is **acceptable** when every target meets its P_min.
+- The kept swap is the acceptable candidate with the best primary score. When no candidate is
+  acceptable the search stops there (with ``run_to_end`` it keeps going with the candidate that
+  violates least: the largest smallest *relative slack* ``±(score − P_min) / |full score|``).
+  Ties go to the lowest layer index.
+- **M_opt**: the hybrid kept by the last round in which a candidate was acceptable.
+- **M_best**: among the hybrids evaluated until the search stopped, the best primary score with
+  every guard (every target but the primary) held; ties toward more linear layers.
+
+With one target this is the paper's search: the best swap each round, whatever the tolerance.
+With guards the path depends on their tolerances, so ``read_off`` replays the recorded scores
+under other tolerances and says when the replay needs a candidate the run never scored.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
 from .direction import Direction
 from .specs import SearchSpec
 
+# The one target's name when ``greedy_replace`` is given a single float-scoring evaluator.
+SINGLE_TARGET = "score"
+
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores candidate hybrids for the search: ``evaluator(linear_layers) -> validation score``."""
+    """Scores candidate hybrids: ``evaluator(linear_layers) -> {target name: validation score}``
+    (a plain float for a single-target search, see ``greedy_replace``)."""
 
-    def __call__(self, linear_layers: frozenset[int]) -> float:
-        """The validation score of the model with ``linear_layers`` replaced by their students."""
+    def __call__(self, linear_layers: frozenset[int]) -> Mapping[str, float] | float:
+        """The validation score(s) of the model with ``linear_layers`` replaced by their students."""
 
     def rebase(self, linear_layers: frozenset[int]) -> None:
         """The search kept ``linear_layers``: later candidates extend it (an evaluator that caches
@@ -33,16 +52,42 @@ class Evaluator(Protocol):
 class RoundEvaluator(Evaluator, Protocol):
     """An evaluator that takes a whole round's candidates at once (e.g. to score them in parallel)."""
 
-    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[float, float]]:
-        """(score, seconds) per candidate, in order."""
+    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[Mapping[str, float] | float, float]]:
+        """(score(s), seconds) per candidate, in order."""
+
+
+@dataclass(frozen=True)
+class TargetGuard:
+    """One target as the search sees it: its name, which way it improves and how far it may fall."""
+
+    name: str
+    direction: Direction
+    tolerance: float
+    tolerance_mode: str = "relative"
+
+    def p_min(self, full_score: float) -> float:
+        return self.direction.worst_acceptable(full_score, self.tolerance, self.tolerance_mode)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TargetGuard:
+        return cls(**{**data, "direction": Direction(data["direction"])})
+
+
+def _primary(scores: Mapping[str, float]) -> float:
+    return next(iter(scores.values()))
 
 
 @dataclass(frozen=True)
 class Evaluation:
     round: int  # 0 = the full model
     linear_layers: tuple[int, ...]
-    score: float
+    scores: dict[str, float]  # per target, the primary first
     seconds: float
+
+    @property
+    def score(self) -> float:
+        """The primary target's score."""
+        return _primary(self.scores)
 
 
 @dataclass(frozen=True)
@@ -52,40 +97,64 @@ class Step:
     round: int
     added_layer: int
     linear_layers: tuple[int, ...]
-    score: float
-    meets_p_min: bool
+    scores: dict[str, float]
+    meets_p_min: bool  # every target met its P_min
+
+    @property
+    def score(self) -> float:
+        return _primary(self.scores)
 
 
 @dataclass(frozen=True)
 class Selection:
-    """What the search returns for one tolerance."""
+    """What the search returns for one set of tolerances."""
 
-    tolerance: float
-    tolerance_mode: str
-    p_min: float
-    m_opt: tuple[int, ...]  # most linear layers on the trajectory before P_min is first missed
-    m_opt_score: float
-    m_best: tuple[int, ...]  # best-scoring hybrid among the evaluations made until then
-    m_best_score: float
+    tolerances: dict[str, tuple[float, str] | None]  # per target, the primary first; None: not guarded
+    thresholds: dict[str, float]  # P_min per guarded target
+    m_opt: tuple[int, ...]  # most linear layers kept before a round found no acceptable candidate
+    m_opt_scores: dict[str, float]
+    m_best: tuple[int, ...]  # best primary score among evaluated hybrids with every guard held
+    m_best_scores: dict[str, float]
     evaluations_used: int
+
+    @property
+    def m_opt_score(self) -> float:
+        return _primary(self.m_opt_scores)
+
+    @property
+    def m_best_score(self) -> float:
+        return _primary(self.m_best_scores)
+
+    @property
+    def p_min(self) -> float | None:
+        """The primary target's P_min (None when it does not guard)."""
+        return self.thresholds.get(next(iter(self.tolerances)))
 
 
 @dataclass(frozen=True)
 class SearchResult:
     num_layers: int
     candidates: tuple[int, ...]
-    direction: Direction
-    tolerance: float
-    tolerance_mode: str
-    full_score: float
+    targets: tuple[TargetGuard, ...]  # the primary first
+    full_scores: dict[str, float]
     evaluations: tuple[Evaluation, ...]
     trajectory: tuple[Step, ...]
     stopped_because: str
+    run_to_end: bool = field(default=False)
+
+    @property
+    def full_score(self) -> float:
+        return _primary(self.full_scores)
+
+    @property
+    def direction(self) -> Direction:
+        """The primary target's direction."""
+        return self.targets[0].direction
 
     @property
     def selection(self) -> Selection:
-        """M_opt and M_best for the tolerance the search ran with."""
-        return read_off(self, self.tolerance, self.tolerance_mode)
+        """M_opt and M_best for the tolerances the search ran with."""
+        return read_off(self)
 
     def to_json(self) -> dict:
         return {**asdict(self), "selection": asdict(self.selection)}
@@ -97,7 +166,7 @@ class SearchResult:
         return cls(**{
             **fields,
             "candidates": tuple(fields["candidates"]),
-            "direction": Direction(fields["direction"]),
+            "targets": tuple(TargetGuard.from_json(t) for t in fields["targets"]),
             "evaluations": tuple(Evaluation(**{**e, "linear_layers": tuple(e["linear_layers"])})
                                  for e in fields["evaluations"]),
             "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"])})
@@ -105,101 +174,206 @@ class SearchResult:
         })
 
 
-def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec, direction: Direction,
+# --- the rule: shared by the search and by read_off's replay -------------------------------------
+
+def _thresholds(targets: Sequence[TargetGuard], full_scores: Mapping[str, float]) -> dict[str, float]:
+    return {t.name: t.p_min(full_scores[t.name]) for t in targets}
+
+
+def _acceptable(targets: Sequence[TargetGuard], p_min: Mapping[str, float], scores: Mapping[str, float]) -> bool:
+    return all(t.direction.meets(scores[t.name], p_min[t.name]) for t in targets)
+
+
+def _least_violation(targets: Sequence[TargetGuard], p_min: Mapping[str, float], full_scores: Mapping[str, float],
+                     scores: Mapping[str, float]) -> float:
+    """The smallest relative slack over the guarded targets (negative: outside its tolerance)."""
+    slacks = []
+    for t in targets:
+        sign = 1.0 if t.direction.higher_is_better else -1.0
+        slacks.append(sign * (scores[t.name] - p_min[t.name]) / max(abs(full_scores[t.name]), 1e-12))
+    return min(slacks, default=0.0)
+
+
+def _choose(primary: TargetGuard, guarded: Sequence[TargetGuard], p_min: Mapping[str, float],
+            full_scores: Mapping[str, float], round_scores: Sequence[tuple[int, Mapping[str, float]]]
+            ) -> tuple[int, Mapping[str, float], bool]:
+    """The swap a round keeps: (layer, its scores, acceptable). ``round_scores`` in layer order."""
+    acceptable = [(layer, s) for layer, s in round_scores if _acceptable(guarded, p_min, s)]
+    best = None
+    if acceptable:
+        for layer, scores in acceptable:
+            if best is None or primary.direction.better(scores[primary.name], best[1][primary.name]):
+                best = (layer, scores)
+        return best[0], best[1], True
+    for layer, scores in round_scores:
+        slack = _least_violation(guarded, p_min, full_scores, scores)
+        if best is None or slack > best[2]:
+            best = (layer, scores, slack)
+    return best[0], best[1], False
+
+
+# --- the search ----------------------------------------------------------------------------------
+
+class _NamedScore:
+    """A float-scoring evaluator seen as one named target's."""
+
+    def __init__(self, evaluator: Evaluator, name: str) -> None:
+        self.evaluator, self.name = evaluator, name
+
+    def __call__(self, linear_layers: frozenset[int]) -> dict[str, float]:
+        return {self.name: self.evaluator(linear_layers)}
+
+    def rebase(self, linear_layers: frozenset[int]) -> None:
+        self.evaluator.rebase(linear_layers)
+
+
+class _NamedRoundScores(_NamedScore):
+    def evaluate_round(self, layer_sets):
+        return [({self.name: score}, seconds) for score, seconds in self.evaluator.evaluate_round(layer_sets)]
+
+
+def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
+                   targets: Direction | Sequence[TargetGuard],
                    clock: Callable[[], float] = time.perf_counter) -> SearchResult:
     """Run the greedy search; ``evaluator`` is called once per candidate (see ``Evaluator``).
 
-    ``evaluator.rebase`` is called each time a swap is kept. A ``RoundEvaluator`` gets each round's
-    candidates (independent of each other) together. Ties within a round go to the lowest layer
-    index (deterministic).
+    ``targets``: the ``TargetGuard`` of every target, the primary first (the evaluator returns a
+    score per target name); or one ``Direction`` for a single target guarded by ``spec``'s
+    tolerance, whose evaluator returns a float. ``evaluator.rebase`` is called each time a swap is
+    kept. A ``RoundEvaluator`` gets each round's candidates (independent of each other) together.
     """
+    if isinstance(targets, Direction):
+        named = _NamedRoundScores if isinstance(evaluator, RoundEvaluator) else _NamedScore
+        evaluator = named(evaluator, SINGLE_TARGET)
+        targets = (TargetGuard(SINGLE_TARGET, targets, spec.tolerance, spec.tolerance_mode),)
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("greedy_replace needs at least one target")
     candidates = sorted(range(num_layers) if spec.candidate_layers is None else spec.candidate_layers)
     if any(i >= num_layers for i in candidates):
         raise ValueError(f"candidate_layers {candidates} include layers outside 0..{num_layers - 1}")
+    names = [t.name for t in targets]
     evaluations: list[Evaluation] = []
 
-    def timed(layers: frozenset[int]) -> tuple[float, float]:
-        started = clock()
-        score = evaluator(layers)
-        return score, clock() - started
+    def in_order(scores: Mapping[str, float]) -> dict[str, float]:
+        missing = [n for n in names if n not in scores]
+        if missing:
+            raise ValueError(f"the evaluator returned no score for target(s) {missing}")
+        return {n: float(scores[n]) for n in names}
 
-    def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[float]:
+    def timed(layers: frozenset[int]) -> tuple[Mapping[str, float], float]:
+        started = clock()
+        scores = evaluator(layers)
+        return scores, clock() - started
+
+    def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[dict[str, float]]:
         if isinstance(evaluator, RoundEvaluator):
             results = evaluator.evaluate_round(layer_sets)
         else:
             results = [timed(s) for s in layer_sets]
-        for layers, (score, seconds) in zip(layer_sets, results, strict=True):
-            evaluations.append(Evaluation(round_, tuple(sorted(layers)), float(score), seconds))
-        return [float(score) for score, _ in results]
+        scored = []
+        for layers, (scores, seconds) in zip(layer_sets, results, strict=True):
+            scores = in_order(scores)
+            evaluations.append(Evaluation(round_, tuple(sorted(layers)), scores, seconds))
+            scored.append(scores)
+        return scored
 
-    (full_score,) = score_round(0, [frozenset()])
-    p_min = direction.worst_acceptable(full_score, spec.tolerance, spec.tolerance_mode)
+    (full_scores,) = score_round(0, [frozenset()])
+    p_min = _thresholds(targets, full_scores)
     kept: frozenset[int] = frozenset()
     trajectory: list[Step] = []
     stopped_because = "every candidate layer is linear"
     for round_ in range(1, len(candidates) + 1):
         remaining = [layer_idx for layer_idx in candidates if layer_idx not in kept]
         scores = score_round(round_, [kept | {layer_idx} for layer_idx in remaining])
-        best_layer, best_score = None, None
-        for layer_idx, score in zip(remaining, scores):
-            if best_score is None or direction.better(score, best_score):
-                best_layer, best_score = layer_idx, score
-        meets = direction.meets(best_score, p_min)
-        if not meets and not spec.run_to_end:
-            stopped_because = f"round {round_}: best candidate scored {best_score:.6g}, below P_min {p_min:.6g}"
+        layer, chosen, acceptable = _choose(targets[0], targets, p_min, full_scores, list(zip(remaining, scores)))
+        if not acceptable and not spec.run_to_end:
+            stopped_because = f"round {round_}: {_why_unacceptable(targets, p_min, full_scores, chosen)}"
             break
-        kept = kept | {best_layer}
-        trajectory.append(Step(round_, best_layer, tuple(sorted(kept)), best_score, meets))
+        kept = kept | {layer}
+        trajectory.append(Step(round_, layer, tuple(sorted(kept)), chosen, acceptable))
         if round_ < len(candidates):
             evaluator.rebase(kept)
 
     return SearchResult(
-        num_layers=num_layers, candidates=tuple(candidates), direction=direction,
-        tolerance=spec.tolerance, tolerance_mode=spec.tolerance_mode, full_score=full_score,
+        num_layers=num_layers, candidates=tuple(candidates), targets=targets, full_scores=full_scores,
         evaluations=tuple(evaluations), trajectory=tuple(trajectory), stopped_because=stopped_because,
+        run_to_end=spec.run_to_end,
     )
 
 
-def read_off(result: SearchResult, tolerance: float, tolerance_mode: str = "relative") -> Selection:
-    """What Algorithm 1 returns for this tolerance, from a recorded trajectory, without re-running.
+def _why_unacceptable(targets: Sequence[TargetGuard], p_min: Mapping[str, float], full_scores: Mapping[str, float],
+                      scores: Mapping[str, float]) -> str:
+    missed = [f"{t.name} {scores[t.name]:.6g} (P_min {p_min[t.name]:.6g})" for t in targets
+              if not t.direction.meets(scores[t.name], p_min[t.name])]
+    return "the best candidate misses P_min: " + ", ".join(missed)
 
-    Exact when the recorded run went at least as far as this tolerance would have (always true for
-    a ``run_to_end`` trajectory; otherwise a looser tolerance than the run's raises).
+
+# --- reading a recorded search under other tolerances ------------------------------------------
+
+def read_off(result: SearchResult, tolerances: Mapping[str, tuple[float, str] | float | None] | None = None
+             ) -> Selection:
+    """What the search returns under ``tolerances``, replayed from the recorded scores.
+
+    ``tolerances`` maps target names to ``(tolerance, mode)`` (a bare number keeps the target's
+    mode) or to None (the target does not guard); targets not named keep the run's. A float alone
+    is the primary target's tolerance. Exact whenever every candidate the replay needs was scored
+    by the recorded run (always, for one target and a ``run_to_end`` run); otherwise it raises and
+    names the candidate, since those tolerances lead where the run never went.
     """
-    direction = result.direction
-    p_min = direction.worst_acceptable(result.full_score, tolerance, tolerance_mode)
-    accepted = []
-    stop_round = None
-    for step in result.trajectory:
-        if not direction.meets(step.score, p_min):
-            stop_round = step.round
-            break
-        accepted.append(step)
-    if stop_round is None and len(result.trajectory) < len(result.candidates):
-        # The recorded run stopped early: only safe if this tolerance also fails its next round.
-        next_round = len(result.trajectory) + 1
-        round_scores = [e.score for e in result.evaluations if e.round == next_round]
-        if not round_scores:
-            raise ValueError("the recorded search stopped before this tolerance would; rerun with run_to_end")
-        if direction.meets(direction.best(round_scores), p_min):
-            raise ValueError(
-                f"tolerance {tolerance} would continue past where the recorded search stopped; "
-                "rerun the search with run_to_end=True"
-            )
-        stop_round = next_round
-    last_round = stop_round if stop_round is not None else len(result.trajectory)
-    used = [e for e in result.evaluations if e.round <= last_round]
-    m_opt = accepted[-1].linear_layers if accepted else ()
-    m_opt_score = accepted[-1].score if accepted else result.full_score
-    hybrids = [e for e in used if e.linear_layers]
-    m_best, m_best_score = (), result.full_score
-    for e in hybrids:
-        # Ties toward more replacements.
-        if (m_best == () or direction.better(e.score, m_best_score)
-                or (e.score == m_best_score and len(e.linear_layers) > len(m_best))):
-            m_best, m_best_score = e.linear_layers, e.score
-    return Selection(
-        tolerance=tolerance, tolerance_mode=tolerance_mode, p_min=p_min, m_opt=m_opt, m_opt_score=m_opt_score,
-        m_best=m_best, m_best_score=m_best_score, evaluations_used=len(used),
-    )
+    primary = result.targets[0]
+    if tolerances is None:
+        tolerances = {}
+    elif not isinstance(tolerances, Mapping):
+        tolerances = {primary.name: tolerances}
+    unknown = sorted(set(tolerances) - {t.name for t in result.targets})
+    if unknown:
+        raise ValueError(f"read_off: unknown target(s) {unknown}; the run's are {[t.name for t in result.targets]}")
 
+    guarded: list[TargetGuard] = []
+    chosen_tolerances: dict[str, tuple[float, str] | None] = {}
+    for t in result.targets:
+        value = tolerances.get(t.name, (t.tolerance, t.tolerance_mode))
+        if value is None:
+            chosen_tolerances[t.name] = None
+            continue
+        tolerance, mode = value if isinstance(value, tuple) else (value, t.tolerance_mode)
+        guarded.append(TargetGuard(t.name, t.direction, float(tolerance), mode))
+        chosen_tolerances[t.name] = (float(tolerance), mode)
+
+    scored = {frozenset(e.linear_layers): e.scores for e in result.evaluations}
+    full_scores = result.full_scores
+    p_min = _thresholds(guarded, full_scores)
+    kept: frozenset[int] = frozenset()
+    m_opt, m_opt_scores = (), dict(full_scores)
+    used: list[tuple[frozenset[int], Mapping[str, float]]] = [(frozenset(), full_scores)]
+    while len(kept) < len(result.candidates):
+        round_scores = []
+        for layer in result.candidates:
+            if layer in kept:
+                continue
+            layers = kept | {layer}
+            if layers not in scored:
+                raise ValueError(
+                    f"these tolerances lead the search to {sorted(layers)}, which the recorded run never scored; "
+                    "rerun the search with them (run_to_end=True records more; scores already made are cached)")
+            round_scores.append((layer, scored[layers]))
+        used += [(kept | {layer}, s) for layer, s in round_scores]
+        layer, scores, acceptable = _choose(primary, guarded, p_min, full_scores, round_scores)
+        if not acceptable:
+            break
+        kept = kept | {layer}
+        m_opt, m_opt_scores = tuple(sorted(kept)), dict(scores)
+
+    others = [t for t in guarded if t.name != primary.name]
+    m_best, m_best_scores = (), dict(full_scores)
+    for layers, scores in used:
+        if not layers or not _acceptable(others, p_min, scores):
+            continue
+        if (m_best == () or primary.direction.better(scores[primary.name], m_best_scores[primary.name])
+                or (scores[primary.name] == m_best_scores[primary.name] and len(layers) > len(m_best))):
+            m_best, m_best_scores = tuple(sorted(layers)), dict(scores)
+    return Selection(
+        tolerances=chosen_tolerances, thresholds=p_min, m_opt=m_opt, m_opt_scores=m_opt_scores,
+        m_best=m_best, m_best_scores=m_best_scores, evaluations_used=len(used),
+    )

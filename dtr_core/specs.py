@@ -294,6 +294,43 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
+class CardSpec:
+    """The capability card of every decoder run: what the full model, M_opt and M_best keep beyond
+    the run's own targets, on their test splits.
+
+    ``probes`` at each of ``lengths`` tokens (lengths above the teacher's context limit or
+    ``max_tokens`` are capped there), ``examples`` each, haystacks cut from ``haystack``; and
+    perplexity on ``general_text`` (a built-in text that is not the target: "python_docs", the
+    Python reference shipped with Python, or "bbc_news"; "" for none), ``general_examples`` texts
+    of ``general_max_length`` tokens. A capability the run did not guard that M_opt loses more than
+    ``warn_drop`` on (absolute points for scores in [0, 1], relative for perplexity) is a warning.
+    """
+
+    enabled: bool = True
+    probes: tuple[str, ...] = PROBE_KINDS
+    lengths: tuple[int, ...] = (256, 1024, 4096)
+    max_tokens: int = 4096
+    examples: int = 20
+    batch_size: int = 8
+    haystack: str = "bbc_news"
+    general_text: str = "python_docs"
+    general_examples: int = 64
+    general_max_length: int = 256
+    warn_drop: float = 0.10
+
+    def __post_init__(self) -> None:
+        _check(all(p in PROBE_KINDS for p in self.probes), self, "probes", f"each must be one of {list(PROBE_KINDS)}")
+        _check(len(self.lengths) > 0 and all(n >= 32 for n in self.lengths), self, "lengths",
+               "give one or more context lengths in tokens, each >= 32")
+        _check(self.max_tokens >= 32, self, "max_tokens", "must be >= 32")
+        _check(self.examples >= 2, self, "examples", "must be >= 2")
+        _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
+        _check(self.general_examples >= 2, self, "general_examples", "must be >= 2")
+        _check(self.general_max_length >= 2, self, "general_max_length", "must be >= 2")
+        _check(0.0 < self.warn_drop < 1.0, self, "warn_drop", "must be in (0, 1), e.g. 0.10")
+
+
+@dataclass(frozen=True)
 class ExportSpec:
     """What to export: M_opt (most linear layers within tolerance) or M_best (best score)."""
 
@@ -320,6 +357,7 @@ class RunSpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
     guards: tuple[TargetSpec, ...] = ()
+    card: CardSpec = field(default_factory=CardSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     output_dir: str = "outputs/dtr"
     device: str = "cpu"

@@ -23,7 +23,7 @@ from typing import Any
 from .io import read_json, sha256_file, write_json
 
 # The stages whose results are cached (``refresh`` names them).
-STAGES = ("capture", "distill", "target", "evaluate", "search", "test", "export")
+STAGES = ("capture", "distill", "target", "evaluate", "search", "test", "card", "export")
 
 
 def content_key(*parts: Any) -> str:

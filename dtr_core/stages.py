@@ -12,32 +12,36 @@ import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .card import ANSWER_ROOM
 from .capture import CaptureManifest, capture_teacher, load_layer_activations, tokenize_for_capture
 from .distill import distill_layer
 from .distributed import rank_and_world
-from .evaluation import GenerationEvaluator, PrefixCachingEvaluator
+from .evaluation import GenerationEvaluator, GenerationScorer, PrefixCachingEvaluator
 from .io import load_tensors, save_tensors, sha256_file, write_json
 from .linear.base import LinearAttentionStudent
 from .linear.build import student_from_teacher
 from .linear.students import build_student
 from .runner import Log
 from .search import SearchResult
-from .specs import PROMPTED_KINDS, RunSpec, spec_digest, spec_to_dict
+from .specs import GENERATION_KINDS, PROBE_KINDS, PROMPTED_KINDS, RunSpec, TargetSpec, spec_digest, spec_to_dict
 from .stage_cache import code_version, content_key
 from .streaming import ModeChoice, choose_mode, stream_distill
-from .targets.data import TaskData, load_task_data, read_text_files
+from .targets.data import DataError, TaskData, TextSplit, load_task_data, read_text_files
 from .targets.decoder_tasks import (
-    ExactMatch,
+    Contains,
     MultipleChoice,
-    exact_match_for,
+    generation_scorer,
+    prompt_batches,
     tokenize_choices,
     tokenize_prompts,
 )
+from .targets.lm_eval_target import LmEvalEvaluator, LmEvalTask
+from .targets.probes import ProbeExample, probe_examples, probe_max_new_tokens
 from .targets.tasks import (
     LinearProbe,
     Perplexity,
@@ -70,21 +74,42 @@ def check_output_dir(path: str | Path) -> Path:
 
 @dataclass
 class RunContext:
-    """What every stage of one run shares: the spec, the loaded teacher and the task data."""
+    """What every stage of one run shares: the spec, the loaded teacher and every target's data."""
 
     run: RunSpec
     teacher: Teacher
-    data: TaskData
+    sources: dict[str, TargetSource]  # per target name, the primary first
     fingerprint: str
+    _card_sources: dict[TargetSpec, TargetSource] = field(default_factory=dict)
+    _card_sources_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def data(self) -> TaskData | None:
+        """The primary target's data (its train split is the default distillation text)."""
+        primary = self.sources[self.run.target.label]
+        return primary if isinstance(primary, TaskData) else None
+
+    def source(self, target: TargetSpec) -> TargetSource:
+        """A run target's data, or (loaded on first use) that of a target built for the report's card."""
+        if target in self.run.targets:
+            return self.sources[target.label]
+        with self._card_sources_lock:
+            if target not in self._card_sources:
+                self._card_sources[target] = load_target_source(target)
+            return self._card_sources[target]
 
 
 def open_run(run: RunSpec) -> RunContext:
     """Validate the run and load what every stage needs; fails fast on bad data, model or folder."""
     check_output_dir(run.output_dir)
-    data = load_task_data(run.target)
+    sources = {target.label: load_target_source(target) for target in run.targets}
+    if run.capture.source == "task_train" and not isinstance(sources[run.target.label], TaskData):
+        raise DataError(f"the primary target {run.target.label!r} is an lm-eval task, which brings no train text "
+                        "to distil from; give capture.text_files (--text-files) or make another target primary")
     teacher = load_teacher(run.model, device=run.device)
-    check_task_fits_model(run.target, data, teacher.adapter.causal)
-    return RunContext(run=run, teacher=teacher, data=data, fingerprint=model_fingerprint(teacher.model))
+    for target in run.targets:
+        check_target_fits(target, sources[target.label], teacher)
+    return RunContext(run=run, teacher=teacher, sources=sources, fingerprint=model_fingerprint(teacher.model))
 
 
 _contexts: dict[RunSpec, RunContext] = {}
@@ -137,15 +162,16 @@ def stream_distill_key(ctx: RunContext) -> str:
                        spec_to_dict(ctx.run.capture), capture_source_digest(ctx), ctx.fingerprint, code_version())
 
 
-def target_key(ctx: RunContext) -> str:
-    return content_key("target", spec_to_dict(ctx.run.target), ctx.data.fingerprint(), ctx.fingerprint,
+def target_key(ctx: RunContext, target: TargetSpec) -> str:
+    """A target's scores depend on how it is scored and on its data, not on its name or tolerance."""
+    return content_key("target", target.scoring_dict(), ctx.source(target).fingerprint(), ctx.fingerprint,
                        code_version())
 
 
-def evaluation_key(ctx: RunContext, records: Sequence[Mapping]) -> str:
-    """Scores depend on the task, the teacher and the students — not on tolerance or prefix reuse."""
-    return content_key("evaluate", target_key(ctx), [r["weights_sha256"] for r in records], ctx.fingerprint,
-                       code_version())
+def evaluation_key(ctx: RunContext, target: TargetSpec, records: Sequence[Mapping]) -> str:
+    """Scores depend on the target, the teacher and the students — not on tolerance or prefix reuse."""
+    return content_key("evaluate", target_key(ctx, target), [r["weights_sha256"] for r in records],
+                       ctx.fingerprint, code_version())
 
 
 def export_key(ctx: RunContext, records: Mapping[int, Mapping], linear_layers: Sequence[int]) -> str:
@@ -261,71 +287,146 @@ def load_students(records: Sequence[Mapping], run: RunSpec) -> dict[int, LinearA
     return {r["layer_idx"]: load_student(r, run.device, run.model.dtype) for r in records}
 
 
-# --- the target task ---------------------------------------------------------------------------
+# --- the targets ---------------------------------------------------------------------------------
 
-def fit_probe_stage(run: RunSpec, folder: Path, log: Log) -> dict:
-    """The frozen classification probe, fit on the full model's train embeddings → {"file", "sha256"}."""
+TargetSource = TaskData | LmEvalTask
+
+
+def load_target_source(target: TargetSpec) -> TargetSource:
+    """A target's data: its documents (lm-eval) or its texts and labels/answers (every other kind)."""
+    if target.kind == "lm_eval":
+        return LmEvalTask.from_spec(target)
+    return load_task_data(target)
+
+
+def check_target_fits(target: TargetSpec, source: TargetSource, teacher: Teacher) -> None:
+    """Reject a target this teacher cannot be scored on, before any distillation."""
+    if isinstance(source, TaskData):
+        check_task_fits_model(target, source, teacher.adapter.causal)
+    elif not teacher.adapter.causal:
+        raise DataError(f"target {target.label!r}: kind 'lm_eval' needs a decoder; this teacher is an encoder")
+    if target.kind in PROBE_KINDS:
+        limit = context_limit(teacher)
+        if limit is not None and target.context_tokens + ANSWER_ROOM > limit:
+            raise DataError(f"target {target.label!r}: context_tokens={target.context_tokens} leaves no room for the "
+                            f"answer within the teacher's context limit of {limit} tokens; use at most "
+                            f"{limit - ANSWER_ROOM}")
+        probe_split(teacher.tokenizer, target, source.validation, count=1)  # raises on a haystack too short
+
+
+def context_limit(teacher: Teacher) -> int | None:
+    """The longest sequence the teacher's position embeddings cover (None: not stated)."""
+    config = teacher.model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def fit_probe_stage(run: RunSpec, target_name: str, folder: Path, log: Log) -> dict:
+    """A classification target's frozen probe, fit on the full model's train embeddings → {"file", "sha256"}."""
     ctx = run_context(run)
-    probe = fit_probe(ctx.teacher.model, tokenize_split(ctx.teacher.tokenizer, ctx.data.train, run.target),
-                      seed=run.target.seed, device=run.device)
+    target = target_named(run, target_name)
+    probe = fit_probe(ctx.teacher.model, tokenize_split(ctx.teacher.tokenizer, ctx.source(target).train, target),
+                      seed=target.seed, device=run.device)
     probe_file = folder / "probe.safetensors"
     return {"file": str(probe_file), "sha256": save_tensors(probe_file, probe.to_tensors())}
 
 
+def target_named(run: RunSpec, name: str) -> TargetSpec:
+    return next(target for target in run.targets if target.label == name)
+
+
+Scorer = ProbeClassification | Perplexity | MultipleChoice | GenerationScorer | LmEvalTask
+
+
 @dataclass
 class PreparedTarget:
-    scorer: ProbeClassification | Perplexity | MultipleChoice | ExactMatch
-    validation: list[dict[str, torch.Tensor]]
-    test: list[dict[str, torch.Tensor]]
+    """One target ready to score: its scorer and its validation and test data (tokenised batches,
+    or for lm-eval the documents' indices)."""
+
+    spec: TargetSpec
+    scorer: Scorer
+    validation: Sequence
+    test: Sequence
+
+    @property
+    def name(self) -> str:
+        return self.spec.label
+
+    @property
+    def generates(self) -> bool:
+        return self.spec.kind in GENERATION_KINDS or self.spec.kind in PROBE_KINDS
 
 
-def prepare_target(ctx: RunContext, probe: Mapping | None) -> PreparedTarget:
+def probe_split(tokenizer, target: TargetSpec, split: TextSplit, count: int) -> list[ProbeExample]:
+    """A recall probe's examples, cut from ``split``'s texts (validation and test use their own)."""
+    return probe_examples(target.kind, tokenizer, split.texts, context_tokens=target.context_tokens, count=count,
+                          seed=target.seed)
+
+
+def prepare_target(ctx: RunContext, target: TargetSpec, probe: Mapping | None) -> PreparedTarget:
     """Tokenise validation/test once; classification loads the probe ``fit_probe_stage`` wrote."""
-    spec, tokenizer, data = ctx.run.target, ctx.teacher.tokenizer, ctx.data
-    if spec.kind in PROMPTED_KINDS:
-        # Multiple choice scores prompt + answer rows; exact match generates after left-padded prompts.
-        multiple_choice = spec.kind == "multiple_choice"
+    tokenizer, source = ctx.teacher.tokenizer, ctx.source(target)
+    if target.kind == "lm_eval":
+        return PreparedTarget(target, source, source.validation_indices, source.test_indices)
+    if target.kind in PROBE_KINDS:
+        # Scored like "contains": the probe's answer must appear in what the model writes.
+        splits = [probe_split(tokenizer, target, getattr(source, name), target.num_examples)
+                  for name in ("validation", "test")]
+        scorer = Contains(tokenizer, probe_max_new_tokens(tokenizer, [e for split in splits for e in split]))
+        validation, test = (prompt_batches([e.input_ids for e in split], [e.answers for e in split],
+                                           tokenizer.pad_token_id, target.batch_size) for split in splits)
+        return PreparedTarget(target, scorer, validation, test)
+    if target.kind in PROMPTED_KINDS:
+        # Multiple choice scores prompt + answer rows; the generation kinds generate after left-padded prompts.
+        multiple_choice = target.kind == "multiple_choice"
         tokenize = tokenize_choices if multiple_choice else tokenize_prompts
-        scorer = MultipleChoice() if multiple_choice else exact_match_for(tokenizer, data, spec)
-        return PreparedTarget(scorer, tokenize(tokenizer, data, data.validation, spec),
-                              tokenize(tokenizer, data, data.test, spec))
-    validation = tokenize_split(tokenizer, data.validation, spec)
-    test = tokenize_split(tokenizer, data.test, spec)
-    if spec.kind == "perplexity":
-        return PreparedTarget(Perplexity(), validation, test)
+        scorer = MultipleChoice() if multiple_choice else generation_scorer(tokenizer, source, target)
+        return PreparedTarget(target, scorer, tokenize(tokenizer, source, source.validation, target),
+                              tokenize(tokenizer, source, source.test, target))
+    validation = tokenize_split(tokenizer, source.validation, target)
+    test = tokenize_split(tokenizer, source.test, target)
+    if target.kind == "perplexity":
+        return PreparedTarget(target, Perplexity(), validation, test)
     probe_tensors = LinearProbe.from_tensors(load_tensors(probe["file"], probe["sha256"]))
-    return PreparedTarget(ProbeClassification(probe_tensors), validation, test)
+    return PreparedTarget(target, ProbeClassification(probe_tensors), validation, test)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+TargetEvaluator = PrefixCachingEvaluator | GenerationEvaluator | LmEvalEvaluator
+
+
 def split_evaluator(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: PreparedTarget,
-                    batches: Sequence[Mapping[str, torch.Tensor]], prefix_reuse: bool
-                    ) -> PrefixCachingEvaluator | GenerationEvaluator:
-    """Scores hybrids on ``batches``: exact match generates, every other kind scores forward passes."""
-    if ctx.run.target.kind == "exact_match":
-        return GenerationEvaluator(ctx.teacher.model, ctx.teacher.adapter, students, batches, target.scorer,
-                                   pad_token_id=ctx.teacher.tokenizer.pad_token_id, device=ctx.run.device)
-    return PrefixCachingEvaluator(ctx.teacher.model, ctx.teacher.adapter, students, batches, target.scorer,
-                                  prefix_reuse=prefix_reuse, device=ctx.run.device)
+                    split: str, prefix_reuse: bool) -> TargetEvaluator:
+    """Scores hybrids on ``target``'s ``split`` ("validation" or "test"): lm-eval tasks through
+    lm-eval, the generation kinds by generating, every other kind from forward passes."""
+    teacher, device = ctx.teacher, ctx.run.device
+    data = getattr(target, split)
+    if target.spec.kind == "lm_eval":
+        return LmEvalEvaluator(teacher.model, teacher.adapter, students, teacher.tokenizer, target.scorer, data,
+                               batch_size=target.spec.batch_size, device=device)
+    if target.generates:
+        return GenerationEvaluator(teacher.model, teacher.adapter, students, data, target.scorer,
+                                   pad_token_id=teacher.tokenizer.pad_token_id, device=device)
+    return PrefixCachingEvaluator(teacher.model, teacher.adapter, students, data, target.scorer,
+                                  prefix_reuse=prefix_reuse, device=device)
 
 
-_worker_evaluators: dict[tuple, PrefixCachingEvaluator | GenerationEvaluator] = {}
+_worker_evaluators: dict[tuple, TargetEvaluator] = {}
 _worker_evaluators_lock = threading.Lock()
 
 
-def worker_evaluation_stage(run: RunSpec, records: Sequence[Mapping], probe: Mapping | None,
+def worker_evaluation_stage(run: RunSpec, target_name: str, records: Sequence[Mapping], probe: Mapping | None,
                             linear_layers: frozenset[int], folder: Path, log: Log) -> float:
-    """One candidate's validation score with this process's own evaluator, built once from the stage
-    files (no prefix reuse: hidden states are not shared between processes)."""
-    evaluator_key = (run, tuple(r["weights_sha256"] for r in records), probe and probe["sha256"])
+    """One candidate's validation score on one target with this process's own evaluator, built once
+    from the stage files (no prefix reuse: hidden states are not shared between processes)."""
+    evaluator_key = (run, target_name, tuple(r["weights_sha256"] for r in records), probe and probe["sha256"])
     # One lock for building and scoring: candidates swap modules in the process's one model.
     with _worker_evaluators_lock:
         if evaluator_key not in _worker_evaluators:
             ctx = run_context(run)
-            target = prepare_target(ctx, probe)
+            target = prepare_target(ctx, target_named(run, target_name), probe)
             _worker_evaluators[evaluator_key] = split_evaluator(
-                ctx, load_students(records, run), target, target.validation, prefix_reuse=False)
+                ctx, load_students(records, run), target, "validation", prefix_reuse=False)
         return _worker_evaluators[evaluator_key](linear_layers)
 
 

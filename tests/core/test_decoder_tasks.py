@@ -1,5 +1,8 @@
-"""Prompted decoder tasks: log-likelihood multiple choice and generation exact match."""
+"""Prompted decoder tasks: log-likelihood multiple choice and generation scores (exact match,
+contains, token F1)."""
 
+import hashlib
+import json
 from collections import Counter
 
 import pytest
@@ -26,17 +29,21 @@ from dtr_core.specs import (
 from dtr_core.targets.data import DataError, TaskData, TextSplit, load_task_data
 from dtr_core.targets.decoder_tasks import (
     FEWSHOT_SEPARATOR,
+    Contains,
     ExactMatch,
     MultipleChoice,
-    exact_match_for,
+    TokenF1,
+    generation_scorer,
     normalise_answer,
     prompts,
     select_fewshot,
+    squad_normalise,
+    token_f1,
     tokenize_choices,
     tokenize_prompts,
     truncate_text,
 )
-from dtr_core.targets.tasks import check_task_fits_model
+from dtr_core.targets.tasks import MODEL_INPUT_KEYS, check_task_fits_model, model_inputs
 
 LABELS = ("w50", "w60", "w70")
 # Vocabulary words, so the tiny word-level tokenizer gives every template word its own token.
@@ -236,22 +243,22 @@ def test_exact_match_equals_a_manual_greedy_loop(family):
     model = tiny_model(family)
     tokenizer = tiny_tokenizer()
     spec = spec_for("exact_match", max_new_tokens=2, max_length=12, batch_size=4)
-    # Extra label names, unused in train, leave the few-shot prompts unchanged; half of the
-    # validation examples are then labelled with what the model writes.
+    # Free-form validation answers leave the few-shot prompts (drawn from the labelled train split)
+    # unchanged; half of the validation examples then accept what the model writes (among others).
     data = task_data()
-    written = [normalise_answer(tokenizer.decode(greedy_without_cache(model, tokenizer(p)["input_ids"], 2, 2),
-                                                 skip_special_tokens=True))
+    written = [tokenizer.decode(greedy_without_cache(model, tokenizer(p)["input_ids"], 2, 2), skip_special_tokens=True)
                for p in prompts(tokenizer, data, data.validation, spec)]
-    extra = tuple(sorted(set(written) - set(LABELS)))
-    names = LABELS + extra
-    golds = tuple(names.index(w) if i % 2 == 0 else 0 for i, w in enumerate(written))
-    data = TaskData(data.train, TextSplit(data.validation.texts, golds), data.test, names, data.source)
+    golds = tuple(("w99", w + ".") if i % 2 == 0 else ("w50",) for i, w in enumerate(written))
+    data = TaskData(data.train, TextSplit(data.validation.texts, None, golds), data.test, data.label_names,
+                    data.source)
 
     batches = tokenize_prompts(tokenizer, data, data.validation, spec)
     assert len({int(m.sum()) for b in batches for m in b["attention_mask"]}) > 1  # left padding is exercised
-    scorer = exact_match_for(tokenizer, data, spec)
+    assert [a for b in batches for a in b["answers"]] == list(golds) and "labels" not in batches[0]
+    scorer = generation_scorer(tokenizer, data, spec)
+    assert isinstance(scorer, ExactMatch) and scorer.max_new_tokens == 2
     evaluator = GenerationEvaluator(model, adapter_for(model), {}, batches, scorer, pad_token_id=0)
-    expected = sum(w == names[g] for w, g in zip(written, golds)) / len(golds)
+    expected = sum(normalise_answer(w) in {normalise_answer(a) for a in g} for w, g in zip(written, golds)) / len(golds)
     assert 0.5 <= expected < 1.0
     assert evaluator(()) == expected
     assert evaluator.layer_forwards == evaluator.layer_forwards_full == 2
@@ -260,15 +267,161 @@ def test_exact_match_equals_a_manual_greedy_loop(family):
 def test_exact_match_normalises_the_first_line():
     assert normalise_answer(" Sport.\n\nArticle: next one") == "sport"
     assert normalise_answer("\n  Very   Positive! \nx") == "very positive"
-    scorer = ExactMatch(tiny_tokenizer(), [" w50", " w60 w61"], max_new_tokens=3)
-    generated = torch.tensor([[50, 2, 0], [60, 61, 62], [60, 61, 2]])  # 2 = EOS, 0 = padding
-    assert scorer.collect(generated, {"labels": torch.tensor([0, 1, 1])}).tolist() == [True, False, True]
+    scorer = ExactMatch(tiny_tokenizer(), max_new_tokens=3)
+    generated = torch.tensor([[50, 2, 0], [60, 61, 62], [60, 61, 2], [70, 0, 0]])  # 2 = EOS, 0 = padding
+    batch = {"answers": [(" W50. ",), ("w60 w61",), ("w99", "w60  W61!"), ("w71", "w7")]}
+    assert scorer.collect(generated, batch).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert scorer.score([scorer.collect(generated, batch)]) == 0.5
+
+
+# Generated text, accepted answers, score: hand-computed.
+EXACT_MATCH_CASES = [
+    ("Paris", ("paris",), 1.0),
+    ("  The Eiffel   Tower!\nmore", ("the eiffel tower",), 1.0),
+    ("\n\nParis.", ("London", "PARIS"), 1.0),
+    ("Paris, France", ("Paris",), 0.0),
+    ("", ("x",), 0.0),
+]
+CONTAINS_CASES = [
+    ("It is Paris, France.", ("paris",), 1.0),
+    ("the answer:\n  NEW\n york city", ("New York",), 1.0),  # whitespace collapsed across lines
+    ("It is Paris", ("Paris, France",), 0.0),
+    ("w14", ("4",), 1.0),  # a plain substring test, no word boundaries
+    ("Rome", ("Paris", "London"), 0.0),
+    ("Rome", ("Paris", "\"Rome.\""), 1.0),  # punctuation at the answer's ends dropped
+    ("said ?!", ("?!",), 1.0),  # a punctuation-only answer is looked for as written
+    ("said !", ("?!",), 0.0),
+]
+TOKEN_F1_CASES = [
+    ("Paris", ("paris",), 1.0),
+    # Articles and punctuation removed on both sides: "eiffel tower" vs "eiffel tower".
+    ("The Eiffel Tower.", ("an Eiffel, tower",), 1.0),
+    # prediction {big, red, dog} vs gold {red, dog, barked}: 2 shared; P = R = 2/3.
+    ("a big red dog", ("the red dog barked",), 2 / 3),
+    # prediction 4 tokens, gold 1 token, 1 shared: P = 1/4, R = 1 → F1 = 2 * 0.25 / 1.25 = 0.4.
+    ("in Paris in spring", ("Paris",), 0.4),
+    # Several answers: the best F1 counts (0.0, 0.4 and 2/3 → 2/3).
+    ("in Paris at noon", ("London", "noon", "Paris noon"), 2 / 3),
+    # Repeated tokens count as often as they occur in both: {the:—, go×2} vs {go×1}: P = 1/2, R = 1.
+    ("go go", ("go",), 2 / 3),
+    ("The.", ("a",), 1.0),  # both empty after normalisation
+    ("the", ("Paris",), 0.0),  # prediction empty, answer not
+    ("Paris\nsecond line words", ("Paris",), 1.0),  # only the first non-empty line is the prediction
+    ("  \n  Paris London", ("paris",), 2 / 3),
+]
+
+
+@pytest.mark.parametrize("scorer_type, cases", [
+    (ExactMatch, EXACT_MATCH_CASES), (Contains, CONTAINS_CASES), (TokenF1, TOKEN_F1_CASES),
+], ids=["exact_match", "contains", "token_f1"])
+def test_generation_metrics_match_hand_computed_values(scorer_type, cases):
+    scorer = scorer_type(tiny_tokenizer(), max_new_tokens=4)
+    for text, accepted, expected in cases:
+        assert scorer.match(text, accepted) == pytest.approx(expected), (text, accepted)
+    assert scorer.direction is Direction.HIGHER
+    assert scorer.metric_name == {ExactMatch: "exact_match", Contains: "contains", TokenF1: "token_f1"}[scorer_type]
+
+
+def test_squad_normalisation_and_token_f1():
+    assert squad_normalise("The  Cat's hat, an apple & a THEORY!") == ["cats", "hat", "apple", "theory"]
+    assert token_f1("", "") == 1.0 and token_f1("cat", "") == 0.0
+    assert token_f1("cat dog", "dog cat") == 1.0
+
+
+def test_generation_scorers_decode_tokens_and_average():
+    tokenizer = tiny_tokenizer()
+    generated = torch.tensor([[50, 51, 2], [60, 2, 0], [70, 71, 72]])  # 2 = EOS, 0 = padding
+    batch = {"answers": [("w51",), ("w61", "w60"), ("w71 w73",)]}
+    means = {"exact_match": (0 + 1 + 0) / 3, "contains": (1 + 1 + 0) / 3,
+             "token_f1": (2 / 3 + 1 + 0.4) / 3}  # w50 w51 vs w51; w60 vs w60; w70 w71 w72 vs w71 w73
+    for kind, expected in means.items():
+        scorer = generation_scorer(tokenizer, task_data(), spec_for(kind, max_new_tokens=3))
+        assert scorer.score([scorer.collect(generated[:2], {"answers": batch["answers"][:2]}),
+                             scorer.collect(generated[2:], {"answers": batch["answers"][2:]})]) == \
+            pytest.approx(expected)
 
 
 def test_default_max_new_tokens_is_the_longest_answer_plus_one():
     data = task_data(label_names=("w50", "w60 w61 w62", "w70"))
-    assert exact_match_for(tiny_tokenizer(), data, spec_for("exact_match")).max_new_tokens == 4
-    assert exact_match_for(tiny_tokenizer(), data, spec_for("exact_match", max_new_tokens=9)).max_new_tokens == 9
+    assert generation_scorer(tiny_tokenizer(), data, spec_for("exact_match")).max_new_tokens == 4
+    assert generation_scorer(tiny_tokenizer(), data, spec_for("exact_match", max_new_tokens=9)).max_new_tokens == 9
+    # Free-form: the longest accepted answer of any split, written with answer_template.
+    split = TextSplit(data.train.texts[:2], None, (("w5",), ("w6", "w6 w7")))
+    longest = TextSplit(data.test.texts[:2], None, (("w5",), ("w8 w8 w8 w8 w8",)))
+    free = TaskData(split, split, longest, None, "free")
+    assert generation_scorer(tiny_tokenizer(), free, spec_for("contains")).max_new_tokens == 6
+    spec = spec_for("token_f1", answer_template=" w9 {label} w9")
+    assert generation_scorer(tiny_tokenizer(), free, spec).max_new_tokens == 8
+    with pytest.raises(ValueError, match="not one of"):
+        generation_scorer(tiny_tokenizer(), free, spec_for("multiple_choice"))
+
+
+def free_form_data(count=36) -> TaskData:
+    """The synthetic texts with free-form answers: each example accepts its last word (and w99)."""
+    rows = synthetic_texts(count)
+
+    def split(part):
+        return TextSplit(tuple(t for t, _ in part), None, tuple((t.split()[-1], "w99") for t, _ in part))
+
+    return TaskData(split(rows[:24]), split(rows[24:30]), split(rows[30:]), None, "free")
+
+
+def test_free_form_prompts_draw_fewshot_at_random_with_the_first_answer():
+    data, tokenizer = free_form_data(), tiny_tokenizer()
+    spec = spec_for("token_f1", num_fewshot=3)
+    written = prompts(tokenizer, data, data.validation, spec)
+    *shots, query = written[0].split(FEWSHOT_SEPARATOR)
+    train_shots = {TEMPLATE.replace("{text}", truncate_text(tokenizer, text, spec.max_length)) + f" {answers[0]}"
+                   for text, answers in zip(data.train.texts, data.train.answers)}
+    assert len(shots) == 3 and set(shots) <= train_shots
+    assert all(p.startswith(FEWSHOT_SEPARATOR.join(shots)) for p in written)
+    assert prompts(tokenizer, data, data.validation, spec_for("token_f1", num_fewshot=3, seed=7)) != written
+    assert prompts(tokenizer, data, data.validation, spec) == written
+
+    batches = tokenize_prompts(tokenizer, data, data.validation, spec)
+    assert [a for b in batches for a in b["answers"]] == list(data.validation.answers)
+    assert all(isinstance(a, tuple) for b in batches for a in b["answers"])
+    # Only the model's inputs reach the model.
+    assert set(model_inputs(batches[0], "cpu")) == set(MODEL_INPUT_KEYS)
+
+
+def test_closed_set_batches_carry_label_names_as_answers():
+    data, spec = task_data(), spec_for("exact_match")
+    batch = tokenize_prompts(tiny_tokenizer(), data, data.validation, spec)[0]
+    assert batch["answers"] == [(LABELS[y],) for y in data.validation.labels[:4]]
+    assert batch["labels"].tolist() == list(data.validation.labels[:4])
+
+
+# Computed with the code before free-form answers, with tiny_tokenizer: every validation and test
+# prompt, the few-shot indices and the left-padded validation batches' input_ids and masks.
+BBC_PROMPTS_SHA256 = {
+    (): ("b7f1f1ae1cdda5b4bfe55e71127c05d6449b09405748334174e82bb05b8f0a33", [320, 265, 1204],
+         "c3e204bbebaf86b9a26166a0f1f1641d51f70dec9202be25e406313507922f25"),
+    (("seed", 7), ("max_examples_per_split", 50)):
+        ("85c3580afc0d698d0e36423e8b9094264bba6ab3be7d8d0454007463b9667d32", [5, 30, 11],
+         "728576afef332c9358fdd0468c211ea1e5339be642e3514ebe244c37c3f7501e"),
+}
+
+
+@pytest.mark.parametrize("overrides", list(BBC_PROMPTS_SHA256), ids=["default", "seed7-cap50"])
+def test_bbc_exact_match_prompts_are_those_of_before(overrides):
+    from dtr_core.targets.decoder_tasks import default_max_new_tokens, fewshot_indices
+
+    spec = TargetSpec(kind="exact_match", **dict(overrides))
+    data, tokenizer = load_task_data(spec), tiny_tokenizer()
+    written = {s: prompts(tokenizer, data, getattr(data, s), spec) for s in ("validation", "test")}
+    digest = hashlib.sha256(json.dumps(written, ensure_ascii=False).encode()).hexdigest()
+    batches = tokenize_prompts(tokenizer, data, data.validation, spec)
+    ids = hashlib.sha256()
+    for batch in batches:
+        for key in ("input_ids", "attention_mask"):
+            ids.update(batch[key].numpy().tobytes())
+    assert (digest, fewshot_indices(data, spec), ids.hexdigest()) == BBC_PROMPTS_SHA256[overrides]
+    assert [a for b in batches for a in b["answers"]] == [(data.label_names[y],) for y in data.validation.labels]
+    # max_new_tokens as before: the longest label name (with answer_template) + 1.
+    bpe = byte_level_bpe()
+    assert generation_scorer(bpe, data, spec).max_new_tokens == default_max_new_tokens(bpe, spec, data.label_names) \
+        == max(len(bpe(" " + name)["input_ids"]) for name in data.label_names) + 1
 
 
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
@@ -307,25 +460,43 @@ def test_bad_templates_and_settings_are_named(overrides, message):
         spec_for(**overrides)
 
 
-@pytest.mark.parametrize("kind", ["multiple_choice", "exact_match"])
+@pytest.mark.parametrize("kind", ["multiple_choice", "exact_match", "contains", "token_f1"])
 def test_prompted_kinds_need_a_decoder_labels_and_enough_train(kind, tmp_path):
     with pytest.raises(DataError, match=f"target kind '{kind}' needs a decoder"):
         check_task_fits_model(spec_for(kind), task_data(), causal=False)
     plain = TextSplit(task_data().train.texts, None)
     unlabelled = TaskData(plain, plain, plain, None, "plain")
-    with pytest.raises(DataError, match=f"target kind '{kind}' needs labels"):
+    needs = "labels" if kind == "multiple_choice" else "answers"
+    with pytest.raises(DataError, match=f"target kind '{kind}' needs {needs}"):
         check_task_fits_model(spec_for(kind), unlabelled, causal=True)
     with pytest.raises(DataError, match="num_fewshot=30 but the train split of synthetic has only 24"):
         check_task_fits_model(spec_for(kind, num_fewshot=30), task_data(), causal=True)
+    check_task_fits_model(spec_for(kind), task_data(), causal=True)  # labels only: their names are the answers
+    if kind != "multiple_choice":
+        check_task_fits_model(spec_for(kind), free_form_data(), causal=True)  # free-form answers, no labels
+        with pytest.raises(DataError, match="num_fewshot=30 but the train split of free has only 24"):
+            check_task_fits_model(spec_for(kind, num_fewshot=30), free_form_data(), causal=True)
     path = tmp_path / "plain.jsonl"
     path.write_text("".join(f'{{"text": "w{i} w5"}}\n' for i in range(10)))
-    with pytest.raises(DataError, match="no label field 'label'"):
+    with pytest.raises(DataError, match=f"no {'label' if kind == 'multiple_choice' else 'answer'} field 'label'"):
         load_task_data(TargetSpec(dataset=str(path), kind=kind))
 
 
-@pytest.mark.parametrize("kind", ["multiple_choice", "exact_match"])
+@pytest.mark.parametrize("kind", ["perplexity", "passkey", "lm_eval"])
+def test_other_decoder_kinds_need_a_decoder(kind):
+    spec = spec_for(kind, lm_eval_task="x") if kind == "lm_eval" else spec_for(kind)
+    with pytest.raises(DataError, match=f"target kind '{kind}' needs a decoder"):
+        check_task_fits_model(spec, task_data(), causal=False)
+    check_task_fits_model(spec_for("classification"), task_data(), causal=False)
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "exact_match", "contains", "token_f1"])
 def test_tiny_run_with_a_prompted_target(tmp_path, kind):
-    data = write_jsonl(tmp_path / "data.jsonl", [(t, f"w{50 + 10 * y}") for t, y in synthetic_texts(60)])
+    # Multiple choice and exact match on a closed label set; contains and token F1 on free-form
+    # answers (two accepted answers per example).
+    free_form = kind in ("contains", "token_f1")
+    data = write_jsonl(tmp_path / "data.jsonl", [(t, [f"w{50 + 10 * y}", "w99"] if free_form else f"w{50 + 10 * y}")
+                                                for t, y in synthetic_texts(60)])
     run = RunSpec(
         model=ModelSpec(path=save_tiny_model("llama", tmp_path / "model", num_layers=2)),
         capture=CaptureSpec(token_budget=800, max_length=24, batch_size=16),
@@ -334,10 +505,11 @@ def test_tiny_run_with_a_prompted_target(tmp_path, kind):
         target=TargetSpec(dataset=data, kind=kind, prompt_template=TEMPLATE, max_length=8, num_fewshot=2),
         output_dir=str(tmp_path / "out"),
     )
+    assert (load_task_data(run.target).label_names is None) == free_form
     summary = run_dtr(run, log=lambda line: None)
-    assert summary.metric == {"multiple_choice": "mc_accuracy", "exact_match": "exact_match"}[kind]
-    assert summary.direction is Direction.HIGHER and summary.evaluations == 1 + 2 * 3 // 2
-    assert all(0.0 <= score <= 1.0 for score in summary.scores["test"].values())
+    assert summary.primary["metric"] == {"multiple_choice": "mc_accuracy"}.get(kind, kind)
+    assert Direction(summary.primary["direction"]) is Direction.HIGHER and summary.evaluations == 1 + 2 * 3 // 2
+    assert all(0.0 <= score <= 1.0 for score in summary.scores["test"][kind].values())
     assert (summary.layer_forwards < summary.layer_forwards_without_reuse) == (kind == "multiple_choice")
 
 

@@ -40,12 +40,12 @@ def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
     for name in ("report.json", "report.md", "search_trajectory.png", "distill_loss.png"):
         assert (out / "report" / name).stat().st_size > 0
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report["scores"]["test"].keys() == {"full", "m_opt", "m_best"}
+    assert report["scores"]["test"].keys() == {kind} and report["scores"]["test"][kind].keys() == {"full", "m_opt", "m_best"}
     assert len(report["distillation"]) == 3
     config = json.loads((out / "hybrid" / "config.json").read_text())
     assert config["layer_types"].count("linear_attention") == len(summary.linear_layers)
     assert {p.name for p in out.iterdir()} == {*RUN_FOLDER, "cache"}
-    assert (summary.direction is Direction.HIGHER) == (kind == "classification")
+    assert (Direction(summary.primary["direction"]) is Direction.HIGHER) == (kind == "classification")
 
 
 def test_a_second_run_reuses_every_stage(tmp_path):
@@ -55,8 +55,8 @@ def test_a_second_run_reuses_every_stage(tmp_path):
     lines = []
     second = run_dtr(run, log=lines.append)
     hits = [line.split(":")[0] for line in lines if "cache hit" in line]
-    assert hits == ["capture", "distill layer 0", "distill layer 1", "distill layer 2", "search", "test scores",
-                    "export"]
+    assert hits == ["capture", "distill layer 0", "distill layer 1", "distill layer 2", "search",
+                    "test scores (perplexity)", *["card"] * len(first.card["entries"]), "export"]
     assert (second.scores, second.linear_layers, second.search) == (first.scores, first.linear_layers, first.search)
 
 
@@ -69,7 +69,7 @@ def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
     summary = run_dtr(run, log=lambda line: None)
     assert summary.evaluations == 1 + 3 * 4 // 2
     for split in ("validation", "test"):
-        assert all(math.isfinite(score) for score in summary.scores[split].values())
+        assert all(math.isfinite(score) for score in summary.scores[split]["perplexity"].values())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -121,7 +121,7 @@ def test_minilm_end_to_end_on_a_small_budget(tmp_path):
     )
     summary = run_dtr(run, log=lambda line: None)
     assert summary.num_layers == 6 and summary.family == "bert"
-    assert summary.scores["validation"]["full"] > 0.85  # the frozen probe on MiniLM works
+    assert summary.scores["validation"]["classification"]["full"] > 0.85  # the frozen probe on MiniLM works
     for record in summary.distillation:
         assert record["rel_error_final"] < 0.8 * record["rel_error_init"], record["layer_idx"]
     assert (tmp_path / "out" / "hybrid" / "model.safetensors").exists()

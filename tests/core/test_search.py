@@ -3,7 +3,7 @@
 import pytest
 
 from dtr_core.direction import Direction
-from dtr_core.search import RoundEvaluator, greedy_replace, read_off
+from dtr_core.search import RoundEvaluator, SearchResult, TargetGuard, greedy_replace, read_off
 from dtr_core.specs import SearchSpec, SpecError
 
 
@@ -41,7 +41,7 @@ def test_stops_when_best_candidate_misses_p_min():
     assert len(result.evaluations) == 1 + 5 + 4 + 3 + 2
     assert evaluator.calls[0] == ()
     assert evaluator.rebased == [(1,), (1, 3), (1, 2, 3)]
-    assert "below P_min" in result.stopped_because
+    assert "misses P_min: score 0.929 (P_min 0.97)" in result.stopped_because
     assert all(e.seconds >= 0 for e in result.evaluations)
 
 
@@ -136,3 +136,108 @@ def test_rounds_can_be_scored_together():
     assert result.trajectory == sequential.trajectory and result.selection == sequential.selection
     assert [e.score for e in result.evaluations] == [e.score for e in sequential.evaluations]
     assert all(e.seconds == 0.5 for e in result.evaluations)
+
+
+# --- several targets -------------------------------------------------------------------------------
+
+class ScriptedTargets:
+    """Per-target scores: accuracy-like ``task`` and ``recall`` (1 − costs), perplexity-like ``ppl``."""
+
+    def __init__(self, task, recall, ppl=None):
+        self.costs = {"task": task, "recall": recall, "ppl": ppl or [0.0] * len(task)}
+        self.calls = []
+
+    def __call__(self, layers):
+        self.calls.append(tuple(sorted(layers)))
+        return {"task": 1.0 - sum(self.costs["task"][i] for i in layers),
+                "recall": 1.0 - sum(self.costs["recall"][i] for i in layers),
+                "ppl": 10.0 + sum(self.costs["ppl"][i] for i in layers)}
+
+    def rebase(self, layers):
+        pass
+
+
+def guards(task=0.1, recall=0.05, ppl=None):
+    targets = [TargetGuard("task", Direction.HIGHER, task), TargetGuard("recall", Direction.HIGHER, recall, "absolute")]
+    if ppl is not None:
+        targets.append(TargetGuard("ppl", Direction.LOWER, ppl))
+    return targets
+
+
+# Layer 0 costs the task nothing but destroys recall; layer 2 costs the task a little and keeps recall.
+TASK, RECALL = [0.0, 0.02, 0.01, 0.5], [0.6, 0.0, 0.01, 0.0]
+
+
+def test_a_guard_steers_the_search_away_from_a_layer_that_breaks_it():
+    unguarded = greedy_replace(4, ScriptedTargets(TASK, RECALL), SearchSpec(), guards()[:1])
+    assert unguarded.trajectory[0].added_layer == 0  # best for the task alone
+    result = greedy_replace(4, ScriptedTargets(TASK, RECALL), SearchSpec(), guards())
+    assert [s.added_layer for s in result.trajectory] == [2, 1]
+    assert result.selection.m_opt == (1, 2)
+    assert result.selection.m_opt_scores == pytest.approx({"task": 0.97, "recall": 0.99})
+    assert result.selection.thresholds == pytest.approx({"task": 0.9, "recall": 0.95})
+    # Round 3: {0,1,2} breaks recall, {1,2,3} breaks the task; the stop names what was missed.
+    assert "round 3" in result.stopped_because and "P_min" in result.stopped_because
+    # Only the searched targets are recorded (not the evaluator's "ppl"), the primary first.
+    assert all(list(e.scores) == ["task", "recall"] for e in result.evaluations)
+
+
+def test_every_target_must_hold_including_a_lower_is_better_one():
+    evaluator = ScriptedTargets([0.0, 0.0, 0.0], [0.0, 0.0, 0.0], ppl=[0.2, 2.0, 0.4])
+    result = greedy_replace(3, evaluator, SearchSpec(), guards(ppl=0.05))  # ppl ≤ 10.5
+    assert result.selection.m_opt == (0,)  # {0,2} has ppl 10.6; {0,1} 12.2
+    assert result.selection.thresholds["ppl"] == pytest.approx(10.5)
+
+
+def test_run_to_end_continues_with_the_least_violating_candidate():
+    evaluator = ScriptedTargets([0.0, 0.0, 0.3], [0.0, 0.2, 0.0])
+    result = greedy_replace(3, evaluator, SearchSpec(run_to_end=True), guards(task=0.1, recall=0.1))
+    # Round 1: {0} acceptable. Round 2: {0,1} recall 0.8 (slack -0.1), {0,2} task 0.7 (slack -0.2).
+    assert [s.added_layer for s in result.trajectory] == [0, 1, 2]
+    assert [s.meets_p_min for s in result.trajectory] == [True, False, False]
+    assert result.selection.m_opt == (0,)
+    assert len(result.evaluations) == 1 + 3 + 2 + 1
+
+
+def test_m_best_needs_every_guard_and_prefers_more_layers_on_ties():
+    # {1} has the best task score but breaks recall; {0} and {0, 2} tie on the task: more layers win.
+    evaluator = ScriptedTargets([0.0, -0.05, 0.0, 0.5], [0.0, 0.5, 0.0, 0.0])
+    result = greedy_replace(4, evaluator, SearchSpec(run_to_end=True), guards(task=0.02))
+    assert result.selection.m_best == (0, 2)
+    assert result.selection.m_best_scores["task"] == pytest.approx(1.0)
+
+
+def test_read_off_per_target_and_for_other_tolerances():
+    spec = SearchSpec(run_to_end=True)
+    recorded = greedy_replace(4, ScriptedTargets(TASK, RECALL), spec, guards())
+    # Tighter tolerances follow the recorded path: exact.
+    tighter = read_off(recorded, {"task": (0.015, "relative"), "recall": 0.02})
+    direct = greedy_replace(4, ScriptedTargets(TASK, RECALL), spec,
+                            [TargetGuard("task", Direction.HIGHER, 0.015), TargetGuard("recall", Direction.HIGHER, 0.02, "absolute")])
+    assert tighter == direct.selection
+    assert tighter.m_opt == (2,)
+    # Per target: the task alone would have taken layer 0 first, a path this run never scored.
+    with pytest.raises(ValueError, match=r"never scored.*run_to_end"):
+        read_off(recorded, {"recall": None})
+    # A looser task tolerance on this run follows the same path (round 3 still breaks a guard).
+    looser = read_off(recorded, {"task": (0.2, "relative")})
+    assert looser.m_opt == (1, 2) and looser.thresholds["task"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="unknown target"):
+        read_off(recorded, {"perplexity": 0.1})
+
+
+def test_an_evaluator_missing_a_target_is_named():
+    class Partial(ScriptedTargets):
+        def __call__(self, layers):
+            return {"task": 1.0}
+
+    with pytest.raises(ValueError, match=r"no score for target\(s\) \['recall'\]"):
+        greedy_replace(2, Partial([0, 0], [0, 0]), SearchSpec(), guards())
+
+
+def test_multi_target_result_round_trips_through_json():
+    import json
+
+    result = greedy_replace(4, ScriptedTargets(TASK, RECALL), SearchSpec(run_to_end=True), guards(ppl=0.1))
+    restored = SearchResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert restored == result and restored.selection == result.selection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ SEED = 42
 SPLITS = ("train", "validation", "test")
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 BBC_TOTAL = 2225
+P = pytest.param
 
 
 def write(path: Path, content: str) -> Path:
@@ -102,6 +104,34 @@ def test_bbc_is_deterministic_across_processes(bbc):
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == [bbc.fingerprint(), "False"]
+
+
+def label_payload_sha256(task: TaskData) -> str:
+    """sha256 of label names, texts and label ids per split: the fingerprint before answers existed."""
+    payload = {"label_names": task.label_names,
+               **{name: [getattr(task, name).texts, getattr(task, name).labels] for name in SPLITS}}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+# Computed with the code before free-form answers, when exact_match was a labelled kind.
+BBC_EXACT_MATCH_SHA256 = {
+    (): "cb14c28c668a444d282238b01e6943aa8ec8ed216ebf183caeb18dee9e83db0d",
+    (("seed", 7), ("max_examples_per_split", 50)):
+        "b2df2c7f54f7ff250c2534456ed86dbc83360de89ea4d4c25ffa69430b794e0c",
+}
+
+
+@pytest.mark.parametrize("overrides", list(BBC_EXACT_MATCH_SHA256), ids=["default", "seed7-cap50"])
+def test_bbc_exact_match_is_a_closed_set_with_the_splits_of_before(bbc, overrides):
+    task = load_task_data(TargetSpec(kind="exact_match", **dict(overrides)))
+    assert label_payload_sha256(task) == BBC_EXACT_MATCH_SHA256[overrides]
+    assert task.label_names == BBC_TOPICS
+    for split in SPLITS:
+        part = getattr(task, split)
+        assert part.answers == tuple((task.label_names[y],) for y in part.labels)
+    if not overrides:  # the same splits as classification, which the pinned hash also covers
+        assert label_payload_sha256(task) == label_payload_sha256(bbc) == bbc.fingerprint()
+        assert task.fingerprint() != bbc.fingerprint()  # answers are part of the fingerprint
 
 
 def test_bbc_other_seed_gives_other_splits(bbc):
@@ -212,6 +242,178 @@ def test_fingerprint_tracks_content():
     assert len(a.fingerprint()) == 64
 
 
+def test_fingerprint_includes_answers():
+    def task(answers):
+        split = TextSplit(("x", "y"), None, answers)
+        return TaskData(split, split, split, None, "a")
+
+    a, b = task((("1",), ("2",))), task((("1",), ("2", "two")))
+    assert a.fingerprint() != b.fingerprint() != task(None).fingerprint()
+    assert a.fingerprint() == task((("1",), ("2",))).fingerprint()
+
+
+def test_textsplit_rejects_mismatched_or_empty_answers():
+    with pytest.raises(DataError, match="2 texts but 1 answer tuples"):
+        TextSplit(("a", "b"), None, (("x",),))
+    with pytest.raises(DataError, match="non-empty tuple"):
+        TextSplit(("a", "b"), None, (("x",), ()))
+
+
+# ---------------------------------------------------------------- generation answers
+
+
+def qa(n: int, prefix: str = "q") -> list[dict]:
+    """Free-form answers: every answer distinct, some examples with several accepted answers."""
+    return [{"text": f"{prefix} {i}", "label": [f"a{i}", f"alt {i}"] if i % 3 == 0 else f"a{i}"}
+            for i in range(n)]
+
+
+def answers_by_text(task: TaskData) -> dict[str, tuple[str, ...]]:
+    return {t: a for s in SPLITS for t, a in zip(getattr(task, s).texts, getattr(task, s).answers)}
+
+
+@pytest.mark.parametrize("kind", ["exact_match", "contains", "token_f1"])
+def test_free_form_single_file_gets_every_split(tmp_path, kind):
+    records = qa(20)
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    task = load_task_data(TargetSpec(dataset=str(path), kind=kind, seed=SEED))
+    assert task.label_names is None and all(getattr(task, s).labels is None for s in SPLITS)
+    assert sizes(task) == (12, 4, 4)  # unstratified: one seeded shuffle of all examples
+    expected = {r["text"]: tuple(r["label"]) if isinstance(r["label"], list) else (r["label"],) for r in records}
+    assert answers_by_text(task) == expected  # lists kept in order, single strings as 1-tuples
+    assert not {a for a in task.validation.answers} & {a for a in task.train.answers}  # unseen answers are fine
+    assert load_task_data(TargetSpec(dataset=str(path), kind=kind, seed=SEED)) == task
+    assert load_task_data(TargetSpec(dataset=str(path), kind=kind, seed=SEED + 1)) != task
+    # The same draw as unlabelled text.
+    plain = load_task_data(TargetSpec(dataset=str(path), kind="perplexity", seed=SEED))
+    assert all(getattr(plain, s).texts == getattr(task, s).texts for s in SPLITS)
+
+
+def test_free_form_cap_keeps_answers_aligned(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", qa(40))
+    task = load_task_data(TargetSpec(dataset=str(path), kind="token_f1", max_examples_per_split=5,
+                                     max_eval_examples=3, seed=SEED))
+    assert sizes(task) == (5, 3, 3)
+    whole = answers_by_text(load_task_data(TargetSpec(dataset=str(path), kind="token_f1", seed=SEED)))
+    assert all(whole[t] == a for t, a in answers_by_text(task).items())
+
+
+def test_generation_answers_that_repeat_form_a_closed_label_set(tmp_path):
+    # Same data, same seed: a closed set splits exactly like classification and keeps label ids.
+    path = write_jsonl(tmp_path / "d.jsonl", labelled(40, ("b", "a")))
+    generation = load_task_data(TargetSpec(dataset=str(path), kind="contains", seed=SEED))
+    classification = load_task_data(TargetSpec(dataset=str(path), seed=SEED))
+    assert generation.label_names == classification.label_names == ("a", "b")
+    for split in SPLITS:
+        g, c = getattr(generation, split), getattr(classification, split)
+        assert (g.texts, g.labels) == (c.texts, c.labels)
+        assert g.answers == tuple((generation.label_names[y],) for y in g.labels)
+
+
+@pytest.mark.parametrize("records", [
+    pytest.param(labelled(39, ("x", "y")) + [{"text": "odd", "label": "z"}], id="an-answer-seen-once"),
+    pytest.param(labelled(39, ("x", "y")) + [{"text": "two", "label": ["x", "y"]}], id="an-example-with-two-answers"),
+    pytest.param(labelled(40, ("x",)), id="one-answer-only"),
+])
+def test_generation_answers_that_do_not_repeat_are_free_form(tmp_path, records):
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    task = load_task_data(TargetSpec(dataset=str(path), kind="exact_match", seed=SEED))
+    assert task.label_names is None and task.train.labels is None
+    assert sum(sizes(task)) == 40 and min(sizes(task)) >= 2
+
+
+def test_given_validation_answers_need_not_occur_in_train(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", labelled(10))
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": "v0", "label": "new"}, {"text": "v1", "label": "new"}])
+    task = load_task_data(TargetSpec(dataset=str(tmp_path), kind="exact_match", seed=SEED))
+    assert task.label_names is None  # "new" twice, but never in train: not a closed set
+    assert task.validation.answers == (("new",), ("new",))
+    assert sizes(task) == (8, 2, 2)
+
+
+def test_csv_answers_and_integer_answers(tmp_path):
+    rows = "".join(f'"question {i}, with comma","answer {i}, [not a list]"\n' for i in range(10))
+    csv_path = write(tmp_path / "d.csv", "question,answer\n" + rows)
+    spec = TargetSpec(dataset=str(csv_path), kind="exact_match", text_field="question", label_field="answer")
+    task = load_task_data(spec)
+    assert answers_by_text(task) == {f"question {i}, with comma": (f"answer {i}, [not a list]",) for i in range(10)}
+    jsonl = write_jsonl(tmp_path / "n.jsonl", [{"text": f"t{i}", "label": [i, 2.0, " x "]} for i in range(10)])
+    numbers = load_task_data(TargetSpec(dataset=str(jsonl), kind="token_f1"))
+    assert answers_by_text(numbers)["t3"] == ("3", "2", "x")
+
+
+def test_save_to_disk_answer_lists(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = [{"question": f"q{i}", "answers": [f"a{i}", f"b{i}"][: 1 + i % 2]} for i in range(10)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:6]),
+                          "validation": datasets.Dataset.from_list(records[6:8]),
+                          "test": datasets.Dataset.from_list(records[8:])}).save_to_disk(str(tmp_path / "dd"))
+    spec = TargetSpec(dataset=str(tmp_path / "dd"), kind="token_f1", text_field="question", label_field="answers")
+    task = load_task_data(spec)
+    assert task.label_names is None
+    assert task.validation == TextSplit(("q6", "q7"), None, (("a6",), ("a7", "b7")))
+    assert task.train.answers[:2] == (("a0",), ("a1", "b1"))
+
+    # A list of class ids becomes the class names; a plain string column works too.
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.List(datasets.ClassLabel(names=["no", "yes", "maybe"]))})
+    classes = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(10)],
+                                          "label": [[i % 2, 2] for i in range(10)]}, features=features)
+    classes.save_to_disk(str(tmp_path / "classes"))
+    task = load_task_data(TargetSpec(dataset=str(tmp_path / "classes"), kind="contains", seed=SEED))
+    assert answers_by_text(task)["t1"] == ("yes", "maybe")
+    datasets.Dataset.from_list(qa(10)[1:3] * 5).save_to_disk(str(tmp_path / "strings"))  # strings only
+    task = load_task_data(TargetSpec(dataset=str(tmp_path / "strings"), kind="exact_match", seed=SEED))
+    assert task.label_names == ("a1", "a2")  # each answer five times: a closed set
+
+
+@pytest.mark.parametrize("kind", ["passkey", "multi_key_needle", "kv_lookup"])
+def test_probe_kinds_read_plain_text(tmp_path, kind):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"plain {i}"} for i in range(20)])
+    task = load_task_data(TargetSpec(dataset=str(path), kind=kind, seed=SEED))
+    assert task == load_task_data(TargetSpec(dataset=str(path), kind="perplexity", seed=SEED))
+
+
+def test_lm_eval_is_not_loaded_here():
+    with pytest.raises(DataError, match="lm-evaluation-harness"):
+        load_task_data(TargetSpec(kind="lm_eval", lm_eval_task="hellaswag"))
+
+
+ANSWER_ERROR_CASES = [
+    P([{"text": "a", "label": "x"}, {"text": "b", "label": " "}], r"d\.jsonl line 2: answer is empty",
+      id="blank-answer"),
+    P([{"text": "a", "label": "x"}, {"text": "b", "label": None}], r"line 2: answer is empty", id="null-answer"),
+    P([{"text": "a", "label": []}], r"line 1: the answer list is empty", id="empty-list"),
+    P([{"text": "a", "label": "x"}, {"text": "b", "label": ["y", ""]}], r"line 2: answer is empty",
+      id="empty-answer-in-list"),
+    P([{"text": "a", "label": {"answer": "x"}}], r"line 1: an answer must be a string or a list of strings, got dict",
+      id="dict-answer"),
+    P([{"text": "a", "label": "x"}, {"text": "b", "label": ["y", ["z"]]}],
+      r"line 2: an answer must be a string or a list of strings, got a list holding a list", id="nested-list"),
+    P([{"text": "a", "label": 1.5}], r"line 1: an answer must be .* got float", id="float-answer"),
+    P([{"text": "a", "answer": "x"}], r"line 1: no answer field 'label'; fields present: \['answer', 'text'\]",
+      id="missing-answer-field"),
+]
+
+
+@pytest.mark.parametrize(("records", "message"), ANSWER_ERROR_CASES)
+def test_bad_answers_raise_data_error(tmp_path, records, message):
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    with pytest.raises(DataError, match=message):
+        load_task_data(TargetSpec(dataset=str(path), kind="exact_match"))
+
+
+def test_bad_answer_in_csv_and_save_to_disk_names_the_row(tmp_path):
+    path = write(tmp_path / "d.csv", "text,label\na,x\nb,\n")
+    with pytest.raises(DataError, match=r"d\.csv line 3: answer is empty"):
+        load_task_data(TargetSpec(dataset=str(path), kind="token_f1"))
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"text": "a", "label": ["x"]}, {"text": "b", "label": []}]).save_to_disk(
+        str(tmp_path / "ds"))
+    with pytest.raises(DataError, match=r"split 'train' row 2: the answer list is empty"):
+        load_task_data(TargetSpec(dataset=str(tmp_path / "ds"), kind="contains"))
+
+
 # ---------------------------------------------------------------- datasets save_to_disk
 
 
@@ -280,7 +482,6 @@ def _two_train_files(tmp):
     return _folder(train=labelled(4))(tmp)
 
 
-P = pytest.param
 ERROR_CASES = [
     P(lambda tmp: tmp / "nope.jsonl", "path does not exist", id="path-missing"),
     P(_raw_file("d.txt", "hello"), r"unsupported file type '\.txt'; supported are \['\.jsonl', '\.csv'\]",

@@ -90,7 +90,8 @@ def test_flow_logs_to_mlflow_server_over_http(tmp_path, tiny_setup, mlflow_serve
     assert run["info"]["status"] == "FINISHED"
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert {"validation/full", "test/m_opt", "linear_layers", "search/layer_forwards"} <= set(metrics)
+    assert {"validation/perplexity/full", "test/perplexity/m_opt", "linear_layers",
+            "search/layer_forwards"} <= set(metrics)
     assert params["student.kind"] == "gla" and params["target.kind"] == "perplexity"
     run_id = run["info"]["run_id"]
     curve = api(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={run_id}"
