@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .card import ANSWER_ROOM
+from .card import ANSWER_ROOM, card_entries
 from .capture import CaptureManifest, capture_teacher, load_layer_activations, tokenize_for_capture
 from .distill import distill_layer
 from .distributed import rank_and_world
@@ -109,7 +109,11 @@ def open_run(run: RunSpec) -> RunContext:
     teacher = load_teacher(run.model, device=run.device)
     for target in run.targets:
         check_target_fits(target, sources[target.label], teacher)
-    return RunContext(run=run, teacher=teacher, sources=sources, fingerprint=model_fingerprint(teacher.model))
+    ctx = RunContext(run=run, teacher=teacher, sources=sources, fingerprint=model_fingerprint(teacher.model))
+    if run.card.enabled and teacher.adapter.causal:
+        for entry in card_entries(run, context_limit(teacher)):  # the card's data, checked before the work
+            check_target_fits(entry.target, ctx.source(entry.target), teacher)
+    return ctx
 
 
 _contexts: dict[RunSpec, RunContext] = {}

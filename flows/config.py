@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dtr_core.specs import (
+    CardSpec,
     CaptureSpec,
     DistillSpec,
     ExportSpec,
@@ -60,6 +61,7 @@ def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOpt
         search=spec_from_dict(SearchSpec, cfg["search"]),
         target=spec_from_dict(TargetSpec, {**cfg["target"], "seed": cfg["seed"]}),
         guards=tuple(build_guard(guard, cfg["seed"]) for guard in cfg.get("guards") or ()),
+        card=spec_from_dict(CardSpec, cfg["card"]),
         export=spec_from_dict(ExportSpec, cfg["export"]),
         output_dir=run_dir,
         device=runtime.pop("device", "cpu"),

@@ -69,7 +69,7 @@ import bisect
 import math
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 from ..specs import PROBE_KINDS
@@ -86,7 +86,7 @@ _DOCUMENT_BATCH = 32
 
 _PASSKEY_INTRO = "There is a pass key hidden in the following text. Remember it."
 _PASSKEY_NEEDLE = "The pass key is {value}. Remember it."
-_PASSKEY_QUESTION = "What is the pass key?"
+_PASSKEY_QUESTION = "What is the pass key? Give the number."
 _PASSKEY_LEAD = "The pass key is"
 
 _MULTI_INTRO = "Some special magic numbers are hidden in the following text. Remember them."
@@ -95,9 +95,9 @@ _MULTI_QUESTION = "What is the special magic number for {key}?"
 _MULTI_LEAD = "The special magic number for {key} is"
 
 _KV_INTRO = "Here is a list of words, each with its number. Remember them."
-_KV_PAIR = "{key}: {value}"
-_KV_QUESTION = "What is the number for {key}?"
-_KV_LEAD = "The number for {key} is"
+_KV_PAIR = '"{key}": {value},'
+_KV_QUESTION = 'What is the number for "{key}"?'
+_KV_LEAD = '"{key}":'
 
 # A sentence ends at . ! or ? (closing quotes/brackets included) followed by whitespace.
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
@@ -145,6 +145,8 @@ def probe_examples(kind: str, tokenizer, haystack: Sequence[str], *, context_tok
                                        or num_needles < 2):
         raise ValueError(f"num_needles={num_needles!r}: a multi-key needle needs at least 2 needles "
                          "(the asked one and a distractor)")
+    if isinstance(haystack, str):
+        raise ValueError("haystack must be a sequence of documents (texts), not one string")
     documents = [_collapse_lines(text) for text in haystack if isinstance(text, str)]
     documents = [lines for lines in documents if lines]
     if not documents:
@@ -211,7 +213,8 @@ def _fit(build: Callable[[int], list[int]], context_tokens: int, start: int, per
         n = following
     below = max((len(ids) for ids in tried.values() if len(ids) <= context_tokens), default=None)
     raise ValueError(f"could not fit the {what} into [{lowest}, {context_tokens}] tokens (nearest below: "
-                     f"{below} tokens); try another context_tokens")
+                     f"{below} tokens): one step adds about {per_unit:.0f} tokens, too coarse for this "
+                     f"context; raise context_tokens")
 
 
 def _too_short(kind: str, context_tokens: int, fixed: int) -> ValueError:
@@ -295,18 +298,13 @@ def _key_words(documents: list[list[str]], rng: random.Random) -> list[str]:
     return ordered
 
 
-def _distinct_numbers(rng: random.Random, count: int, avoid: frozenset[str] | set[str] = frozenset()) -> list[str]:
-    low, high = 10 ** (NUMBER_DIGITS - 1), 10 ** NUMBER_DIGITS - 1
-    if count > high - low + 1 - len(avoid):
-        raise ValueError(f"cannot draw {count} distinct {NUMBER_DIGITS}-digit numbers")
-    chosen: list[str] = []
-    taken = set(avoid)
-    while len(chosen) < count:
-        value = str(rng.randint(low, high))
-        if value not in taken:
-            taken.add(value)
-            chosen.append(value)
-    return chosen
+def _draw_number(rng: random.Random, *avoid: Container[str]) -> str:
+    """A random 5-digit number in none of ``avoid``."""
+    for _ in range(100_000):
+        value = str(rng.randint(10 ** (NUMBER_DIGITS - 1), 10 ** NUMBER_DIGITS - 1))
+        if not any(value in taken for taken in avoid):
+            return value
+    raise ValueError(f"no {NUMBER_DIGITS}-digit number is left to draw: the haystack and the list use them all")
 
 
 class _LazyNumbers:
@@ -318,7 +316,7 @@ class _LazyNumbers:
 
     def __getitem__(self, index: int) -> str:
         while len(self.drawn) <= index:
-            value = _distinct_numbers(self.rng, 1, self.taken)[0]
+            value = _draw_number(self.rng, self.taken)
             self.taken.add(value)
             self.drawn.append(value)
         return self.drawn[index]
@@ -338,7 +336,8 @@ class _FillerStream:
         self.context_tokens = context_tokens
         order = list(range(len(documents)))
         rng.shuffle(order)
-        self.text = ""
+        parts: list[str] = []
+        length = 0  # of " ".join(parts)
         self.token_ends: list[int] = []
         self.sentence_starts: list[int] = []
         self.numbers: set[str] = set()
@@ -350,14 +349,16 @@ class _FillerStream:
                 starts.append(sentence_starts)
             encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
             for text, sentence_starts, offsets in zip(texts, starts, encoded["offset_mapping"]):
-                base = len(self.text) + (1 if self.text else 0)
-                self.text = f"{self.text} {text}" if self.text else text
+                base = length + (1 if parts else 0)
+                parts.append(text)
+                length = base + len(text)
                 self.token_ends.extend(base + end for _, end in offsets if end > 0)
                 self.sentence_starts.extend(base + s for s in sentence_starts)
                 for run in _DIGIT_RUN.findall(text):
                     self.numbers.update(run[i:i + NUMBER_DIGITS] for i in range(len(run) - NUMBER_DIGITS + 1))
             if len(self.token_ends) >= wanted_tokens:
                 break
+        self.text = " ".join(parts)
 
     def random_start(self, rng: random.Random) -> int:
         """A seeded sentence start with enough tokens after it for any filler of the context."""
@@ -372,9 +373,9 @@ class _FillerStream:
         """Index of the token covering character ``char`` (the first token ending after it)."""
         return bisect.bisect_right(self.token_ends, char)
 
-    def fresh_number(self, rng: random.Random, taken: set[str]) -> str:
+    def fresh_number(self, rng: random.Random, taken: Container[str]) -> str:
         """A 5-digit number absent from the stream and from ``taken``."""
-        return _distinct_numbers(rng, 1, self.numbers | taken)[0]
+        return _draw_number(rng, self.numbers, taken)
 
     def filler_with_needles(self, start: int, filler_tokens: int, needles: list[tuple[float, str]]) -> str:
         """About ``filler_tokens`` tokens of the stream from character ``start`` (cut where a word ends),
@@ -412,10 +413,9 @@ class _FillerStream:
 
 def _join_sentences(lines: list[str]) -> tuple[str, list[int]]:
     """A document's lines joined by spaces, with the character where each sentence starts."""
-    text, starts = "", []
+    starts, base = [], 0
     for line in lines:
-        base = len(text) + (1 if text else 0)
-        text = f"{text} {line}" if text else line
         starts.append(base)
         starts.extend(base + m.end() for m in _SENTENCE_END.finditer(line) if m.end() < len(line))
-    return text, starts
+        base += len(line) + 1
+    return " ".join(lines), starts

@@ -105,3 +105,27 @@ def test_flows_give_prefects_temporary_server_time_to_start(given, expected):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == str(expected)
+
+
+def test_guards_are_a_list_of_targets_with_presets():
+    run, _ = options_for("model=smollm2-135m", "target=bbc_news_ppl",
+                         "guards=[{preset: passkey, context_tokens: 256, tolerance: 0.05, tolerance_mode: absolute},"
+                         "{kind: perplexity, dataset: python_docs, name: docs}]", "seed=7")
+    passkey, docs = run.guards
+    assert passkey.kind == "passkey" and passkey.context_tokens == 256 and passkey.num_examples == 40
+    assert (passkey.tolerance, passkey.tolerance_mode) == (0.05, "absolute") and passkey.seed == 7
+    assert docs.label == "docs" and run.tolerance_of(docs) == (run.search.tolerance, run.search.tolerance_mode)
+    assert [t.label for t in run.targets] == ["perplexity", "passkey", "docs"]
+
+
+def test_card_group_and_bad_guards_are_named():
+    run, _ = options_for("card=off")
+    assert not run.card.enabled
+    run, _ = options_for("card.lengths=[128,512]")
+    assert run.card.lengths == (128, 512)
+    with pytest.raises(SpecError, match="preset 'nope' is not a conf/target option"):
+        options_for("guards=[{preset: nope}]")
+    with pytest.raises(SpecError, match="TargetSpec: unknown field"):
+        options_for("guards=[{kind: passkey, length: 5}]")
+    with pytest.raises(SpecError, match="TargetSpec.tolerance='abc': must be a number"):
+        options_for("guards=[{kind: passkey, tolerance: abc, tolerance_mode: absolute}]")

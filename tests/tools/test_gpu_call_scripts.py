@@ -114,3 +114,35 @@ def test_smollm2_quality_runs_each_kind_on_its_own_gpu(stand_ins, tmp_path):
     assert perplexity.endswith("[gpu 0]") and "--run-to-end" in perplexity
     assert exact_match.endswith("[gpu 1]") and "--run-to-end" not in exact_match
     assert all("--token-budget 5000" in c and "--model-dtype bfloat16" in c for c in runs)
+
+
+@pytest.mark.parametrize("args", [("perplexity",), ("guarded", "1024"), ("headlines",)], ids=lambda a: a[0])
+def test_smollm2_targets_commands_are_valid_runs(tmp_path, args):
+    """Each mode's dtr_core command line parses into the run it names (stand-in python3 records it)."""
+    from dtr_core.__main__ import parse_args
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python3"
+    # Records a dtr_core command's arguments NUL-separated; anything else (the example data) succeeds.
+    python.write_text('#!/bin/bash\nif [[ "$1 $2" == "-m dtr_core" ]]; then printf "%s\\0" "${@:3}" > "$ARGS_FILE"; fi\n')
+    python.chmod(0o755)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/bash\necho 'GPU 0: stand-in'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["bash", "tools/gpu/smollm2_targets.sh", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
+                                             "ARGS_FILE": str(tmp_path / "args")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    argv = (tmp_path / "args").read_text().split("\0")[:-1]
+    run, cache_dir = parse_args(argv)
+    assert cache_dir == "/var/tmp/smollm2-cache" and run.model.path == "smollm2-135m"
+    assert run.capture.mode == "stream" and run.device == "cuda"
+    if args[0] == "guarded":
+        (guard,) = run.guards
+        assert guard.kind == "passkey" and guard.context_tokens == 1024
+        assert (guard.tolerance, guard.tolerance_mode) == (0.05, "absolute")
+    if args[0] == "headlines":
+        assert run.target.kind == "token_f1" and run.target.label_field == "headline"
+        assert run.target.prompt_template == "Article: {text}\nHeadline:"
