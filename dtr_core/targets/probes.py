@@ -1,66 +1,78 @@
 """Synthetic in-context recall probes: pass-key retrieval, multi-key needle and key–value lookup.
 
 Why: a linear-attention layer keeps a fixed-size state, so what a hybrid loses first is exact recall
-of an arbitrary token seen far back in the context; perplexity and short classification tasks barely
-see it. These probes ask for exactly that. Each example is a prompt of about ``context_tokens``
-tokens that hides one or more facts in real text and ends by asking for one of them; the model
-continues the prompt greedily and an example counts as right when the generated text contains the
-answer (the ``contains`` scorer).
+of an arbitrary token seen far back in the context (Zoology, Arora et al. 2023, traces the gap
+between attention and its sub-quadratic replacements to such associative recall); perplexity and
+short classification tasks barely see it. These probes ask for exactly that. Each example is a
+prompt of about ``context_tokens`` tokens that hides one or more facts and ends by asking for one of
+them; the model continues the prompt greedily and an example counts as right when the generated
+text contains the answer (the ``contains`` scorer). ``probe_max_new_tokens`` gives the tokens to
+generate (the answer's + 4).
 
 The three kinds follow the standard synthetic long-context tests (formats written from their
-descriptions, no code taken):
+published descriptions, no code taken):
 
-- ``passkey``: pass-key retrieval as introduced for long-context models by Mohtashami & Jaggi
-  (2023, Landmark Attention) and used in LongBench-style and RULER suites: one 5-digit pass key
-  hidden in filler text::
+- ``passkey``: pass-key retrieval, introduced by Mohtashami & Jaggi (2023, Landmark Attention) and
+  used by long-context suites since (InfiniteBench's Retrieve.PassKey, RULER's needle tests): one
+  5-digit pass key hidden in filler text::
 
       There is a pass key hidden in the following text. Remember it.
 
       <filler> The pass key is 48213. Remember it. <filler>
 
-      What is the pass key?
+      What is the pass key? Give the number.
       The pass key is                      <- answer lead-in; the model writes " 48213"
 
-- ``multi_key_needle``: RULER's multi-key needle-in-a-haystack (Hsieh et al., 2024): ``num_needles``
-  needles "The special magic number for <word> is <number>." at different depths; the question asks
-  for one word's number, the other needles are distractors. Keys are distinct real words taken from
-  the haystack, numbers distinct 5-digit numbers.
-- ``kv_lookup``: key–value retrieval in the spirit of Lost in the Middle's (Liu et al., 2023) and
-  RULER's associative recall: the whole context is a list of ``word: number`` lines (distinct real
-  words from the haystack, distinct 5-digit numbers) and the question asks one word's number. No
-  filler: the distractors are the other pairs.
+  ("Give the number." matters for small models: without it SmolLM2-135M often explains what a
+  pass key is, 0.75–0.80 at 256 tokens instead of 1.00.)
+- ``multi_key_needle``: RULER's multi-key needle in a haystack (Hsieh et al., 2024): ``num_needles``
+  (default 4) needles ``The special magic number for <word> is <number>.`` at different depths;
+  the question ``What is the special magic number for <word>?`` asks for one, the others are
+  distractors; lead-in ``The special magic number for <word> is``. Keys are distinct real words of
+  the haystack (lower-case, 5–12 letters), numbers distinct 5-digit numbers.
+- ``kv_lookup``: key–value retrieval as in Lost in the Middle's (Liu et al., 2023) JSON key–value
+  task and InfiniteBench's Retrieve.KV: the whole context is a list of lines ``"<word>": <number>,``
+  (distinct real words of the haystack, distinct 5-digit numbers), no filler: the distractors are
+  the other pairs. Question ``What is the number for "<word>"?``, lead-in ``"<word>":``. The lead-in
+  repeats what precedes the value in the list: with ``The number for <word> is`` SmolLM2-135M
+  scored 0.40 at 256 tokens, with this one 0.90–1.00. A list grows one pair (about 10 tokens) at a
+  time, so contexts under about 100 tokens may not land within 10% (a ``ValueError`` says so).
 
 Construction:
 
 - The filler is real text (the built-in BBC News corpus or the task's own texts), whitespace
-  collapsed. Documents are taken in a seeded order and tokenised once with the teacher's tokenizer;
-  each example's filler starts at a seeded sentence start and is cut at a token offset that ends a
-  word, so its length is measured in the teacher's tokens, not guessed from characters.
-- Needles go between sentences (a needle never splits a sentence of the filler; a filler cut short
-  of its sentence's end ends mid-sentence). The asked needle's depth (the fraction of the filler
-  before it; for ``kv_lookup`` the asked pair's position in the list) runs evenly from 0 to 1 over
-  the ``count`` examples in a seeded order, so a score averages over depths.
+  collapsed; a line break ends a sentence. Documents are taken in a seeded order and tokenised once
+  with the teacher's tokenizer (offsets kept); each example's filler starts at a seeded sentence
+  start and is cut at a token offset that ends a word, so its length is measured in the teacher's
+  tokens, not guessed from characters. It may run from one document into the next.
+- Needles go between sentences (a needle never splits a filler sentence; a filler cut short of its
+  sentence's end ends mid-sentence). The asked needle's depth (the fraction of the filler before
+  it; for ``kv_lookup`` the asked pair's position in the list) runs evenly from 0 to 1 over the
+  ``count`` examples in a seeded order, so a score averages over depths. Distractor needles go to
+  random depths.
 - Length: each example's ``input_ids`` (the whole prompt as the model sees it) has between
   ``0.9 * context_tokens`` and ``context_tokens`` tokens: the filler (or the number of pairs) is
   fitted by re-tokenising the assembled prompt.
 - Chat template: a tokenizer with one gets the prompt as a user message, the template's generation
   prompt, then the answer lead-in, tokenised without adding special tokens again (the template text
-  already holds whatever BOS the model expects, as ``apply_chat_template(tokenize=True)`` does).
-  Without one the plain text ends in the question, a new line and the lead-in, tokenised with the
-  tokenizer's own special tokens.
+  already holds whatever BOS the model expects, as ``apply_chat_template(tokenize=True)`` does), so
+  there is never a double BOS. Without one the plain text ends in the question, a new line and the
+  lead-in, tokenised with the tokenizer's own special tokens.
 - The answer occurs exactly once in the prompt: numbers that occur in the filler are never drawn.
 - Everything is drawn from ``random.Random`` seeded with (kind, seed): the same arguments give the
   same examples on every machine.
 
-Measured (SmolLM2-135M-Instruct, the full model in float32 on CPU, greedy, ``max_new_tokens`` = the
-answer's tokens + 4, 20 examples each, BBC News train texts, seed 0)::
+Where the teachers' scores fall. SmolLM2-135M-Instruct (the built-in decoder; MiniLM is an encoder
+and cannot be asked), the full model in float32 on CPU, greedy, ``max_new_tokens`` from
+``probe_max_new_tokens``, BBC News train texts, 20 examples per cell, seeds 0 / 1::
 
-    kind               256 tokens   512 tokens   1024 tokens
-    passkey              1.00         1.00          1.00
-    multi_key_needle     1.00         0.95          0.95
-    kv_lookup            1.00         0.95          0.90
+    kind               256 tokens    512 tokens    1024 tokens
+    passkey            1.00 / 1.00   0.95 / 1.00   0.90 / 1.00
+    multi_key_needle   0.95 / 1.00   0.75 / 0.95   0.95 / 0.85
+    kv_lookup          0.90 / 1.00   0.90 / 0.95   0.75 / 0.85
 
-so every probe is answerable by that teacher at short lengths: a hybrid's fall on them is its own.
+so every probe is answerable by the full teacher at short lengths: what a hybrid loses there is its
+own. The 20-example cells move by ±0.1 between seeds; use 40 or more examples for a guard.
 """
 
 from __future__ import annotations

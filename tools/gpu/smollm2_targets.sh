@@ -23,9 +23,9 @@ case $MODE in
         ARGS=(--dataset bbc_news --target-kind perplexity --tolerance 0.05 --run-to-end) ;;
     guarded)
         LENGTH=${2:?guarded needs the pass key context length in tokens}
-        NAME=guarded_$LENGTH
+        NAME=guarded_${LENGTH}_${PASSKEY_EXAMPLES:-40}
         ARGS=(--dataset bbc_news --target-kind perplexity --tolerance 0.05
-              --guard "kind=passkey,name=passkey_$LENGTH,context_tokens=$LENGTH,num_examples=40,batch_size=40,tolerance=0.05,tolerance_mode=absolute") ;;
+              --guard "kind=passkey,name=passkey_$LENGTH,context_tokens=$LENGTH,num_examples=${PASSKEY_EXAMPLES:-40},batch_size=${PASSKEY_EXAMPLES:-40},tolerance=0.05,tolerance_mode=absolute") ;;
     headlines)
         NAME=headlines
         python3 tools/example_targets.py /var/tmp/example_targets || exit 1
