@@ -15,6 +15,7 @@ import re
 import sys
 
 from .specs import (
+    CardSpec,
     TARGET_KINDS,
     CaptureSpec,
     DistillSpec,
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=DistillSpec.epochs, help="passes over the distillation tokens")
     parser.add_argument("--checkpoint-every", type=int, default=DistillSpec.checkpoint_every,
                         help="stream mode: steps between checkpoints (a rerun resumes from the last)")
+    parser.add_argument("--no-card", action="store_true",
+                        help="skip the capability card (recall probes and general-text perplexity) of decoder runs")
+    parser.add_argument("--card-lengths", type=int, nargs="+", default=CardSpec.lengths,
+                        help="the card's probe lengths in tokens (capped at the teacher's context limit)")
     parser.add_argument("--model-dtype", default=ModelSpec.dtype, help="float32 | bfloat16 | float16")
     parser.add_argument("--output-dir", default=RunSpec.output_dir,
                         help="the run folder: search.json, hybrid/ (the exported model), report/")
@@ -114,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
                             text_files=tuple(args.text_files), max_length=args.max_length, batch_size=args.batch_size,
                             mode=args.mode, disk_budget_gb=args.disk_budget_gb),
         distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
+        card=CardSpec(enabled=not args.no_card, lengths=tuple(args.card_lengths)),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end),
         target=spec_from_dict(TargetSpec, {
             "dataset": args.dataset, "kind": args.target_kind, "max_examples_per_split": args.max_examples,

@@ -118,17 +118,21 @@ class Selection:
     evaluations_used: int
 
     @property
+    def primary(self) -> str:
+        return next(iter(self.tolerances))
+
+    @property
     def m_opt_score(self) -> float:
-        return _primary(self.m_opt_scores)
+        return self.m_opt_scores[self.primary]
 
     @property
     def m_best_score(self) -> float:
-        return _primary(self.m_best_scores)
+        return self.m_best_scores[self.primary]
 
     @property
     def p_min(self) -> float | None:
         """The primary target's P_min (None when it does not guard)."""
-        return self.thresholds.get(next(iter(self.tolerances)))
+        return self.thresholds.get(self.primary)
 
 
 @dataclass(frozen=True)
@@ -163,13 +167,20 @@ class SearchResult:
     def from_json(cls, data: dict) -> SearchResult:
         """The inverse of ``to_json`` (the selection is derived again, not read)."""
         fields = {k: v for k, v in data.items() if k != "selection"}
+        targets = tuple(TargetGuard.from_json(t) for t in fields["targets"])
+
+        def in_order(scores: Mapping[str, float]) -> dict[str, float]:
+            # JSON written with sorted keys loses the order: the primary target comes first again.
+            return {t.name: scores[t.name] for t in targets}
+
         return cls(**{
             **fields,
             "candidates": tuple(fields["candidates"]),
-            "targets": tuple(TargetGuard.from_json(t) for t in fields["targets"]),
-            "evaluations": tuple(Evaluation(**{**e, "linear_layers": tuple(e["linear_layers"])})
-                                 for e in fields["evaluations"]),
-            "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"])})
+            "targets": targets,
+            "full_scores": in_order(fields["full_scores"]),
+            "evaluations": tuple(Evaluation(**{**e, "linear_layers": tuple(e["linear_layers"]),
+                                               "scores": in_order(e["scores"])}) for e in fields["evaluations"]),
+            "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"]), "scores": in_order(s["scores"])})
                                 for s in fields["trajectory"]),
         })
 
