@@ -215,6 +215,13 @@ def _describe_target(run: RunSpec, target: PreparedTarget) -> dict:
             "primary": target.spec is run.target}
 
 
+def distilled_layers(run: RunSpec, num_layers: int) -> list[int]:
+    """Disk mode distils only the layers the search may replace (``SearchSpec.candidate_layers``);
+    stream mode trains every layer together in one pass over the teacher."""
+    candidates = run.search.candidate_layers
+    return sorted(candidates) if candidates is not None else list(range(num_layers))
+
+
 def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: StageTimer,
              log: Log) -> tuple[list[dict] | None, int]:
     """Every layer's student record, and the distinct tokens distilled from; (None, 0) on a
@@ -241,7 +248,7 @@ def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: Stag
             Stage("distill", f"distill layer {layer_idx}", distill_key(ctx, key, layer_idx),
                   partial(distill_stage, run, capture, layer_idx, log_curve), files=record_files,
                   describe=describe_record, on_cached=partial(_log_stored_curve, log_curve))
-            for layer_idx in range(num_layers)])
+            for layer_idx in distilled_layers(run, num_layers)])
         capture_tokens = capture["tokens"]
     for record in records:
         layer = record["layer_idx"]
@@ -267,8 +274,8 @@ class TargetsEvaluator:
         self.ctx, self.runner, self.evaluators = ctx, runner, evaluators
         self.records, self.probes, self.log = records, probes, log
         self.keys = {target.label: evaluation_key(ctx, target, records) for target in ctx.run.targets}
-        num_layers = ctx.teacher.adapter.num_layers
-        self.most = num_layers * (num_layers + 1) // 2 + 1
+        candidates = len(distilled_layers(ctx.run, ctx.teacher.adapter.num_layers))
+        self.most = candidates * (candidates + 1) // 2 + 1
         self.done, self.started = 0, time.perf_counter()
 
     def _stage(self, name: str, layers: frozenset[int], compute, describe=None) -> Stage:

@@ -28,7 +28,16 @@ from .linear.build import student_from_teacher
 from .linear.students import build_student
 from .runner import Log
 from .search import SearchResult
-from .specs import GENERATION_KINDS, PROBE_KINDS, PROMPTED_KINDS, RunSpec, TargetSpec, spec_digest, spec_to_dict
+from .specs import (
+    GENERATION_KINDS,
+    PROBE_KINDS,
+    PROMPTED_KINDS,
+    RunSpec,
+    SpecError,
+    TargetSpec,
+    spec_digest,
+    spec_to_dict,
+)
 from .stage_cache import code_version, content_key
 from .streaming import ModeChoice, choose_mode, stream_distill
 from .targets.data import DataError, TaskData, TextSplit, load_task_data, read_text_files
@@ -107,6 +116,10 @@ def open_run(run: RunSpec) -> RunContext:
         raise DataError(f"the primary target {run.target.label!r} is an lm-eval task, which brings no train text "
                         "to distil from; give capture.text_files (--text-files) or make another target primary")
     teacher = load_teacher(run.model, device=run.device)
+    outside = [i for i in run.search.candidate_layers or () if i >= teacher.adapter.num_layers]
+    if outside:
+        raise SpecError(f"SearchSpec.candidate_layers: {outside} are not layers of this teacher "
+                        f"(0..{teacher.adapter.num_layers - 1})")
     for target in run.targets:
         check_target_fits(target, sources[target.label], teacher)
     ctx = RunContext(run=run, teacher=teacher, sources=sources, fingerprint=model_fingerprint(teacher.model))

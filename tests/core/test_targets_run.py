@@ -250,3 +250,13 @@ def test_every_evaluation_of_every_target_is_tracked(tmp_path):
     assert len(table) == 1 + len(evaluations) and table[-1].startswith('3,3,"0 1 2",')
     assert json.loads(tracker.texts["search/search.json"])["result"]["targets"][1]["name"] == "passkey"
     assert "card/passkey_64/m_opt" in tracker.metrics
+
+
+def test_candidate_layers_limit_what_disk_mode_distils(tmp_path):
+    run = tiny_decoder_run(tmp_path, perplexity_target(tmp_path), candidate_layers=(0, 2))
+    run = dataclasses.replace(run, capture=dataclasses.replace(run.capture, mode="disk"))
+    summary = run_dtr(run, **QUIET)
+    assert [r["layer_idx"] for r in summary.distillation] == [0, 2]
+    assert summary.evaluations == 1 + 2 + 1 and set(summary.linear_layers) <= {0, 2}
+    with pytest.raises(SpecError, match=r"candidate_layers: \[5\] are not layers"):
+        run_dtr(dataclasses.replace(run, search=SearchSpec(candidate_layers=(0, 5))), **QUIET)
