@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance)
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
     parser.add_argument("--run-to-end", action="store_true", help="record the whole trajectory")
+    parser.add_argument("--acceptance", default=SearchSpec.acceptance,
+                        help="point | bootstrap: judge candidates by their score, or by a pessimistic bound "
+                             "from paired bootstrap resamples of the validation examples")
+    parser.add_argument("--confidence", type=float, default=SearchSpec.confidence,
+                        help="the bootstrap bound's confidence (default 0.9)")
     parser.add_argument("--candidate-layers", type=int, nargs="+", default=None,
                         help="only these layers may become linear (disk mode distils only them); default: all")
     parser.add_argument("--token-budget", type=int, default=CaptureSpec.token_budget)
@@ -123,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
         distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
         card=CardSpec(enabled=not args.no_card, lengths=tuple(args.card_lengths)),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end,
-                          candidate_layers=tuple(args.candidate_layers) if args.candidate_layers else None),
+                          candidate_layers=tuple(args.candidate_layers) if args.candidate_layers else None,
+                          acceptance=args.acceptance, confidence=args.confidence),
         target=spec_from_dict(TargetSpec, {
             "dataset": args.dataset, "kind": args.target_kind, "max_examples_per_split": args.max_examples,
             "max_eval_examples": args.eval_examples, "batch_size": args.eval_batch_size,

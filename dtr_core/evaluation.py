@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .acceptance import ExampleScores
 from .adapters import ModelAdapter
 from .direction import Direction
 from .hybrid import hybrid_view
@@ -30,6 +31,12 @@ class Scorer(Protocol):
 
     def score(self, collected: Sequence[Any]) -> float:
         """The split's score from every batch's collected values."""
+
+    def examples(self, collected: Sequence[Any]) -> ExampleScores:
+        """The same, example by example (for the bootstrap acceptance rule)."""
+
+
+Scored = tuple[float, ExampleScores]
 
 
 class _PassThrough(nn.Module):
@@ -66,26 +73,35 @@ class PrefixCachingEvaluator:
         self.layer_forwards = 0
         self.layer_forwards_full = 0
         self._base: frozenset[int] | None = None
-        self._base_score: float | None = None
+        self._base_score: tuple[float, list[Any]] | None = None  # the base's score and collected values
         self._base_states: list[list[torch.Tensor | None]] = []
-        self._best: tuple[frozenset[int], float, list[list[torch.Tensor | None]]] | None = None
+        self._best: tuple[frozenset[int], tuple[float, list[Any]], list[list[torch.Tensor | None]]] | None = None
         self._pending_base: frozenset[int] | None = None
 
     def __call__(self, linear_layers: Iterable[int]) -> float:
+        return self._score(linear_layers)[0]
+
+    def evaluate(self, linear_layers: Iterable[int]) -> Scored:
+        """The score of the hybrid with ``linear_layers`` linear, and its per-example scores."""
+        score, collected = self._score(linear_layers)
+        return score, self.scorer.examples(collected)
+
+    def _score(self, linear_layers: Iterable[int]) -> tuple[float, list[Any]]:
         layers = frozenset(linear_layers)
         self.layer_forwards_full += self.num_layers
         if not self.prefix_reuse:
-            return self.scorer.score(self._run(layers)[0])
+            collected = self._run(layers)[0]
+            return self.scorer.score(collected), collected
         if layers == self._base and self._base_score is not None:
             return self._base_score
         self._materialise_pending_base()
         collected, states = self._run(layers)
-        score = self.scorer.score(collected)
+        scored = self.scorer.score(collected), collected
         if self._base is None:
-            self._base, self._base_score, self._base_states = layers, score, states
-        elif self._best is None or self.scorer.direction.better(score, self._best[1]):
-            self._best = (layers, score, states)
-        return score
+            self._base, self._base_score, self._base_states = layers, scored, states
+        elif self._best is None or self.scorer.direction.better(scored[0], self._best[1][0]):
+            self._best = (layers, scored, states)
+        return scored
 
     def rebase(self, linear_layers: Iterable[int]) -> None:
         """Make ``linear_layers`` the hybrid whose hidden states candidates start from."""
@@ -182,6 +198,9 @@ class GenerationScorer(Protocol):
     def score(self, collected: Sequence[Any]) -> float:
         """The split's score from every batch's collected values."""
 
+    def examples(self, collected: Sequence[Any]) -> ExampleScores:
+        """The same, example by example."""
+
 
 class GenerationEvaluator:
     """``search.Evaluator`` for scores from greedy generation (e.g. exact match).
@@ -208,8 +227,16 @@ class GenerationEvaluator:
             eos_token_id=model.generation_config.eos_token_id,
         )
 
-    @torch.no_grad()
     def __call__(self, linear_layers: Iterable[int]) -> float:
+        return self.scorer.score(self._generate(linear_layers))
+
+    def evaluate(self, linear_layers: Iterable[int]) -> Scored:
+        """The score of the hybrid with ``linear_layers`` linear, and its per-example scores."""
+        collected = self._generate(linear_layers)
+        return self.scorer.score(collected), self.scorer.examples(collected)
+
+    @torch.no_grad()
+    def _generate(self, linear_layers: Iterable[int]) -> list[Any]:
         self.layer_forwards += self.num_layers
         self.layer_forwards_full += self.num_layers
         collected = []
@@ -218,7 +245,7 @@ class GenerationEvaluator:
                 inputs = model_inputs(batch, self.device)
                 generated = self.model.generate(**inputs, generation_config=self.generation_config)
                 collected.append(self.scorer.collect(generated[:, inputs["input_ids"].shape[1]:].cpu(), batch))
-        return self.scorer.score(collected)
+        return collected
 
     def rebase(self, linear_layers: Iterable[int]) -> None:
         """Nothing to move: every candidate is generated from scratch."""

@@ -146,6 +146,9 @@ def render_markdown(summary: RunSummary) -> str:
         f"- Targets: " + "; ".join(
             f"{t['name']} ({t['metric']}, {_direction(t).phrase}, tolerance {_tolerance_text(t)}"
             + (", primary: the search optimises it" if t["primary"] else ", guard") + ")" for t in targets),
+        f"- Acceptance: {result.get('acceptance', 'point')} "
+        + ("(each target's pessimistic bound from paired bootstrap resamples must meet P_min)"
+           if result.get("acceptance") == "bootstrap" else "(each target's validation score must meet P_min)"),
         f"- Exported: M_{summary.exported} — linear layers {list(summary.linear_layers)} "
         f"({len(summary.linear_layers)}/{summary.num_layers}) → `{summary.export_dir}`",
         f"- Evaluations: {summary.evaluations}; layer-forwards {summary.layer_forwards} "

@@ -32,7 +32,9 @@ from .io import link_tree, write_json
 from .linear.base import LinearAttentionStudent
 from .report import RunSummary, write_report
 from .runner import Log, PlainRunner, Stage, StageRunner
-from .search import SearchResult, TargetGuard, greedy_replace
+from .acceptance import ExampleScores, paired_bootstrap_bound
+from .direction import Direction
+from .search import CandidateScores, SearchResult, TargetGuard, greedy_replace
 from .specs import RunSpec, TargetSpec, spec_to_dict
 from .stage_cache import StageCache, code_version, content_key
 from .stages import (
@@ -261,6 +263,12 @@ def _log_stored_curve(log_curve: CurveLogger, record: Mapping) -> None:
     log_stored_curves(log_curve, [record])
 
 
+def _evaluated(evaluator: TargetEvaluator, layers: frozenset[int], folder: Path | None, log: Log) -> dict:
+    """An evaluate stage's value: the score and, where the target gives them, per-example scores."""
+    score, examples = evaluator.evaluate(layers)
+    return {"score": score, "examples": examples.to_json() if examples is not None else None}
+
+
 class TargetsEvaluator:
     """``search.Evaluator`` over every target: each candidate's score on each target is its own
     cached "evaluate" stage, so a run that adds a guard reuses every score already made.
@@ -270,8 +278,10 @@ class TargetsEvaluator:
     its workers."""
 
     def __init__(self, ctx: RunContext, runner: StageRunner, evaluators: Mapping[str, TargetEvaluator],
-                 records: Sequence[Mapping], probes: Mapping[str, Mapping], log: Log) -> None:
-        self.ctx, self.runner, self.evaluators = ctx, runner, evaluators
+                 directions: Mapping[str, Direction], records: Sequence[Mapping], probes: Mapping[str, Mapping],
+                 log: Log) -> None:
+        self.ctx, self.runner, self.evaluators, self.directions = ctx, runner, evaluators, directions
+        self.full_examples: dict[str, ExampleScores] = {}
         self.records, self.probes, self.log = records, probes, log
         self.keys = {target.label: evaluation_key(ctx, target, records) for target in ctx.run.targets}
         candidates = len(distilled_layers(ctx.run, ctx.teacher.adapter.num_layers))
@@ -290,12 +300,28 @@ class TargetsEvaluator:
             self.log(f"search: {self.done} evaluations of at most {self.most} ({elapsed:.0f}s); "
                      f"{len(layers)} linear {sorted(layers)} → {written}")
 
-    def __call__(self, linear_layers: frozenset[int]) -> dict[str, float]:
-        scores = {name: self.runner.run(self._stage(name, linear_layers,
-                                                    lambda folder, log, evaluator=evaluator: evaluator(linear_layers)))
+    def __call__(self, linear_layers: frozenset[int]) -> CandidateScores:
+        values = {name: self.runner.run(self._stage(name, linear_layers, partial(_evaluated, evaluator, linear_layers)))
                   for name, evaluator in self.evaluators.items()}
-        self._progress(linear_layers, scores)
-        return scores
+        return self._scored(linear_layers, values)
+
+    def _scored(self, layers: frozenset[int], values: Mapping[str, Mapping]) -> CandidateScores:
+        """Each target's score from its evaluate stage's value; under the bootstrap rule also its
+        pessimistic bound against the full model (the search's first candidate)."""
+        scores = {name: value["score"] for name, value in values.items()}
+        self._progress(layers, scores)
+        search = self.ctx.run.search
+        if search.acceptance == "point":
+            return CandidateScores(scores)
+        examples = {name: ExampleScores.from_json(value["examples"]) for name, value in values.items()}
+        if not layers:
+            self.full_examples = examples
+            return CandidateScores(scores, scores)
+        bounds = {name: paired_bootstrap_bound(self.full_examples[name], examples[name],
+                                               self.directions[name], search.confidence,
+                                               search.bootstrap_samples, self.ctx.run.seed)
+                  for name in values}
+        return CandidateScores(scores, bounds)
 
     def rebase(self, linear_layers: frozenset[int]) -> None:
         for evaluator in self.evaluators.values():
@@ -318,10 +344,9 @@ class RoundTargetsEvaluator(TargetsEvaluator):
         per_target = len(self.evaluators)
         results = []
         for index, layers in enumerate(layer_sets):
-            scores = {name: score for (name, _), score in zip(pairs[index * per_target:(index + 1) * per_target],
-                                                              flat[index * per_target:(index + 1) * per_target])}
-            self._progress(layers, scores)
-            results.append((scores, seconds))
+            span = slice(index * per_target, (index + 1) * per_target)
+            values = {name: value for (name, _), value in zip(pairs[span], flat[span])}
+            results.append((self._scored(layers, values), seconds))
         return results
 
 
@@ -336,7 +361,8 @@ def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], pr
         evaluators = {target.name: split_evaluator(ctx, students, target, "validation", run.search.prefix_reuse)
                       for target in targets}
         staged_class = RoundTargetsEvaluator if runner.distributed else TargetsEvaluator
-        staged = staged_class(ctx, runner, evaluators, records, probes, log)
+        staged = staged_class(ctx, runner, evaluators, {guard.name: guard.direction for guard in guards},
+                              records, probes, log)
         result = greedy_replace(ctx.teacher.adapter.num_layers, staged, run.search, guards)
         return SearchOutcome(result, sum(e.layer_forwards for e in evaluators.values()),
                              sum(e.layer_forwards_full for e in evaluators.values()),

@@ -7,7 +7,8 @@ student (on top of the swaps kept so far) on every target, keep one swap, repeat
 Several targets (``TargetGuard``): the first is the *primary* target, the others guard it. Each
 target has a threshold P_min from its own tolerance around the full model's validation score.
 
-- A candidate is **acceptable** when every target meets its P_min.
+- A candidate is **acceptable** when every target meets its P_min (with ``acceptance="bootstrap"``,
+  when every target's pessimistic bound does: ``acceptance.py``).
 - The kept swap is the acceptable candidate with the best primary score. When no candidate is
   acceptable the search stops there (with ``run_to_end`` it keeps going with the candidate that
   violates least: the largest smallest *relative slack* ``±(score − P_min) / |full score|``).
@@ -57,6 +58,15 @@ class RoundEvaluator(Evaluator, Protocol):
 
 
 @dataclass(frozen=True)
+class CandidateScores:
+    """What an evaluator may return for a candidate: each target's score and, for the bootstrap
+    acceptance rule, each target's pessimistic bound (``acceptance.paired_bootstrap_bound``)."""
+
+    scores: Mapping[str, float]
+    bounds: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
 class TargetGuard:
     """One target as the search sees it: its name, which way it improves and how far it may fall."""
 
@@ -83,6 +93,7 @@ class Evaluation:
     linear_layers: tuple[int, ...]
     scores: dict[str, float]  # per target, the primary first
     seconds: float
+    bounds: dict[str, float] | None = None  # pessimistic scores (acceptance="bootstrap")
 
     @property
     def score(self) -> float:
@@ -145,6 +156,7 @@ class SearchResult:
     trajectory: tuple[Step, ...]
     stopped_because: str
     run_to_end: bool = field(default=False)
+    acceptance: str = "point"  # what acceptance judges: the scores, or their bounds ("bootstrap")
 
     @property
     def full_score(self) -> float:
@@ -178,8 +190,10 @@ class SearchResult:
             "candidates": tuple(fields["candidates"]),
             "targets": targets,
             "full_scores": in_order(fields["full_scores"]),
-            "evaluations": tuple(Evaluation(**{**e, "linear_layers": tuple(e["linear_layers"]),
-                                               "scores": in_order(e["scores"])}) for e in fields["evaluations"]),
+            "evaluations": tuple(Evaluation(**{
+                **e, "linear_layers": tuple(e["linear_layers"]), "scores": in_order(e["scores"]),
+                "bounds": in_order(e["bounds"]) if e.get("bounds") is not None else None})
+                for e in fields["evaluations"]),
             "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"]), "scores": in_order(s["scores"])})
                                 for s in fields["trajectory"]),
         })
@@ -206,21 +220,32 @@ def _least_violation(targets: Sequence[TargetGuard], p_min: Mapping[str, float],
 
 
 def _choose(primary: TargetGuard, guarded: Sequence[TargetGuard], p_min: Mapping[str, float],
-            full_scores: Mapping[str, float], round_scores: Sequence[tuple[int, Mapping[str, float]]]
+            full_scores: Mapping[str, float], round_scores: Sequence[tuple[int, Mapping[str, float], Mapping[str, float]]]
             ) -> tuple[int, Mapping[str, float], bool]:
-    """The swap a round keeps: (layer, its scores, acceptable). ``round_scores`` in layer order."""
-    acceptable = [(layer, s) for layer, s in round_scores if _acceptable(guarded, p_min, s)]
+    """The swap a round keeps: (layer, its scores, acceptable). ``round_scores``: (layer, scores,
+    what acceptance judges: the scores or their bounds), in layer order."""
+    acceptable = [(layer, s) for layer, s, judged in round_scores if _acceptable(guarded, p_min, judged)]
     best = None
     if acceptable:
         for layer, scores in acceptable:
             if best is None or primary.direction.better(scores[primary.name], best[1][primary.name]):
                 best = (layer, scores)
         return best[0], best[1], True
-    for layer, scores in round_scores:
-        slack = _least_violation(guarded, p_min, full_scores, scores)
+    for layer, scores, judged in round_scores:
+        slack = _least_violation(guarded, p_min, full_scores, judged)
         if best is None or slack > best[2]:
             best = (layer, scores, slack)
     return best[0], best[1], False
+
+
+def _judged(evaluation: Evaluation, acceptance: str) -> Mapping[str, float]:
+    """What acceptance looks at: the scores, or under "bootstrap" their pessimistic bounds."""
+    if acceptance == "point":
+        return evaluation.scores
+    if evaluation.bounds is None:
+        raise ValueError(f"acceptance={acceptance!r} needs each candidate's bounds; the evaluator gave none "
+                         f"for {list(evaluation.linear_layers)}")
+    return evaluation.bounds
 
 
 # --- the search ----------------------------------------------------------------------------------
@@ -272,34 +297,40 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
             raise ValueError(f"the evaluator returned no score for target(s) {missing}")
         return {n: float(scores[n]) for n in names}
 
+    def evaluation(round_: int, layers: frozenset[int], returned, seconds: float) -> Evaluation:
+        returned = returned if isinstance(returned, CandidateScores) else CandidateScores(returned)
+        bounds = in_order(returned.bounds) if returned.bounds is not None else None
+        return Evaluation(round_, tuple(sorted(layers)), in_order(returned.scores), seconds, bounds)
+
     def timed(layers: frozenset[int]) -> tuple[Mapping[str, float], float]:
         started = clock()
         scores = evaluator(layers)
         return scores, clock() - started
 
-    def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[dict[str, float]]:
+    def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[Evaluation]:
         if isinstance(evaluator, RoundEvaluator):
             results = evaluator.evaluate_round(layer_sets)
         else:
             results = [timed(s) for s in layer_sets]
-        scored = []
-        for layers, (scores, seconds) in zip(layer_sets, results, strict=True):
-            scores = in_order(scores)
-            evaluations.append(Evaluation(round_, tuple(sorted(layers)), scores, seconds))
-            scored.append(scores)
+        scored = [evaluation(round_, layers, returned, seconds)
+                  for layers, (returned, seconds) in zip(layer_sets, results, strict=True)]
+        evaluations.extend(scored)
         return scored
 
-    (full_scores,) = score_round(0, [frozenset()])
+    (full,) = score_round(0, [frozenset()])
+    full_scores = full.scores
     p_min = _thresholds(targets, full_scores)
     kept: frozenset[int] = frozenset()
     trajectory: list[Step] = []
     stopped_because = "every candidate layer is linear"
     for round_ in range(1, len(candidates) + 1):
         remaining = [layer_idx for layer_idx in candidates if layer_idx not in kept]
-        scores = score_round(round_, [kept | {layer_idx} for layer_idx in remaining])
-        layer, chosen, acceptable = _choose(targets[0], targets, p_min, full_scores, list(zip(remaining, scores)))
+        scored = score_round(round_, [kept | {layer_idx} for layer_idx in remaining])
+        layer, chosen, acceptable = _choose(targets[0], targets, p_min, full_scores, [
+            (layer_idx, e.scores, _judged(e, spec.acceptance)) for layer_idx, e in zip(remaining, scored)])
         if not acceptable and not spec.run_to_end:
-            stopped_because = f"round {round_}: {_why_unacceptable(targets, p_min, full_scores, chosen)}"
+            judged = _judged(next(e for e in scored if e.scores is chosen), spec.acceptance)
+            stopped_because = f"round {round_}: {_why_unacceptable(targets, p_min, full_scores, judged)}"
             break
         kept = kept | {layer}
         trajectory.append(Step(round_, layer, tuple(sorted(kept)), chosen, acceptable))
@@ -309,7 +340,7 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
     return SearchResult(
         num_layers=num_layers, candidates=tuple(candidates), targets=targets, full_scores=full_scores,
         evaluations=tuple(evaluations), trajectory=tuple(trajectory), stopped_because=stopped_because,
-        run_to_end=spec.run_to_end,
+        run_to_end=spec.run_to_end, acceptance=spec.acceptance,
     )
 
 
@@ -352,12 +383,13 @@ def read_off(result: SearchResult, tolerances: Mapping[str, tuple[float, str] | 
         guarded.append(TargetGuard(t.name, t.direction, float(tolerance), mode))
         chosen_tolerances[t.name] = (float(tolerance), mode)
 
-    scored = {frozenset(e.linear_layers): e.scores for e in result.evaluations}
+    scored = {frozenset(e.linear_layers): e for e in result.evaluations}
     full_scores = result.full_scores
     p_min = _thresholds(guarded, full_scores)
     kept: frozenset[int] = frozenset()
     m_opt, m_opt_scores = (), dict(full_scores)
-    used: list[tuple[frozenset[int], Mapping[str, float]]] = [(frozenset(), full_scores)]
+    used: list[tuple[frozenset[int], Mapping[str, float], Mapping[str, float]]] = [
+        (frozenset(), full_scores, full_scores)]
     while len(kept) < len(result.candidates):
         round_scores = []
         for layer in result.candidates:
@@ -368,8 +400,9 @@ def read_off(result: SearchResult, tolerances: Mapping[str, tuple[float, str] | 
                 raise ValueError(
                     f"these tolerances lead the search to {sorted(layers)}, which the recorded run never scored; "
                     "rerun the search with them (run_to_end=True records more; scores already made are cached)")
-            round_scores.append((layer, scored[layers]))
-        used += [(kept | {layer}, s) for layer, s in round_scores]
+            e = scored[layers]
+            round_scores.append((layer, e.scores, _judged(e, result.acceptance)))
+        used += [(kept | {layer}, s, judged) for layer, s, judged in round_scores]
         layer, scores, acceptable = _choose(primary, guarded, p_min, full_scores, round_scores)
         if not acceptable:
             break
@@ -378,8 +411,8 @@ def read_off(result: SearchResult, tolerances: Mapping[str, tuple[float, str] | 
 
     others = [t for t in guarded if t.name != primary.name]
     m_best, m_best_scores = (), dict(full_scores)
-    for layers, scores in used:
-        if not layers or not _acceptable(others, p_min, scores):
+    for layers, scores, judged in used:
+        if not layers or not _acceptable(others, p_min, judged):
             continue
         if (m_best == () or primary.direction.better(scores[primary.name], m_best_scores[primary.name])
                 or (scores[primary.name] == m_best_scores[primary.name] and len(layers) > len(m_best))):

@@ -162,6 +162,10 @@ class SearchSpec:
     ``run_to_end``: keep accepting the best swap after P_min is missed, so the whole trajectory
     (score vs number of linear layers) is recorded and any tolerance can be read off later.
     ``prefix_reuse``: evaluate candidates from cached hidden states of unchanged layers.
+    ``acceptance``: "point" (a candidate's validation score must meet P_min) or "bootstrap" (a
+    pessimistic bound must: the full model's score plus the ``confidence`` quantile of the
+    candidate's change over ``bootstrap_samples`` paired resamples of the validation examples; see
+    ``dtr_core/acceptance.py``). Not available for lm-eval targets.
     """
 
     tolerance: float = 0.01
@@ -169,9 +173,15 @@ class SearchSpec:
     run_to_end: bool = False
     prefix_reuse: bool = True
     candidate_layers: tuple[int, ...] | None = None
+    acceptance: Literal["point", "bootstrap"] = "point"
+    confidence: float = 0.9
+    bootstrap_samples: int = 1000
 
     def __post_init__(self) -> None:
         _check_tolerance(self, self.tolerance, self.tolerance_mode)
+        _check_choice(self, "acceptance", ("point", "bootstrap"))
+        _check(0.5 <= self.confidence < 1.0, self, "confidence", "must be in [0.5, 1), e.g. 0.9")
+        _check(self.bootstrap_samples >= 100, self, "bootstrap_samples", "must be >= 100")
         if self.candidate_layers is not None:
             _check(len(set(self.candidate_layers)) == len(self.candidate_layers)
                    and all(i >= 0 for i in self.candidate_layers), self, "candidate_layers",
@@ -364,6 +374,9 @@ class RunSpec:
     seed: int = 42
 
     def __post_init__(self) -> None:
+        if self.search.acceptance == "bootstrap" and any(t.kind == "lm_eval" for t in self.targets):
+            raise SpecError("SearchSpec.acceptance='bootstrap' needs per-example scores, which lm-eval targets "
+                            "do not give; use acceptance='point' with lm_eval targets")
         names = [t.label for t in self.targets]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:

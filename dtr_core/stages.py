@@ -433,7 +433,7 @@ _worker_evaluators_lock = threading.Lock()
 
 
 def worker_evaluation_stage(run: RunSpec, target_name: str, records: Sequence[Mapping], probe: Mapping | None,
-                            linear_layers: frozenset[int], folder: Path, log: Log) -> float:
+                            linear_layers: frozenset[int], folder: Path, log: Log) -> dict:
     """One candidate's validation score on one target with this process's own evaluator, built once
     from the stage files (no prefix reuse: hidden states are not shared between processes)."""
     evaluator_key = (run, target_name, tuple(r["weights_sha256"] for r in records), probe and probe["sha256"])
@@ -444,11 +444,12 @@ def worker_evaluation_stage(run: RunSpec, target_name: str, records: Sequence[Ma
             target = prepare_target(ctx, target_named(run, target_name), probe)
             _worker_evaluators[evaluator_key] = split_evaluator(
                 ctx, load_students(records, run), target, "validation", prefix_reuse=False)
-        return _worker_evaluators[evaluator_key](linear_layers)
+        score, examples = _worker_evaluators[evaluator_key].evaluate(linear_layers)
+    return {"score": score, "examples": examples.to_json() if examples is not None else None}
 
 
-def describe_worker_score(score: float) -> str:
-    return f"{score:.4f} (process {os.getpid()})"
+def describe_worker_score(value: Mapping) -> str:
+    return f"{value['score']:.4f} (process {os.getpid()})"
 
 
 @dataclass

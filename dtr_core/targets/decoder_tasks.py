@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..batching import pad_rows
+from ..acceptance import ExampleScores
 from ..direction import Direction
 from ..specs import GENERATION_KINDS, TargetSpec
 from .data import DataError, TaskData, TextSplit
@@ -221,12 +222,20 @@ class MultipleChoice:
                 batch["labels"].numpy())
 
     def score(self, collected: Sequence[tuple[np.ndarray, ...]]) -> float:
+        return float(self._correct(collected).mean())
+
+    def examples(self, collected: Sequence[tuple[np.ndarray, ...]]) -> ExampleScores:
+        correct = self._correct(collected).astype(np.float64)
+        return ExampleScores(correct, np.ones_like(correct))
+
+    @staticmethod
+    def _correct(collected: Sequence[tuple[np.ndarray, ...]]) -> np.ndarray:
         examples, choices, log_likelihoods, golds = (np.concatenate(part) for part in zip(*collected))
         table = np.full((examples.max() + 1, choices.max() + 1), -np.inf)
         table[examples, choices] = log_likelihoods
         gold = np.zeros(len(table), dtype=np.int64)
         gold[examples] = golds
-        return float((table.argmax(1) == gold).mean())
+        return table.argmax(1) == gold
 
 
 def normalise_answer(text: str) -> str:
@@ -305,6 +314,10 @@ class AnswerScorer:
 
     def score(self, collected: Sequence[np.ndarray]) -> float:
         return float(np.concatenate(collected).mean())
+
+    def examples(self, collected: Sequence[np.ndarray]) -> ExampleScores:
+        values = np.concatenate(collected).astype(np.float64)
+        return ExampleScores(values, np.ones_like(values))
 
 
 class ExactMatch(AnswerScorer):

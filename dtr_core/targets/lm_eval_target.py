@@ -312,6 +312,10 @@ class LmEvalEvaluator:
                                           batch_size=batch_size, device=str(self.device))
 
     @torch.no_grad()
+    def evaluate(self, linear_layers: Iterable[int]) -> tuple[float, None]:
+        """The score, and no per-example scores (lm-eval aggregates them itself)."""
+        return self(linear_layers), None
+
     def __call__(self, linear_layers: Iterable[int]) -> float:
         from lm_eval.evaluator import evaluate
 

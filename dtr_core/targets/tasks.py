@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..acceptance import ExampleScores
 from ..direction import Direction
 from ..specs import DECODER_KINDS, GENERATION_KINDS, LABELLED_KINDS, PROMPTED_KINDS, TargetSpec
 from .data import DataError, TaskData, TextSplit
@@ -94,6 +95,10 @@ class ProbeClassification:
         labels = np.concatenate([c[1] for c in collected])
         return float((predictions == labels).mean())
 
+    def examples(self, collected: Sequence[tuple[np.ndarray, np.ndarray]]) -> ExampleScores:
+        correct = np.concatenate([c[0] == c[1] for c in collected]).astype(np.float64)
+        return ExampleScores(correct, np.ones_like(correct))
+
 
 @torch.no_grad()
 def fit_probe(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], *, inverse_regularisation: float = 10.0,
@@ -120,17 +125,23 @@ class Perplexity:
     direction = Direction.LOWER
     metric_name = "perplexity"
 
-    def collect(self, output: Any, batch: Mapping[str, torch.Tensor]) -> tuple[float, int]:
+    def collect(self, output: Any, batch: Mapping[str, torch.Tensor]) -> tuple[float, int, np.ndarray, np.ndarray]:
+        """The batch's summed NLL and token count (what the score adds up), and both per text."""
         logits = output.logits[:, :-1].float()
         targets = batch["input_ids"][:, 1:].to(logits.device)
         mask = batch["attention_mask"][:, 1:].to(logits.device).bool()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        return float(nll[mask].sum()), int(mask.sum())
+        per_text = (nll * mask).sum(1).double().cpu().numpy()
+        return float(nll[mask].sum()), int(mask.sum()), per_text, mask.sum(1).double().cpu().numpy()
 
-    def score(self, collected: Sequence[tuple[float, int]]) -> float:
+    def score(self, collected: Sequence[tuple[float, int, np.ndarray, np.ndarray]]) -> float:
         total_nll = sum(c[0] for c in collected)
         total_tokens = sum(c[1] for c in collected)
         return float(np.exp(total_nll / max(total_tokens, 1)))
+
+    def examples(self, collected: Sequence[tuple[float, int, np.ndarray, np.ndarray]]) -> ExampleScores:
+        return ExampleScores(np.concatenate([c[2] for c in collected]), np.concatenate([c[3] for c in collected]),
+                             exponent=True)
 
 
 def check_task_fits_model(spec: TargetSpec, data: TaskData, causal: bool) -> None:

@@ -260,3 +260,17 @@ def test_candidate_layers_limit_what_disk_mode_distils(tmp_path):
     assert summary.evaluations == 1 + 2 + 1 and set(summary.linear_layers) <= {0, 2}
     with pytest.raises(SpecError, match=r"candidate_layers: \[5\] are not layers"):
         run_dtr(dataclasses.replace(run, search=SearchSpec(candidate_layers=(0, 5))), **QUIET)
+
+
+def test_bootstrap_acceptance_runs_end_to_end(tmp_path):
+    """Every candidate gets a pessimistic bound per target; the rule is never looser than the point rule."""
+    primary = dataclasses.replace(perplexity_target(tmp_path), max_eval_examples=40)
+    point = run_dtr(tiny_decoder_run(tmp_path, primary, guards=(PASSKEY,), tolerance=0.002), **QUIET)
+    bootstrap = run_dtr(tiny_decoder_run(tmp_path, primary, guards=(PASSKEY,), tolerance=0.002,
+                                         acceptance="bootstrap"), **QUIET)
+    evaluations = bootstrap.search["result"]["evaluations"]
+    assert all(set(e["bounds"]) == {"perplexity", "passkey"} for e in evaluations)
+    assert evaluations[0]["bounds"] == evaluations[0]["scores"]  # the full model is its own bound
+    assert all(e["bounds"]["perplexity"] >= e["scores"]["perplexity"] for e in evaluations[1:])
+    assert len(bootstrap.m_opt) <= len(point.m_opt)
+    assert bootstrap.search["result"]["acceptance"] == "bootstrap"
