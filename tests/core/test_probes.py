@@ -262,3 +262,36 @@ def test_smollm2_finds_the_pass_key_at_256_tokens(haystack):
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
         right += example.answers[0] in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert right / len(examples) >= 0.9
+
+
+@pytest.mark.parametrize("kind", PROBE_KINDS)
+def test_the_search_scores_probes_as_greedy_decoding_by_hand(bpe, haystack, kind):
+    """A probe target's evaluator (left-padded batches, ``generate``, ``contains``) scores what the
+    model writes for each prompt alone. The tiny random model cannot find a pass key, so half the
+    examples take its own greedy answer as theirs: the expected score is exactly 0.5."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dtr_core.adapters import adapter_for
+    from dtr_core.evaluation import GenerationEvaluator
+    from dtr_core.targets.decoder_tasks import Contains, prompt_batches
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(bpe), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512)).eval()
+    examples = probe_examples(kind, bpe, haystack, context_tokens=160, count=6, seed=3)
+    new_tokens = probe_max_new_tokens(bpe, examples)
+    answers = []
+    for index, example in enumerate(examples):
+        ids = torch.tensor([example.input_ids])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=bpe.pad_token_id)
+        written = bpe.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert not any(answer in written for answer in example.answers)
+        answers.append((written.strip(),) if index % 2 == 0 and written.strip() else example.answers)
+    assert sum(1 for a, e in zip(answers, examples) if a != e.answers) == 3
+    batches = prompt_batches([e.input_ids for e in examples], answers, bpe.pad_token_id, batch_size=4)
+    evaluator = GenerationEvaluator(model, adapter_for(model), {}, batches, Contains(bpe, new_tokens),
+                                    pad_token_id=bpe.pad_token_id)
+    assert evaluator(frozenset()) == 0.5

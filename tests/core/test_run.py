@@ -78,7 +78,11 @@ def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
     (["--model", "/no/such/model"], "does not exist"),
     (["--dataset", "/no/such/data.jsonl"], "does not exist"),
     (["--target-kind", "perplexity"], "needs a decoder"),
-], ids=["tolerance", "student", "model-path", "dataset-path", "encoder-perplexity"])
+    (["--guard", "kind=passkey,tolerance=-1,tolerance_mode=absolute"], "TargetSpec.tolerance=-1.0: an absolute"),
+    (["--guard", "kind=exact_match,dataset=/no/such/qa.jsonl"], "does not exist"),
+    (["--guard", "kind=bleu"], "TargetSpec.kind='bleu'"),
+], ids=["tolerance", "student", "model-path", "dataset-path", "encoder-perplexity", "guard-tolerance-sign",
+        "guard-without-data", "guard-unknown-metric"])
 @pytest.mark.integration
 def test_cli_rejects_bad_input_before_heavy_work(tmp_path, args, message):
     out = tmp_path / "out"
