@@ -133,6 +133,7 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
     records, capture_tokens = _distill(ctx, runner, tracker, timer, log)
     if records is None:
         return None
+    # The classification targets' frozen logistic-regression probes (not the recall probes).
     probes = {target.label: timer("target", runner.run, Stage(
         "target", f"probe for {target.label}", target_key(ctx, target), partial(fit_probe_stage, run, target.label),
         files=lambda value: {value["file"]: value["sha256"]}))
