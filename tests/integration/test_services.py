@@ -111,7 +111,7 @@ def test_dask_runner_gives_the_same_hybrid(tmp_path, tiny_setup):
     flow_pid = int(re.search(r"flow process (\d+), task runner dask", log).group(1))
     layer_pids = {int(pid) for pid in re.findall(r"distill layer \d+: .*\(process (\d+)\)", log)}
     assert len(layer_pids) >= 1 and flow_pid not in layer_pids  # layers ran in Dask worker processes
-    evaluation_pids = {int(pid) for pid in re.findall(r"evaluate \[[\d, ]*\]: .*\(process (\d+)\)", log)}
+    evaluation_pids = {int(pid) for pid in re.findall(r"evaluate [\w-]+ \[[\d, ]*\]: .*\(process (\d+)\)", log)}
     assert len(evaluation_pids) >= 1 and flow_pid not in evaluation_pids  # and so did the search's candidates
     assert exported_weights(tmp_path / "dask") == exported_weights(tmp_path / "threads")
 
