@@ -13,7 +13,7 @@ from conftest import save_tiny_model, synthetic_texts, write_jsonl
 
 from dtr_core.direction import Direction
 from dtr_core.run import RUN_FOLDER, run_dtr
-from dtr_core.specs import CaptureSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, TargetSpec
+from dtr_core.specs import CaptureSpec, CardSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, TargetSpec
 
 
 def tiny_run(tmp_path, family, kind, **overrides) -> RunSpec:
@@ -24,6 +24,7 @@ def tiny_run(tmp_path, family, kind, **overrides) -> RunSpec:
         distill=DistillSpec(epochs=2, batch_size=8),
         search=SearchSpec(tolerance=0.5, run_to_end=True),
         target=TargetSpec(dataset=data, kind=kind, max_length=24),
+        card=CardSpec(lengths=(128,), examples=2, batch_size=2, general_examples=4, general_max_length=32),
         output_dir=str(tmp_path / "out"),
     )
     return RunSpec(**{**spec, **overrides})

@@ -29,7 +29,8 @@ def overrides(model, data, out, **extra) -> list[str]:
         "model": "local", "model.path": model, "target": "local_jsonl", "target.dataset": data,
         "target.kind": "perplexity", "target.max_length": 32, "capture.token_budget": 3000,
         "capture.max_length": 32, "capture.batch_size": 16, "distill.epochs": 6, "distill.batch_size": 8,
-        "search.run_to_end": "true", "search.tolerance": 0.5, "output_dir": str(out), **extra,
+        "search.run_to_end": "true", "search.tolerance": 0.5, "card.lengths": "[128]", "card.examples": 2,
+        "card.general_examples": 4, "card.general_max_length": 32, "output_dir": str(out), **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
 

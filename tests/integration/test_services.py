@@ -98,7 +98,11 @@ def test_flow_logs_to_mlflow_server_over_http(tmp_path, tiny_setup, mlflow_serve
                 "&metric_key=distill/layer_00/loss")["metrics"]
     assert len(curve) > 1 and [m["step"] for m in curve] == list(range(len(curve)))
     artifacts = api(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=report")
-    assert {"report/report.md", "report/search_trajectory.png"} <= {f["path"] for f in artifacts["files"]}
+    assert {"report/report.md", "report/search_trajectory.png", "report/recall_vs_length.png"} <= {
+        f["path"] for f in artifacts["files"]}
+    search = api(f"{mlflow_server}/api/2.0/mlflow/artifacts/list?run_id={run_id}&path=search")
+    assert {"search/evaluations.csv", "search/search.json"} <= {f["path"] for f in search["files"]}
+    assert "card/passkey_128/m_opt" in metrics
 
 
 def test_dask_runner_gives_the_same_hybrid(tmp_path, tiny_setup):
