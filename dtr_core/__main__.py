@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
     parser.add_argument("--run-to-end", action="store_true", help="record the whole trajectory")
     parser.add_argument("--acceptance", default=SearchSpec.acceptance,
-                        help="point | bootstrap: judge candidates by their score, or by a pessimistic bound "
-                             "from paired bootstrap resamples of the validation examples")
+                        help="bootstrap (default) | point: judge candidates by a pessimistic bound from paired "
+                             "bootstrap resamples of the validation examples, or by their score (the paper's rule)")
     parser.add_argument("--confidence", type=float, default=SearchSpec.confidence,
                         help="the bootstrap bound's confidence (default 0.9)")
     parser.add_argument("--candidate-layers", type=int, nargs="+", default=None,

@@ -57,6 +57,19 @@ def _direction(target: dict) -> Direction:
     return Direction(target["direction"])
 
 
+def _acceptance_text(result: dict) -> str:
+    if result.get("acceptance") != "bootstrap":
+        return "point (each target's validation score must meet P_min)"
+    confidence = result.get("confidence")
+    text = ("bootstrap (each target's pessimistic bound from paired bootstrap resamples of the validation "
+            "examples" + (f", at confidence {confidence:g}," if confidence is not None else "") + " must meet P_min)")
+    full_bounds = result["evaluations"][0].get("bounds") or {}
+    by_score = [t["name"] for t in result["targets"] if t["name"] not in full_bounds]
+    if by_score:
+        text += f"; judged by the score (no per-example scores): {', '.join(by_score)}"
+    return text
+
+
 def _tolerance_text(target: dict) -> str:
     tolerance, mode = target["tolerance"], target["tolerance_mode"]
     return f"{tolerance:.0%} relative" if mode == "relative" else f"{tolerance:g} absolute"
@@ -146,9 +159,7 @@ def render_markdown(summary: RunSummary) -> str:
         f"- Targets: " + "; ".join(
             f"{t['name']} ({t['metric']}, {_direction(t).phrase}, tolerance {_tolerance_text(t)}"
             + (", primary: the search optimises it" if t["primary"] else ", guard") + ")" for t in targets),
-        f"- Acceptance: {result.get('acceptance', 'point')} "
-        + ("(each target's pessimistic bound from paired bootstrap resamples must meet P_min)"
-           if result.get("acceptance") == "bootstrap" else "(each target's validation score must meet P_min)"),
+        f"- Acceptance: {_acceptance_text(result)}",
         f"- Exported: M_{summary.exported} — linear layers {list(summary.linear_layers)} "
         f"({len(summary.linear_layers)}/{summary.num_layers}) → `{summary.export_dir}`",
         f"- Evaluations: {summary.evaluations}; layer-forwards {summary.layer_forwards} "

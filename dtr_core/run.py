@@ -308,20 +308,26 @@ class TargetsEvaluator:
 
     def _scored(self, layers: frozenset[int], values: Mapping[str, Mapping]) -> CandidateScores:
         """Each target's score from its evaluate stage's value; under the bootstrap rule also its
-        pessimistic bound against the full model (the search's first candidate)."""
+        pessimistic bound against the full model (the search's first candidate), for each target
+        that gives per-example scores (the others are judged by their score)."""
         scores = {name: value["score"] for name, value in values.items()}
         self._progress(layers, scores)
         search = self.ctx.run.search
         if search.acceptance == "point":
             return CandidateScores(scores)
-        examples = {name: ExampleScores.from_json(value["examples"]) for name, value in values.items()}
+        examples = {name: ExampleScores.from_json(value["examples"]) for name, value in values.items()
+                    if value["examples"] is not None}
         if not layers:
             self.full_examples = examples
-            return CandidateScores(scores, scores)
+            unbounded = sorted(set(values) - set(examples))
+            if unbounded:
+                self.log(f"search: bootstrap acceptance judges {', '.join(unbounded)} by the score: "
+                         "its metric gives no per-example scores (a corpus-level lm-eval metric)")
+            return CandidateScores(scores, {name: scores[name] for name in examples})
         bounds = {name: paired_bootstrap_bound(self.full_examples[name], examples[name],
                                                self.directions[name], search.confidence,
                                                search.bootstrap_samples, self.ctx.run.seed)
-                  for name in values}
+                  for name in examples}
         return CandidateScores(scores, bounds)
 
     def rebase(self, linear_layers: frozenset[int]) -> None:

@@ -8,7 +8,8 @@ Several targets (``TargetGuard``): the first is the *primary* target, the others
 target has a threshold P_min from its own tolerance around the full model's validation score.
 
 - A candidate is **acceptable** when every target meets its P_min (with ``acceptance="bootstrap"``,
-  when every target's pessimistic bound does: ``acceptance.py``).
+  when every target's pessimistic bound does: ``acceptance.py``; a target the evaluator gives no
+  bound for, e.g. a corpus-level lm-eval metric, is judged by its score).
 - The kept swap is the acceptable candidate with the best primary score. When no candidate is
   acceptable the search stops there (with ``run_to_end`` it keeps going with the candidate that
   violates least: the largest smallest *relative slack* ``±(score − P_min) / |full score|``).
@@ -60,7 +61,8 @@ class RoundEvaluator(Evaluator, Protocol):
 @dataclass(frozen=True)
 class CandidateScores:
     """What an evaluator may return for a candidate: each target's score and, for the bootstrap
-    acceptance rule, each target's pessimistic bound (``acceptance.paired_bootstrap_bound``)."""
+    acceptance rule, the pessimistic bound (``acceptance.paired_bootstrap_bound``) of each target
+    that has one (targets without per-example scores have none and are judged by their score)."""
 
     scores: Mapping[str, float]
     bounds: Mapping[str, float] | None = None
@@ -93,7 +95,7 @@ class Evaluation:
     linear_layers: tuple[int, ...]
     scores: dict[str, float]  # per target, the primary first
     seconds: float
-    bounds: dict[str, float] | None = None  # pessimistic scores (acceptance="bootstrap")
+    bounds: dict[str, float] | None = None  # pessimistic scores of the targets that have them (bootstrap)
 
     @property
     def score(self) -> float:
@@ -157,6 +159,7 @@ class SearchResult:
     stopped_because: str
     run_to_end: bool = field(default=False)
     acceptance: str = "point"  # what acceptance judges: the scores, or their bounds ("bootstrap")
+    confidence: float | None = None  # the bootstrap bound's confidence (None under "point")
 
     @property
     def full_score(self) -> float:
@@ -183,7 +186,7 @@ class SearchResult:
 
         def in_order(scores: Mapping[str, float]) -> dict[str, float]:
             # JSON written with sorted keys loses the order: the primary target comes first again.
-            return {t.name: scores[t.name] for t in targets}
+            return {t.name: scores[t.name] for t in targets if t.name in scores}
 
         return cls(**{
             **fields,
@@ -239,13 +242,11 @@ def _choose(primary: TargetGuard, guarded: Sequence[TargetGuard], p_min: Mapping
 
 
 def _judged(evaluation: Evaluation, acceptance: str) -> Mapping[str, float]:
-    """What acceptance looks at: the scores, or under "bootstrap" their pessimistic bounds."""
-    if acceptance == "point":
+    """What acceptance looks at: the scores, or under "bootstrap" each target's pessimistic bound
+    (its score where the evaluator gave no bound)."""
+    if acceptance == "point" or evaluation.bounds is None:
         return evaluation.scores
-    if evaluation.bounds is None:
-        raise ValueError(f"acceptance={acceptance!r} needs each candidate's bounds; the evaluator gave none "
-                         f"for {list(evaluation.linear_layers)}")
-    return evaluation.bounds
+    return {**evaluation.scores, **evaluation.bounds}
 
 
 # --- the search ----------------------------------------------------------------------------------
@@ -299,7 +300,8 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
 
     def evaluation(round_: int, layers: frozenset[int], returned, seconds: float) -> Evaluation:
         returned = returned if isinstance(returned, CandidateScores) else CandidateScores(returned)
-        bounds = in_order(returned.bounds) if returned.bounds is not None else None
+        bounds = None if returned.bounds is None else {n: float(returned.bounds[n]) for n in names
+                                                       if n in returned.bounds}
         return Evaluation(round_, tuple(sorted(layers)), in_order(returned.scores), seconds, bounds)
 
     def timed(layers: frozenset[int]) -> tuple[Mapping[str, float], float]:
@@ -329,7 +331,7 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
         layer, chosen, acceptable = _choose(targets[0], targets, p_min, full_scores, [
             (layer_idx, e.scores, _judged(e, spec.acceptance)) for layer_idx, e in zip(remaining, scored)])
         if not acceptable and not spec.run_to_end:
-            judged = _judged(next(e for e in scored if e.scores is chosen), spec.acceptance)
+            judged = _judged(scored[remaining.index(layer)], spec.acceptance)
             stopped_because = f"round {round_}: {_why_unacceptable(targets, p_min, full_scores, judged)}"
             break
         kept = kept | {layer}
@@ -341,6 +343,7 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
         num_layers=num_layers, candidates=tuple(candidates), targets=targets, full_scores=full_scores,
         evaluations=tuple(evaluations), trajectory=tuple(trajectory), stopped_because=stopped_because,
         run_to_end=spec.run_to_end, acceptance=spec.acceptance,
+        confidence=spec.confidence if spec.acceptance == "bootstrap" else None,
     )
 
 

@@ -162,10 +162,13 @@ class SearchSpec:
     ``run_to_end``: keep accepting the best swap after P_min is missed, so the whole trajectory
     (score vs number of linear layers) is recorded and any tolerance can be read off later.
     ``prefix_reuse``: evaluate candidates from cached hidden states of unchanged layers.
-    ``acceptance``: "point" (a candidate's validation score must meet P_min) or "bootstrap" (a
-    pessimistic bound must: the full model's score plus the ``confidence`` quantile of the
-    candidate's change over ``bootstrap_samples`` paired resamples of the validation examples; see
-    ``dtr_core/acceptance.py``). Not available for lm-eval targets.
+    ``acceptance``: "bootstrap" (the default: a pessimistic bound of each target's score must meet
+    P_min, the full model's score plus the ``confidence`` quantile of the candidate's change over
+    ``bootstrap_samples`` paired resamples of the validation examples; see ``dtr_core/acceptance.py``;
+    a target without per-example scores, such as a corpus-level lm-eval metric, is judged by its
+    score) or "point" (the paper's rule: each validation score must meet P_min). On SmolLM2 the
+    point rule's hybrids missed their tolerance on test by up to 20 points; the bootstrap rule's held
+    in every run measured, at the cost of about one linear layer (BENCHMARKS.md, "Issue 13").
     """
 
     tolerance: float = 0.01
@@ -173,7 +176,7 @@ class SearchSpec:
     run_to_end: bool = False
     prefix_reuse: bool = True
     candidate_layers: tuple[int, ...] | None = None
-    acceptance: Literal["point", "bootstrap"] = "point"
+    acceptance: Literal["point", "bootstrap"] = "bootstrap"
     confidence: float = 0.9
     bootstrap_samples: int = 1000
 
@@ -374,9 +377,6 @@ class RunSpec:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.search.acceptance == "bootstrap" and any(t.kind == "lm_eval" for t in self.targets):
-            raise SpecError("SearchSpec.acceptance='bootstrap' needs per-example scores, which lm-eval targets "
-                            "do not give; use acceptance='point' with lm_eval targets")
         names = [t.label for t in self.targets]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:

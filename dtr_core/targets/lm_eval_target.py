@@ -6,12 +6,16 @@ fetched). ``LmEvalEvaluator`` scores a candidate hybrid in process: the students
 the in-memory model (``hybrid_view``) and lm-eval's own ``evaluate`` runs the task's requests
 (log-likelihood, multiple choice, rolling log-likelihood or ``generate_until``) through its
 ``HFLM`` wrapper around that very model, built once per evaluator. Nothing is exported or written
-per candidate: no result files, no sample logs, no request cache (loading the task's dataset once
+per candidate: no result files, no request cache (loading the task's dataset once
 does use ``datasets``' usual cache, or the ``cache_dir`` the YAML's ``dataset_kwargs`` name).
 
 Metric: the task's first metric (the first entry of its ``metric_list``; without one, the first of
 lm-eval's defaults for its output type), aggregated as the task says, under the task's first
 filter (``"none"`` for tasks without filters). Its direction is the task's ``higher_is_better``.
+When the metric is aggregated as a mean (accuracy, exact match, ...), the evaluator also gives
+each document's value, for the bootstrap acceptance rule (``dtr_core/acceptance.py``); a
+corpus-level metric (perplexity, BLEU, F1 over the corpus) has none, and the search judges it by
+its score.
 
 Splits: the task's evaluation documents (its test split, else its validation split) are indexed
 0..n-1 and shuffled with ``seed``; the first share, in the ratio
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..acceptance import ExampleScores
 from ..adapters import ModelAdapter
 from ..direction import Direction
 from ..hybrid import hybrid_view
@@ -55,7 +60,8 @@ class LmEvalError(ValueError):
 def _import_lm_eval():
     try:
         import lm_eval
-        import lm_eval.evaluator  # noqa: F401  (the submodules used below)
+        import lm_eval.api.metrics  # noqa: F401  (the submodules used below)
+        import lm_eval.evaluator  # noqa: F401
         import lm_eval.tasks  # noqa: F401
     except ImportError as error:
         raise ImportError(f"{INSTALL_HINT} ({error})") from error
@@ -198,6 +204,7 @@ class LmEvalTask:
             raise LmEvalError(f"lm_eval task {name!r}: metric {self.metric_name!r} does not say which way it "
                               f"improves; set higher_is_better in its metric_list entry")
         self.direction = Direction.HIGHER if higher_is_better else Direction.LOWER
+        self.per_document = aggregations[self.metric_name] is lm_eval.api.metrics.mean
 
         self.num_docs = len(self.task.eval_docs)
         try:
@@ -232,8 +239,8 @@ class LmEvalTask:
         text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=_stable)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def score(self, results: Mapping[str, Any]) -> float:
-        """The metric's value in what ``lm_eval.evaluator.evaluate`` returned."""
+    def _result_key(self, results: Mapping[str, Any]) -> str:
+        """The "metric,filter" key the score is read under: the task's first filter."""
         values = results["results"][self.task_name]
         prefix = f"{self.metric_name},"
         # Keys are "metric,filter" in the task's filter order; stderr keys are "metric_stderr,filter".
@@ -241,10 +248,28 @@ class LmEvalTask:
         if key is None:
             raise LmEvalError(f"lm_eval task {self.name!r}: no {self.metric_name!r} in lm-eval's results "
                               f"{sorted(values)}")
-        value = values[key]
+        return key
+
+    def score(self, results: Mapping[str, Any]) -> float:
+        """The metric's value in what ``lm_eval.evaluator.evaluate`` returned."""
+        key = self._result_key(results)
+        value = results["results"][self.task_name][key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LmEvalError(f"lm_eval task {self.name!r}: {key} = {value!r} is not a number")
         return float(value)
+
+    def examples(self, results: Mapping[str, Any]) -> ExampleScores | None:
+        """Each document's metric value (in document order) when the metric is a mean over
+        documents, from ``evaluate(..., log_samples=True)``; None for a corpus-level metric."""
+        if not self.per_document:
+            return None
+        import numpy as np
+
+        filter_key = self._result_key(results).split(",", 1)[1]
+        samples = sorted((s for s in results["samples"][self.task_name] if s["filter"] == filter_key),
+                         key=lambda s: s["doc_id"])
+        values = np.array([float(s[self.metric_name]) for s in samples])
+        return ExampleScores(values, np.ones_like(values))
 
 
 def _quiet_hflm_class():
@@ -311,12 +336,12 @@ class LmEvalEvaluator:
             self.lm = _quiet_hflm_class()(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
                                           batch_size=batch_size, device=str(self.device))
 
-    @torch.no_grad()
-    def evaluate(self, linear_layers: Iterable[int]) -> tuple[float, None]:
-        """The score, and no per-example scores (lm-eval aggregates them itself)."""
-        return self(linear_layers), None
-
     def __call__(self, linear_layers: Iterable[int]) -> float:
+        return self.evaluate(linear_layers)[0]
+
+    @torch.no_grad()
+    def evaluate(self, linear_layers: Iterable[int]) -> tuple[float, ExampleScores | None]:
+        """The score and, for a metric averaged over documents, each document's value."""
         from lm_eval.evaluator import evaluate
 
         layers = list(linear_layers)
@@ -332,9 +357,9 @@ class LmEvalEvaluator:
             self.task.task.set_fewshot_seed(self.task.seed)
             results = evaluate(
                 lm=self.lm, task_dict=self.task.task_dict, samples={self.task.task_name: list(self.indices)},
-                bootstrap_iters=0, log_samples=False, cache_requests=False, write_out=False,
+                bootstrap_iters=0, log_samples=self.task.per_document, cache_requests=False, write_out=False,
             )
-        return self.task.score(results)
+        return self.task.score(results), self.task.examples(results)
 
     def rebase(self, linear_layers: Iterable[int]) -> None:
         """Nothing to move: every candidate is evaluated from scratch."""

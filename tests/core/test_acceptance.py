@@ -98,8 +98,8 @@ GUARD = [TargetGuard("task", Direction.HIGHER, 0.05)]
 def test_the_search_judges_candidates_by_their_bounds():
     # Layer 1 costs nothing but is noisy: its bound (0.93) misses P_min = 0.95.
     evaluator = Bounded([0.01, 0.0, 0.02], [0.0, 0.07, 0.0])
-    point = greedy_replace(3, evaluator, SearchSpec(), GUARD)
-    bootstrap = greedy_replace(3, evaluator, SearchSpec(acceptance="bootstrap"), GUARD)
+    point = greedy_replace(3, evaluator, SearchSpec(acceptance="point"), GUARD)
+    bootstrap = greedy_replace(3, evaluator, SearchSpec(), GUARD)  # the default rule
     assert point.selection.m_opt == (0, 1, 2)
     assert bootstrap.selection.m_opt == (0, 2) and bootstrap.trajectory[0].added_layer == 0
     assert bootstrap.evaluations[1].bounds == {"task": pytest.approx(0.99)}
@@ -110,11 +110,33 @@ def test_the_search_judges_candidates_by_their_bounds():
         read_off(restored, 0.2)
 
 
-def test_bootstrap_acceptance_needs_bounds_and_per_example_scores():
-    with pytest.raises(ValueError, match="needs each candidate's bounds"):
-        greedy_replace(2, lambda layers: {"task": 1.0}, SearchSpec(acceptance="bootstrap"), GUARD)
-    with pytest.raises(SpecError, match="lm-eval targets"):
-        RunSpec(search=SearchSpec(acceptance="bootstrap"),
-                guards=(TargetSpec(kind="lm_eval", lm_eval_task="t", lm_eval_include_path="/x"),))
+def test_targets_without_bounds_are_judged_by_their_score():
+    """A target whose evaluator gives no bound (a corpus-level lm-eval metric) is judged by its
+    score beside the bounded ones; an evaluator with no bounds at all is the point rule."""
+    bounded = Bounded([0.01, 0.0, 0.02], [0.0, 0.07, 0.0])
+    corpus_costs = [0.0, 0.0, 0.1]  # layer 2 breaks the unbounded target
+
+    def evaluator(layers):
+        task = bounded(layers)
+        return CandidateScores({**task.scores, "corpus": 1.0 - sum(corpus_costs[i] for i in layers)}, task.bounds)
+
+    evaluator.rebase = lambda layers: None
+    guards = [*GUARD, TargetGuard("corpus", Direction.HIGHER, 0.05)]
+    result = greedy_replace(3, evaluator, SearchSpec(), guards)
+    assert result.selection.m_opt == (0,)  # 1: the task's bound misses; 2: the corpus score misses
+    assert all(set(e.bounds) == {"task"} for e in result.evaluations)
+    assert "task 0.92 (P_min 0.95)" in result.stopped_because  # {0, 1} violates least
+    assert greedy_replace(3, evaluator, SearchSpec(acceptance="point"), guards).selection.m_opt == (0, 1)
+    restored = SearchResult.from_json(json.loads(json.dumps(result.to_json(), sort_keys=True)))
+    assert restored == result and restored.selection == result.selection
+
+    def unbounded(layers):
+        return {"task": bounded(layers).scores["task"]}
+
+    unbounded.rebase = lambda layers: None
+    assert greedy_replace(3, unbounded, SearchSpec(), GUARD).selection.m_opt == (0, 1, 2)
+
+
+def test_bootstrap_spec_checks():
     with pytest.raises(SpecError, match="SearchSpec.confidence=1.0"):
         SearchSpec(confidence=1.0)

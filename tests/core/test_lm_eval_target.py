@@ -159,11 +159,19 @@ def test_scores_equal_hand_computed_scores(setup, task_name):
 
     scores = {name: evaluator(layers) for name, layers in CANDIDATES.items()}
     assert scores == pytest.approx(expected, abs=1e-12)
+    # Per-document values, for the bootstrap rule: 1 where the candidate is right, in document order.
+    score, examples = evaluator.evaluate(HYBRID)
+    if task_name == "dtr_local_choice":
+        right = [float(setup["picks"]["hybrid"][i] == answers[i]) for i in indices]
+    else:
+        right = [float(setup["generations"]["hybrid"][i] == targets[i]) for i in indices]
+    assert examples.values.tolist() == right and examples.weights.tolist() == [1.0] * len(indices)
+    assert examples.score() == pytest.approx(score, abs=1e-12)
     # The same candidate again (after another one ran) scores the same.
     assert evaluator(HYBRID) == scores["hybrid"]
     assert evaluator(()) == scores["full"]
     # One pass per layer per candidate; nothing is left swapped in.
-    assert evaluator.layer_forwards == evaluator.layer_forwards_full == 4 * adapter.num_layers
+    assert evaluator.layer_forwards == evaluator.layer_forwards_full == 5 * adapter.num_layers
     evaluator.rebase(HYBRID)
     assert [adapter.attention_module(model, i) for i in range(adapter.num_layers)] == attention
 
@@ -220,6 +228,9 @@ def test_from_spec_and_fingerprint(setup):
 def test_lower_is_better_metric(setup):
     task = task_for(setup, "dtr_local_perplexity")
     assert (task.metric_name, task.direction) == ("word_perplexity", Direction.LOWER)
+    # A corpus-level metric has no per-document values: the bootstrap rule judges it by its score.
+    score, examples = evaluator_for(setup, task, task.validation_indices).evaluate(())
+    assert examples is None and score > 1.0
 
 
 def test_bad_input_errors(setup, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ scores cached per target, and bad targets refused before any distillation."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from conftest import save_tiny_model, synthetic_texts, write_jsonl
@@ -265,12 +266,15 @@ def test_candidate_layers_limit_what_disk_mode_distils(tmp_path):
 def test_bootstrap_acceptance_runs_end_to_end(tmp_path):
     """Every candidate gets a pessimistic bound per target; the rule is never looser than the point rule."""
     primary = dataclasses.replace(perplexity_target(tmp_path), max_eval_examples=40)
-    point = run_dtr(tiny_decoder_run(tmp_path, primary, guards=(PASSKEY,), tolerance=0.002), **QUIET)
-    bootstrap = run_dtr(tiny_decoder_run(tmp_path, primary, guards=(PASSKEY,), tolerance=0.002,
-                                         acceptance="bootstrap"), **QUIET)
+    point = run_dtr(tiny_decoder_run(tmp_path, primary, guards=(PASSKEY,), tolerance=0.002,
+                                     acceptance="point"), **QUIET)
+    assert "- Acceptance: point" in (Path(point.report_dir) / "report.md").read_text()
+    bootstrap = run_dtr(tiny_decoder_run(tmp_path, primary, guards=(PASSKEY,), tolerance=0.002), **QUIET)
     evaluations = bootstrap.search["result"]["evaluations"]
     assert all(set(e["bounds"]) == {"perplexity", "passkey"} for e in evaluations)
     assert evaluations[0]["bounds"] == evaluations[0]["scores"]  # the full model is its own bound
     assert all(e["bounds"]["perplexity"] >= e["scores"]["perplexity"] for e in evaluations[1:])
     assert len(bootstrap.m_opt) <= len(point.m_opt)
-    assert bootstrap.search["result"]["acceptance"] == "bootstrap"
+    assert bootstrap.search["result"]["acceptance"] == "bootstrap"  # the default
+    report = (Path(bootstrap.report_dir) / "report.md").read_text()
+    assert "- Acceptance: bootstrap (each target's pessimistic bound" in report and "confidence 0.9" in report

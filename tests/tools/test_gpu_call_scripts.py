@@ -116,10 +116,12 @@ def test_smollm2_quality_runs_each_kind_on_its_own_gpu(stand_ins, tmp_path):
     assert all("--token-budget 5000" in c and "--model-dtype bfloat16" in c for c in runs)
 
 
-@pytest.mark.parametrize("args", [("perplexity",), ("guarded", "1024"), ("headlines",)], ids=lambda a: a[0])
-def test_smollm2_targets_commands_are_valid_runs(tmp_path, args):
+@pytest.mark.parametrize("args, acceptance", [(("perplexity",), None), (("guarded", "1024"), "bootstrap"),
+                                              (("headlines",), None)], ids=lambda a: a[0] if a else "")
+def test_smollm2_targets_commands_are_valid_runs(tmp_path, args, acceptance):
     """Each mode's dtr_core command line parses into the run it names (stand-in python3 records it)."""
     from dtr_core.__main__ import parse_args
+    from dtr_core.specs import SearchSpec
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -133,11 +135,15 @@ def test_smollm2_targets_commands_are_valid_runs(tmp_path, args):
     out.mkdir()
     result = subprocess.run(["bash", "tools/gpu/smollm2_targets.sh", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
-                                             "ARGS_FILE": str(tmp_path / "args")})
+                                             "ARGS_FILE": str(tmp_path / "args"),
+                                             **({"ACCEPTANCE": acceptance} if acceptance else {})})
     assert result.returncode == 0, result.stderr[-2000:]
     argv = (tmp_path / "args").read_text().split("\0")[:-1]
     run, cache_dir = parse_args(argv)
     assert cache_dir == "/var/tmp/smollm2-cache" and run.model.path == "smollm2-135m"
+    assert run.search.acceptance == (acceptance or SearchSpec.acceptance)
+    if acceptance:
+        assert argv[argv.index("--output-dir") + 1].endswith(f"_{acceptance}")
     assert run.capture.mode == "stream" and run.device == "cuda"
     if args[0] == "guarded":
         (guard,) = run.guards

@@ -8,7 +8,9 @@
 # Every run shares one stage cache (/var/tmp/smollm2-cache): the guarded run reuses the students and
 # every perplexity score of the perplexity run and scores only its guard. Settings by environment as in
 # smollm2_quality.sh: TOKENS (1M), EPOCHS (2), MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (200),
-# EVAL_BATCH (100), LIMIT_S (540). Back in $OUT: smollm2_<run>.log and report_<run>.{json,md}.
+# EVAL_BATCH (100), LIMIT_S (540), ACCEPTANCE (point | bootstrap: the search's acceptance rule, default
+# the product's), CONFIDENCE (the bootstrap's, default the product's). Back in $OUT:
+# smollm2_<run>.log and report_<run>.{json,md}; <run> ends in the acceptance rule when one is given.
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DTR_MODEL_CACHE=/var/tmp/models
 export PYTHONPATH=/tmp/site_quality:$PWD
@@ -16,7 +18,8 @@ MODE=${1:?perplexity | guarded LENGTH | headlines}
 COMMON=(--model smollm2-135m --model-dtype "${MODEL_DTYPE:-bfloat16}" --mode stream
         --token-budget "${TOKENS:-1000000}" --epochs "${EPOCHS:-2}" --max-length 512 --batch-size 32
         --eval-examples "${EVAL_EXAMPLES:-200}" --eval-batch-size "${EVAL_BATCH:-100}" --device cuda
-        --cache-dir /var/tmp/smollm2-cache)
+        --cache-dir /var/tmp/smollm2-cache
+        ${ACCEPTANCE:+--acceptance "$ACCEPTANCE"} ${CONFIDENCE:+--confidence "$CONFIDENCE"})
 case $MODE in
     perplexity)
         NAME=perplexity
@@ -33,6 +36,7 @@ case $MODE in
               --target 'name=headline_f1,label_field=headline,prompt_template=Article: {text}\nHeadline:,num_fewshot=1,max_length=160') ;;
     *) echo "unknown mode $MODE"; exit 2 ;;
 esac
+NAME=$NAME${ACCEPTANCE:+_$ACCEPTANCE}
 nvidia-smi -L
 timeout -k 10 "${LIMIT_S:-540}" python3 -m dtr_core "${COMMON[@]}" "${ARGS[@]}" \
     --output-dir "/var/tmp/smollm2-$NAME" > "$OUT/smollm2_$NAME.log" 2>&1
