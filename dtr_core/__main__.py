@@ -30,11 +30,23 @@ from .specs import (
 from .report import format_summary
 
 
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help names every option's default (unless its text already does; flags default to off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return text
+        if action.default in (None, "", [], ()):
+            return f"{text} (default: none)"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dtr_core", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dtr_core", description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--model", default=ModelSpec.path,
-                        help="HF folder, hub id, 'minilm' (default) or 'smollm2-135m'")
-    parser.add_argument("--dataset", default=TargetSpec.dataset, help="'bbc_news' (default) or a local path")
+                        help="HF folder, hub id, 'minilm' or 'smollm2-135m'")
+    parser.add_argument("--dataset", default=TargetSpec.dataset, help="'bbc_news', 'python_docs' or a local path")
     parser.add_argument("--max-examples", type=int, default=TargetSpec.max_examples_per_split,
                         help="cap on examples per split (train/validation/test); default: all")
     parser.add_argument("--eval-examples", type=int, default=TargetSpec.max_eval_examples,
@@ -49,25 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a further target every kept hybrid must stay within tolerance on (repeatable), e.g. "
                              "'kind=passkey,context_tokens=256,tolerance=0.05,tolerance_mode=absolute'")
     parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
-    parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance)
+    parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance,
+                        help="how far the primary target may fall from the full model's validation score")
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
     parser.add_argument("--run-to-end", action="store_true", help="record the whole trajectory")
     parser.add_argument("--acceptance", default=SearchSpec.acceptance,
-                        help="bootstrap (default) | point: judge candidates by a pessimistic bound from paired "
+                        help="bootstrap | point: judge candidates by a pessimistic bound from paired "
                              "bootstrap resamples of the validation examples, or by their score (the paper's rule)")
     parser.add_argument("--confidence", type=float, default=SearchSpec.confidence,
-                        help="the bootstrap bound's confidence (default 0.9)")
+                        help="the bootstrap bound's confidence")
     parser.add_argument("--candidate-layers", type=int, nargs="+", default=None,
                         help="only these layers may become linear (disk mode distils only them); default: all")
-    parser.add_argument("--token-budget", type=int, default=CaptureSpec.token_budget)
+    parser.add_argument("--token-budget", type=int, default=CaptureSpec.token_budget,
+                        help="tokens every student trains on; the data are drawn up to it")
     parser.add_argument("--text-files", nargs="+", default=(),
                         help="distil from these .txt/.jsonl files of general text instead of the task's train split")
+    parser.add_argument("--general-share", type=float, default=CaptureSpec.general_share,
+                        help="share of the distillation tokens drawn from --general-text")
+    parser.add_argument("--general-text", default=CaptureSpec.general_text,
+                        help="general text to mix in: python_docs (built in) or a local file or folder")
     parser.add_argument("--max-length", type=int, default=CaptureSpec.max_length, help="tokens per distillation row")
     parser.add_argument("--batch-size", type=int, default=CaptureSpec.batch_size, help="rows per teacher batch")
     parser.add_argument("--mode", default=CaptureSpec.mode,
                         help="auto | disk | stream: capture activations to disk or stream them (auto: by disk budget)")
-    parser.add_argument("--disk-budget-gb", type=float, default=CaptureSpec.disk_budget_gb)
-    parser.add_argument("--epochs", type=int, default=DistillSpec.epochs, help="passes over the distillation tokens")
+    parser.add_argument("--disk-budget-gb", type=float, default=CaptureSpec.disk_budget_gb,
+                        help="mode auto streams when a capture would take more disk than this (10^9 bytes)")
+    parser.add_argument("--epochs", type=int, default=DistillSpec.epochs,
+                        help="fix the passes over the distillation data (default: train on --token-budget tokens, "
+                             "cycling the data as often as that takes)")
     parser.add_argument("--checkpoint-every", type=int, default=DistillSpec.checkpoint_every,
                         help="stream mode: steps between checkpoints (a rerun resumes from the last)")
     parser.add_argument("--no-card", action="store_true",
@@ -79,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run folder: search.json, hybrid/ (the exported model), report/")
     parser.add_argument("--cache-dir", default=None,
                         help="stage results, reused by later runs that share them (default: <output-dir>/cache)")
-    parser.add_argument("--device", default=RunSpec.device)
+    parser.add_argument("--device", default=RunSpec.device, help="cpu | cuda | cuda:N")
     return parser
 
 
@@ -124,7 +145,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
         student=StudentSpec(kind=args.student),
         capture=CaptureSpec(token_budget=args.token_budget, source="text_files" if args.text_files else "task_train",
                             text_files=tuple(args.text_files), max_length=args.max_length, batch_size=args.batch_size,
-                            mode=args.mode, disk_budget_gb=args.disk_budget_gb),
+                            mode=args.mode, disk_budget_gb=args.disk_budget_gb, general_share=args.general_share,
+                            general_text=args.general_text),
         distill=DistillSpec(epochs=args.epochs, checkpoint_every=args.checkpoint_every),
         card=CardSpec(enabled=not args.no_card, lengths=tuple(args.card_lengths)),
         search=SearchSpec(tolerance=args.tolerance, tolerance_mode=args.tolerance_mode, run_to_end=args.run_to_end,
@@ -141,22 +163,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .adapters import UnsupportedModelError
     from .distributed import close_distributed, init_distributed, rank_and_world
     from .run import default_cache_dir, run_dtr
     from .runner import PlainRunner
     from .stage_cache import StageCache
-    from .stages import OutputDirError, check_output_dir
-    from .targets.data import DataError
-    from .teacher import ModelLoadError
+    from .stages import INPUT_ERRORS, check_output_dir
 
     try:
         run, cache_dir = parse_args(argv)
         run = dataclasses.replace(run, device=init_distributed(run.device))
         log = print if rank_and_world()[0] == 0 else lambda line: None  # one voice for N processes
-        cache = StageCache(check_output_dir(cache_dir or default_cache_dir(run)))
+        cache = StageCache(check_output_dir(cache_dir or default_cache_dir(run), "--cache-dir"))
         summary = run_dtr(run, PlainRunner(cache, log), log=log)
-    except (SpecError, DataError, ModelLoadError, UnsupportedModelError, OutputDirError) as err:
+    except INPUT_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -12,7 +12,7 @@ Every layer's shards hold the same sequences, so one layer can be distilled from
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +66,57 @@ class CaptureManifest:
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the capture in {directory} did not finish; rerun it")
         return cls.from_json(read_json(path))
+
+
+@dataclass(frozen=True)
+class MixedTexts:
+    """The distillation text: documents of two sources interleaved, and each source's token count."""
+
+    texts: list[str]
+    task_tokens: int
+    general_tokens: int
+
+    def describe(self, general_name: str) -> str:
+        total = max(self.task_tokens + self.general_tokens, 1)
+        return (f"{self.task_tokens:,} tokens of the run's text + {self.general_tokens:,} of {general_name} "
+                f"({self.general_tokens / total:.0%} general)")
+
+
+def mix_texts(task: Sequence[str], general: Sequence[str], share: float, budget: int,
+              count_tokens: Callable[[str], int]) -> MixedTexts:
+    """The run's text with general text making up ``share`` of the tokens, within ``budget``.
+
+    The run's documents are taken in order up to (1 - share) × budget tokens, then general documents
+    until they make up ``share`` of what was taken (fewer when there is not that much general text),
+    and the two are interleaved so that every stretch of the result, the held-out start included,
+    holds about the same mix. ``count_tokens`` counts a document's tokens (the teacher's tokenizer).
+    """
+    def take(texts: Sequence[str], limit: float) -> list[tuple[str, int]]:
+        taken, tokens = [], 0
+        for text in texts:
+            if tokens >= limit:
+                break
+            count = count_tokens(text)
+            taken.append((text, count))
+            tokens += count
+        return taken
+
+    own = take(task, (1.0 - share) * budget)
+    own_tokens = sum(count for _, count in own)
+    extra = take(general, own_tokens * share / (1.0 - share))
+    mixed, counts = [], {"own": 0, "extra": 0}
+    queues = {"own": iter(own), "extra": iter(extra)}
+    pending = {"own": len(own), "extra": len(extra)}
+    while pending["own"] or pending["extra"]:
+        total = counts["own"] + counts["extra"]
+        # Take from the general queue while it is behind its share (or the other queue is empty).
+        behind = counts["extra"] < share * max(total, 1)
+        source = "extra" if pending["extra"] and (behind or not pending["own"]) else "own"
+        text, count = next(queues[source])
+        mixed.append(text)
+        counts[source] += count
+        pending[source] -= 1
+    return MixedTexts(mixed, counts["own"], counts["extra"])
 
 
 def tokenize_for_capture(tokenizer, texts: Iterable[str], spec: CaptureSpec, pack: bool) -> Iterator[dict]:

@@ -13,7 +13,7 @@ from .capture import LayerActivations
 from .linear.base import LinearAttentionStudent
 from .specs import DistillSpec
 from .training import (CurveLogger, DistillResult, build_optimizer, masked_squared_error, optimizer_step,
-                       relative_error, trained_weights, warmup_cosine)
+                       plan_training, relative_error, trained_weights, warmup_cosine)
 
 CURVE_LOG_EVERY = 25  # steps between calls of distill_layer's ``log_curve``
 
@@ -50,12 +50,14 @@ def _subset(data: LayerActivations, index: torch.Tensor) -> LayerActivations:
 
 
 def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec: DistillSpec, layer_idx: int,
-                  device: torch.device | str = "cpu", log_curve: CurveLogger | None = None) -> DistillResult:
+                  token_budget: int, device: torch.device | str = "cpu",
+                  log_curve: CurveLogger | None = None) -> DistillResult:
     """Train ``student`` (in place) on one layer's activations; only its own parameters move.
 
     Loss: masked MSE to the teacher's attention output, relative to the output variance
-    (``training.relative_error``). AdamW with linear warm-up then cosine decay, ``spec.epochs``
-    passes over the training part.
+    (``training.relative_error``). AdamW with linear warm-up then cosine decay over the planned
+    tokens: ``token_budget`` of them (``training.plan_training``: the training part is cycled, a
+    fresh order each pass, until the budget is spent), or ``spec.epochs`` passes when given.
 
     Args:
         data: the layer's captured activations, inputs [N, T, hidden], outputs [N, T, width] and
@@ -80,10 +82,11 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
     student.train()
     rel_error_init = evaluate_rel_error(student, holdout, variance, spec.batch_size, device)
 
-    steps_per_epoch = math.ceil(len(train_idx) / spec.batch_size)
-    total_steps = steps_per_epoch * spec.epochs
+    plan = plan_training(int(train.attention_mask.sum()), int(holdout.attention_mask.sum()), token_budget,
+                         spec.epochs)
+    planned_steps = math.ceil(plan.passes * math.ceil(len(train_idx) / spec.batch_size))
     optimizer = build_optimizer([student], spec)
-    warmup = min(spec.warmup_steps, total_steps // 2)
+    warmup = min(spec.warmup_steps, planned_steps // 2)
     curve: list[float] = []
     logged = 0  # curve[:logged] has been given to log_curve
 
@@ -94,9 +97,11 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
             logged = len(curve)
 
     train_tokens = 0
-    for _ in range(spec.epochs):
+    while train_tokens < plan.train_tokens:
         order = torch.randperm(len(train_idx), generator=generator)
         for start in range(0, len(order), spec.batch_size):
+            if train_tokens >= plan.train_tokens:
+                break  # the budget ends inside this pass
             step = len(curve)
             pick = order[start:start + spec.batch_size]
             x = train.inputs[pick].to(device, torch.float32)
@@ -105,7 +110,7 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
             pred, _ = student(x, attention_mask=m)
             loss = relative_error(masked_squared_error(pred, y, m), m.sum(), pred.shape[-1], variance)
             loss.backward()
-            factor = warmup_cosine(step, warmup, (step - warmup) / max(1, total_steps - warmup))
+            factor = warmup_cosine(step, warmup, (step - warmup) / max(1, planned_steps - warmup))
             optimizer_step(optimizer, [student], spec.learning_rate * factor)
             curve.append(loss.item())
             train_tokens += int(m.sum())
@@ -121,7 +126,9 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
         loss_curve=curve,
         rel_error_init=rel_error_init,
         rel_error_final=rel_error_final,
-        steps=total_steps,
+        steps=len(curve),
         train_tokens=train_tokens,
         seconds=time.perf_counter() - started,
+        data_tokens=plan.data_tokens,
+        token_budget=token_budget,
     )

@@ -18,6 +18,27 @@ class IntegrityError(RuntimeError):
     """A stored file does not match the digest its manifest recorded."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp make owner-only files and folders; published ones get the mode any other would
+# (0o666 / 0o777 less the umask), so a cache shared by several users stays readable to them.
+# The umask is read once, at import.
+_UMASK = _current_umask()
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def staging_dir(beside: Path, prefix: str, suffix: str = "") -> Path:
+    """A new empty folder in ``beside`` (to be renamed into place later), with the usual mode."""
+    folder = Path(tempfile.mkdtemp(dir=beside, prefix=prefix, suffix=suffix))
+    folder.chmod(DIR_MODE)
+    return folder
+
+
 def _atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,6 +47,8 @@ def _atomic_target(path: Path):
 
 
 def _publish(tmp: Path, path: Path) -> None:
+    # The mode is set on what was written (some writers replace the temporary file with their own).
+    os.chmod(tmp, FILE_MODE)
     # rename is atomic on POSIX within one filesystem, so the final name appears only complete.
     os.replace(tmp, path)
 
@@ -62,7 +85,7 @@ def link_tree(source: str | os.PathLike, destination: str | os.PathLike) -> Path
     source, destination = Path(source), Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside the destination so that it appears whole or not at all.
-    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.tmp-"))
+    staging = staging_dir(destination.parent, prefix=f".{destination.name}.tmp-")
     try:
         for file in source.iterdir():
             try:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .direction import Direction
 from .io import write_json, write_text
+from .training import TrainingPlan
 
 TRAJECTORY_PLOT = "search_trajectory.png"
 RECALL_PLOT = "recall_vs_length.png"
@@ -40,6 +41,7 @@ class RunSummary:
     # The capability card (decoders): {"context_limit", "entries": [{name, kind, length, metric,
     # direction, scores: {full, m_opt, m_best}}], "warnings": [...]}; None for encoders or when off.
     card: dict | None = None
+    distillation_warnings: list[str] = field(default_factory=list)  # training.distillation_warnings
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -202,6 +204,10 @@ def render_markdown(summary: RunSummary) -> str:
     lines += [
         "## Distillation",
         "",
+        f"Every student: {TrainingPlan.of_record(summary.distillation[0]).describe()}.",
+        "",
+        *[f"**Warning:** {warning}." for warning in summary.distillation_warnings],
+        "",
         "| layer | relative error at init | after | steps | seconds |",
         "|---|---|---|---|---|",
     ]
@@ -282,6 +288,8 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"  {label:<{width}} full test {scores['full']:.4f}  →  hybrid test {scores[key]:.4f}  "
                      "(card: not guarded)")
     lines += [f"  WARNING: {warning}" for warning in (summary.card or {}).get("warnings", ())]
+    lines += [f"  {'distillation':<{width}} {TrainingPlan.of_record(summary.distillation[0]).describe()}"]
+    lines += [f"  WARNING: {warning}" for warning in summary.distillation_warnings]
     lines += [
         f"  {'evaluations':<{width}} {summary.evaluations} (layer-forwards {summary.layer_forwards}, "
         f"{saved} saved by prefix reuse)",

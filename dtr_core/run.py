@@ -65,7 +65,7 @@ from .stages import (
     worker_evaluation_stage,
 )
 from .tracking import NoTracking, Tracker
-from .training import CurveLogger
+from .training import CurveLogger, TrainingPlan, distillation_warnings
 
 T = TypeVar("T")
 # What every run folder holds, from either entry point (the cache may live elsewhere).
@@ -179,6 +179,7 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
         layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
         stage_seconds=dict(timer.seconds), distillation=list(records), capture_tokens=capture_tokens,
         export_dir=str(hybrid_dir), report_dir=str(report_dir), search=outcome.to_json(), card=card,
+        distillation_warnings=distillation_warnings(records),
     )
     runner.run(Stage("report", "report", None, lambda folder, stage_log: str(write_report(summary, report_dir))))
     _track_summary(tracker, summary)
@@ -257,6 +258,10 @@ def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: Stag
         layer = record["layer_idx"]
         tracker.log_metrics({f"distill/layer_{layer:02d}/rel_error_init": record["rel_error_init"],
                              f"distill/layer_{layer:02d}/rel_error_final": record["rel_error_final"]})
+    plan = TrainingPlan.of_record(records[0])
+    log(f"distillation: {plan.describe()}")
+    tracker.log_metrics({"distill/data_tokens": plan.data_tokens, "distill/train_tokens": plan.train_tokens,
+                         "distill/passes": plan.passes})
     return records, capture_tokens
 
 

@@ -93,7 +93,11 @@ class CaptureSpec:
     """Teacher activations to record for distillation.
 
     ``source``: "task_train" (the target task's train split) or "text_files" (``text_files``: local
-    .txt/.jsonl files of general text). ``token_budget`` counts real (unpadded) tokens.
+    .txt/.jsonl files of general text). ``token_budget`` counts real (unpadded) tokens: the data are
+    drawn up to it and the students train on it (``DistillSpec``). ``general_share``: the share of
+    the data's tokens drawn from ``general_text`` (the train split of a dataset named as
+    ``TargetSpec.dataset`` names one: the built-in "python_docs", or a local file or folder),
+    interleaved with the source's text (``capture.mix_texts``); 0 uses the source alone.
     ``mode``: how the activations reach the students. "disk" captures every layer's activations to
     sharded files, then distils each layer from its files; "stream" runs the teacher once per batch
     and trains every layer's student on that batch (nothing stored: for budgets whose capture would
@@ -102,13 +106,15 @@ class CaptureSpec:
 
     source: Literal["task_train", "text_files"] = "task_train"
     text_files: tuple[str, ...] = ()
-    token_budget: int = 64_000
+    token_budget: int = 192_000
     max_length: int = 128
     batch_size: int = 32
     shard_tokens: int = 65_536
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     mode: Literal["auto", "disk", "stream"] = "auto"
     disk_budget_gb: float = 20.0
+    general_share: float = 0.0
+    general_text: str = "python_docs"
 
     def __post_init__(self) -> None:
         _check_choice(self, "source", ("task_train", "text_files"))
@@ -121,18 +127,29 @@ class CaptureSpec:
         _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
         _check_choice(self, "mode", ("auto", "disk", "stream"))
         _check(self.disk_budget_gb >= 0, self, "disk_budget_gb", "must be >= 0")
+        _check(0.0 <= self.general_share < 1.0, self, "general_share",
+               "must be in [0, 1): the share of the distillation tokens drawn from general_text")
+        _check(self.general_share == 0.0 or bool(self.general_text), self, "general_text",
+               "must name a dataset (e.g. python_docs) when general_share > 0")
 
 
 @dataclass(frozen=True)
 class DistillSpec:
     """Training of one layer's student from that layer's captured activations (MSE, AdamW).
 
+    How much: ``CaptureSpec.token_budget`` tokens (held-out ones included), cycling the data as often
+    as that takes when the data are smaller (``training.plan_training``); ``epochs`` instead fixes
+    the number of passes over the data. Schedule: AdamW at ``learning_rate`` after a linear warm-up
+    of ``warmup_steps`` steps (at most half the planned steps), then a cosine to zero over the
+    planned tokens, so a run of any budget ends its decay exactly when the budget is spent.
+
     Stream mode (see ``CaptureSpec.mode``) trains every layer on each capture batch, one AdamW step
-    per batch, ``epochs`` passes over the token budget; its first ``holdout_batches`` batches are
-    held out to measure the relative errors, and it checkpoints every ``checkpoint_every`` steps.
+    per batch; its first ``holdout_batches`` batches are held out to measure the relative errors,
+    and it checkpoints every ``checkpoint_every`` steps. Disk mode holds out ``holdout_fraction`` of
+    the captured sequences.
     """
 
-    epochs: int = 3
+    epochs: int | None = None
     batch_size: int = 16
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
@@ -143,7 +160,8 @@ class DistillSpec:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, self, "epochs", "must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, self, "epochs",
+               "must be >= 1, or None to train on the token budget")
         _check(self.batch_size >= 1, self, "batch_size", "must be >= 1")
         _check(self.learning_rate > 0, self, "learning_rate", "must be > 0")
         _check(self.weight_decay >= 0, self, "weight_decay", "must be >= 0")
@@ -416,4 +434,28 @@ def spec_from_dict(cls: type, values: dict[str, Any]) -> Any:
     if unknown:
         raise SpecError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    for name, value in converted.items():
+        _check_scalar_type(cls.__name__, name, str(known[name].type), value)
     return cls(**converted)
+
+
+# Scalar annotations, the Python types a value of each may have (bool is an int: refused for
+# numbers) and how a message names them.
+_SCALAR_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_SCALAR_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_scalar_type(spec: str, name: str, annotation: str, value: Any) -> None:
+    """A config value of the wrong type (e.g. ``capture.token_budget=abc``) is named, not left to
+    fail later as a TypeError that names no field."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    scalar = [k for k in kinds if k != "None"]
+    if len(scalar) != 1 or scalar[0] not in _SCALAR_TYPES:
+        return  # tuples, literals and unions are checked by the spec itself
+    expected = scalar[0]
+    ok = isinstance(value, _SCALAR_TYPES[expected]) and (expected == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise SpecError(f"{spec}.{name}={value!r}: must be {_SCALAR_NAMES[expected]}"
+                        + (" or null" if "None" in kinds else ""))

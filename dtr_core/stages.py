@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .adapters import UnsupportedModelError
 from .card import ANSWER_ROOM, card_entries
-from .capture import CaptureManifest, capture_teacher, load_layer_activations, tokenize_for_capture
+from .capture import CaptureManifest, capture_teacher, load_layer_activations, mix_texts, tokenize_for_capture
 from .distill import distill_layer
 from .distributed import rank_and_world
 from .evaluation import GenerationEvaluator, GenerationScorer, PrefixCachingEvaluator
@@ -32,6 +33,7 @@ from .specs import (
     GENERATION_KINDS,
     PROBE_KINDS,
     PROMPTED_KINDS,
+    CaptureSpec,
     RunSpec,
     SpecError,
     TargetSpec,
@@ -49,7 +51,7 @@ from .targets.decoder_tasks import (
     tokenize_choices,
     tokenize_prompts,
 )
-from .targets.lm_eval_target import LmEvalEvaluator, LmEvalTask
+from .targets.lm_eval_target import LmEvalError, LmEvalEvaluator, LmEvalTask
 from .targets.probes import ProbeExample, probe_examples, probe_max_new_tokens
 from .targets.tasks import (
     LinearProbe,
@@ -59,7 +61,7 @@ from .targets.tasks import (
     fit_probe,
     tokenize_split,
 )
-from .teacher import Teacher, load_teacher, model_fingerprint
+from .teacher import ModelLoadError, Teacher, check_model_path, load_teacher, model_fingerprint
 from .training import CurveLogger, DistillResult
 
 
@@ -67,15 +69,21 @@ class OutputDirError(OSError):
     """The run's output folder cannot be used."""
 
 
-def check_output_dir(path: str | Path) -> Path:
-    """The output folder exists (or can be made) and is writable — checked before any heavy work."""
+# Bad input, each with a message that says what is wrong and what to do: entry points print the
+# message alone (no traceback) and exit with status 2.
+INPUT_ERRORS = (SpecError, DataError, ModelLoadError, UnsupportedModelError, OutputDirError, LmEvalError)
+
+
+def check_output_dir(path: str | Path, option: str = "output_dir") -> Path:
+    """The folder exists (or can be made) and is writable — checked before any heavy work;
+    ``option`` is the setting that named it, for the message."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputDirError(f"cannot create output folder {path}: {err.strerror}; choose another output_dir") from err
+        raise OutputDirError(f"cannot create folder {path}: {err.strerror}; choose another {option}") from err
     if not os.access(path, os.W_OK):
-        raise OutputDirError(f"output folder {path} is not writable; choose another output_dir")
+        raise OutputDirError(f"folder {path} is not writable; choose another {option}")
     return path
 
 
@@ -89,6 +97,7 @@ class RunContext:
     teacher: Teacher
     sources: dict[str, TargetSource]  # per target name, the primary first
     fingerprint: str
+    general: TaskData | None = None  # capture.general_text, when capture.general_share > 0
     _card_sources: dict[TargetSpec, TargetSource] = field(default_factory=dict)
     _card_sources_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -108,6 +117,20 @@ class RunContext:
             return self._card_sources[target]
 
 
+def check_inputs(run: RunSpec) -> None:
+    """The cheap part of ``open_run``'s checks: the output folder, every target's data, the
+    distillation text and the model's folder. An orchestrator calls it before it starts anything,
+    so bad input fails in seconds (the teacher itself is loaded, and checked, by ``open_run``)."""
+    check_output_dir(run.output_dir)
+    for target in run.targets:
+        load_target_source(target)
+    if run.capture.source == "text_files":
+        read_text_files(run.capture.text_files, run.target.text_field)
+    if run.capture.general_share > 0:
+        load_general_text(run.capture)
+    check_model_path(run.model.path)
+
+
 def open_run(run: RunSpec) -> RunContext:
     """Validate the run and load what every stage needs; fails fast on bad data, model or folder."""
     check_output_dir(run.output_dir)
@@ -115,6 +138,7 @@ def open_run(run: RunSpec) -> RunContext:
     if run.capture.source == "task_train" and not isinstance(sources[run.target.label], TaskData):
         raise DataError(f"the primary target {run.target.label!r} is an lm-eval task, which brings no train text "
                         "to distil from; give capture.text_files (--text-files) or make another target primary")
+    general = load_general_text(run.capture) if run.capture.general_share > 0 else None
     teacher = load_teacher(run.model, device=run.device)
     outside = [i for i in run.search.candidate_layers or () if i >= teacher.adapter.num_layers]
     if outside:
@@ -122,7 +146,8 @@ def open_run(run: RunSpec) -> RunContext:
                         f"(0..{teacher.adapter.num_layers - 1})")
     for target in run.targets:
         check_target_fits(target, sources[target.label], teacher)
-    ctx = RunContext(run=run, teacher=teacher, sources=sources, fingerprint=model_fingerprint(teacher.model))
+    ctx = RunContext(run=run, teacher=teacher, sources=sources, fingerprint=model_fingerprint(teacher.model),
+                     general=general)
     if run.card.enabled and teacher.adapter.causal:
         for entry in card_entries(run, context_limit(teacher)):  # the card's data, checked before the work
             check_target_fits(entry.target, ctx.source(entry.target), teacher)
@@ -149,19 +174,36 @@ def distill_mode(ctx: RunContext) -> ModeChoice:
 
 # --- content keys: what a stage's result depends on --------------------------------------------
 
-def capture_texts(ctx: RunContext) -> list[str]:
+def load_general_text(spec: CaptureSpec) -> TaskData:
+    """The general text mixed into the distillation data (its train split is used)."""
+    try:
+        return load_task_data(TargetSpec(dataset=spec.general_text, kind="perplexity"))
+    except DataError as error:
+        raise DataError(f"capture.general_text={spec.general_text!r}: {error}") from None
+
+
+def capture_texts(ctx: RunContext, log: Log) -> list[str]:
+    """The distillation text: the task's train split or the text files, mixed with general text
+    when ``capture.general_share`` > 0 (the mix is logged)."""
     spec = ctx.run.capture
-    if spec.source == "text_files":
-        return read_text_files(spec.text_files, ctx.run.target.text_field)
-    return list(ctx.data.train.texts)
+    own = (read_text_files(spec.text_files, ctx.run.target.text_field) if spec.source == "text_files"
+           else list(ctx.data.train.texts))
+    if ctx.general is None:
+        return own
+    tokenizer = ctx.teacher.tokenizer
+    mixed = mix_texts(own, ctx.general.train.texts, spec.general_share, spec.token_budget,
+                      lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    log(f"distillation data: {mixed.describe(spec.general_text)}")
+    return mixed.texts
 
 
 def capture_source_digest(ctx: RunContext) -> str:
-    """Identifies the distillation text: the task's data, or the text files' contents."""
+    """Identifies the distillation text: the task's data or the text files' contents, and the
+    general text mixed in."""
     spec = ctx.run.capture
-    if spec.source == "task_train":
-        return ctx.data.fingerprint()
-    return spec_digest([sha256_file(path) for path in spec.text_files])
+    own = (ctx.data.fingerprint() if spec.source == "task_train"
+           else spec_digest([sha256_file(path) for path in spec.text_files]))
+    return own if ctx.general is None else spec_digest(own, ctx.general.fingerprint())
 
 
 def capture_key(ctx: RunContext) -> str:
@@ -203,7 +245,8 @@ def capture_stage(run: RunSpec, folder: Path, log: Log) -> dict:
     """Teacher activations for every layer into ``folder`` → the capture manifest (json)."""
     ctx = run_context(run)
     spec = run.capture
-    batches = tokenize_for_capture(ctx.teacher.tokenizer, capture_texts(ctx), spec, pack=ctx.teacher.adapter.causal)
+    batches = tokenize_for_capture(ctx.teacher.tokenizer, capture_texts(ctx, log), spec,
+                                   pack=ctx.teacher.adapter.causal)
     return capture_teacher(ctx.teacher.model, ctx.teacher.adapter, batches, spec, folder, ctx.fingerprint,
                            device=run.device).to_json()
 
@@ -224,8 +267,10 @@ class StudentRecord:
     rel_error_final: float
     loss_curve: list[float]
     steps: int
-    train_tokens: int
+    train_tokens: int  # every pass counted
     seconds: float
+    data_tokens: int  # distinct training tokens (training.TrainingPlan)
+    token_budget: int
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -244,7 +289,8 @@ def write_student(student: LinearAttentionStudent, result: DistillResult, weight
         layer_idx=result.layer_idx, weights_file=str(weights_file), weights_sha256=digest,
         student_config=student.config_dict(), rel_error_init=result.rel_error_init,
         rel_error_final=result.rel_error_final, loss_curve=result.loss_curve, steps=result.steps,
-        train_tokens=result.train_tokens, seconds=result.seconds,
+        train_tokens=result.train_tokens, seconds=result.seconds, data_tokens=result.data_tokens,
+        token_budget=result.token_budget,
     )
     write_json(weights_file.with_suffix(".json"), record.to_json())
     return record
@@ -265,7 +311,8 @@ def distill_stage(run: RunSpec, capture: Mapping, layer_idx: int, log_curve: Cur
     ctx = run_context(run)
     student = new_student(ctx, layer_idx)
     activations = load_layer_activations(CaptureManifest.from_json(capture), layer_idx)
-    result = distill_layer(student, activations, run.distill, layer_idx, device=run.device, log_curve=log_curve)
+    result = distill_layer(student, activations, run.distill, layer_idx, run.capture.token_budget, device=run.device,
+                           log_curve=log_curve)
     return write_student(student, result, folder / "student.safetensors").to_json()
 
 
@@ -277,7 +324,7 @@ def stream_distill_stage(run: RunSpec, restart: bool, log_curve: CurveLogger, fo
     if restart:
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     adapter, spec = ctx.teacher.adapter, run.capture
-    texts = capture_texts(ctx)
+    texts = capture_texts(ctx, log)
     students = [new_student(ctx, layer_idx) for layer_idx in range(adapter.num_layers)]
     result = stream_distill(
         ctx.teacher.model, adapter, students,

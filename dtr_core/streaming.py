@@ -48,7 +48,7 @@ from .distributed import all_reduce_sum, rank_and_world
 from .linear.base import LinearAttentionStudent
 from .specs import CaptureSpec, DistillSpec, SpecError, spec_digest, spec_to_dict
 from .training import (CurveLogger, DistillResult, build_optimizer, masked_squared_error, optimizer_step,
-                       relative_error, trained_weights, warmup_cosine)
+                       plan_training, relative_error, trained_weights, warmup_cosine)
 
 GB = 10**9
 
@@ -97,7 +97,7 @@ class StreamResult:
 
     layers: list[DistillResult]
     steps: int
-    train_tokens: int  # over all epochs
+    train_tokens: int  # over all passes
     tokens_per_pass: int  # distinct tokens streamed, held-out ones included (a capture's token count)
     seconds: float  # training time, summed over resumed sessions
     tokens_per_second: float  # trained tokens per second of this session, all layers together
@@ -113,8 +113,8 @@ class _Progress:
     rel_error_init: list[float]
     holdout_tokens: int
     step: int = 0
-    epoch: int = 0
-    batches_done: int = 0  # batches of ``epoch`` consumed, held-out ones included
+    epoch: int = 0  # passes over the data completed
+    batches_done: int = 0  # batches of the current pass consumed, held-out ones included
     train_tokens: int = 0
     seconds: float = 0.0
     curve: list[list[float]] = dataclasses.field(default_factory=list)  # per layer, one loss per step
@@ -267,7 +267,8 @@ def stream_distill(
         batches: returns a fresh iterator over the same global batches (``input_ids`` and
             ``attention_mask`` [B, T], e.g. ``capture.tokenize_for_capture``) on every call; called
             once per epoch, and for the held-out batches.
-        capture, distill: the token budget and training settings (``distill.epochs`` passes).
+        capture, distill: the token budget and training settings (``training.plan_training``: the
+            students train on the budget, cycling the data, or on ``distill.epochs`` passes).
         checkpoint_root: checkpoints go to ``checkpoint_root/<digest[:16]>``.
         fingerprint: identifies the teacher and data (part of the checkpoint digest).
         log: progress messages (every rank).
@@ -313,9 +314,14 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
         log(f"resuming from the checkpoint at step {progress.step} ({progress.train_tokens:,} tokens) in {folder}")
     resumed_from = progress.step
 
-    # The cosine decays over the planned training tokens (known from the budget); warm-up is in steps.
-    planned_tokens = max(1, distill.epochs * (capture.token_budget - progress.holdout_tokens))
-    warmup = min(distill.warmup_steps, math.ceil(planned_tokens / (capture.batch_size * capture.max_length)) // 2)
+    # One pass of tokenization only (no teacher) counts the data, for the plan: the budget, cycling
+    # the data, or distill.epochs passes. The cosine decays over the planned tokens; warm-up is in steps.
+    pass_tokens = sum(int(batch["attention_mask"].sum()) for batch in islice(batches(), distill.holdout_batches, None))
+    if pass_tokens == 0:
+        raise ValueError(f"the stream has no batch beyond the {distill.holdout_batches} held-out one(s); "
+                         "raise the capture token_budget or lower holdout_batches")
+    plan = plan_training(pass_tokens, progress.holdout_tokens, capture.token_budget, distill.epochs)
+    warmup = min(distill.warmup_steps, math.ceil(plan.train_tokens / (capture.batch_size * capture.max_length)) // 2)
     pending: list[torch.Tensor] = []  # per-step losses [L] not yet moved to the host (avoids a sync per step)
 
     def flush_curve() -> None:
@@ -337,15 +343,13 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
 
     prior_seconds, session_started = progress.seconds, time.perf_counter()
     session_tokens, last_saved = 0, progress.step
-    for epoch in range(progress.epoch, distill.epochs):
-        trained_this_epoch = False
+    while progress.train_tokens < plan.train_tokens:  # one pass over the data per iteration
         for index, batch in enumerate(batches()):
-            if index < distill.holdout_batches:
-                continue
-            trained_this_epoch = True
-            if epoch == progress.epoch and index < progress.batches_done:
-                continue  # consumed before the checkpoint this run resumed from
-            lr = distill.learning_rate * warmup_cosine(progress.step, warmup, progress.train_tokens / planned_tokens)
+            if index < distill.holdout_batches or index < progress.batches_done:
+                continue  # held out, or consumed before the checkpoint this run resumed from
+            if progress.train_tokens >= plan.train_tokens:
+                break  # the budget ends inside this pass
+            lr = distill.learning_rate * warmup_cosine(progress.step, warmup, progress.train_tokens / plan.train_tokens)
             pending.append(trainer.step(batch, progress.variance, lr))
             tokens = int(batch["attention_mask"].sum())
             progress.step, progress.batches_done = progress.step + 1, index + 1
@@ -355,10 +359,8 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
                 progress.seconds = prior_seconds + time.perf_counter() - session_started
                 checkpoint()
                 last_saved = progress.step
-        if not trained_this_epoch:
-            raise ValueError(f"the stream has no batch beyond the {distill.holdout_batches} held-out one(s); "
-                             "raise the capture token_budget or lower holdout_batches")
-        progress.epoch, progress.batches_done = epoch + 1, 0
+        else:
+            progress.epoch, progress.batches_done = progress.epoch + 1, 0
     flush_curve()  # waits for the device, so the time below counts the work, not just its launch
     session_seconds = time.perf_counter() - session_started
     progress.seconds = prior_seconds + session_seconds
@@ -377,6 +379,8 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
             steps=progress.step,
             train_tokens=progress.train_tokens,
             seconds=progress.seconds,
+            data_tokens=plan.data_tokens,
+            token_budget=plan.budget,
         )
         for layer_idx, student in enumerate(trainer.students)
     ]
@@ -384,5 +388,5 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
     log(f"stream distill: {progress.step} steps, {progress.train_tokens:,} tokens in {progress.seconds:.1f}s "
         f"({throughput:,.0f} tokens/s this session, all {len(layers)} layers)")
     return StreamResult(layers=layers, steps=progress.step, train_tokens=progress.train_tokens,
-                        tokens_per_pass=progress.holdout_tokens + progress.train_tokens // distill.epochs,
+                        tokens_per_pass=progress.holdout_tokens + plan.data_tokens,
                         seconds=progress.seconds, tokens_per_second=throughput, resumed_from_step=resumed_from)

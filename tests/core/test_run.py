@@ -12,6 +12,8 @@ import torch
 from conftest import save_tiny_model, synthetic_texts, write_jsonl
 
 from dtr_core.direction import Direction
+from dtr_core.report import format_summary
+from dtr_core.targets.data import DataError
 from dtr_core.run import RUN_FOLDER, run_dtr
 from dtr_core.specs import CaptureSpec, CardSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, TargetSpec
 
@@ -43,6 +45,14 @@ def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["scores"]["test"].keys() == {kind} and report["scores"]["test"][kind].keys() == {"full", "m_opt", "m_best"}
     assert len(report["distillation"]) == 3
+    # The budget and what came of it, in the report and the summary (tiny_run fixes 2 passes).
+    record = report["distillation"][0]
+    assert record["train_tokens"] == 2 * record["data_tokens"] and record["token_budget"] == 1500
+    plan_line = f"{record['data_tokens']:,} tokens of data, budget 1,500, 2.00 passes"
+    assert f"Every student: {plan_line}" in (out / "report" / "report.md").read_text()
+    text = format_summary(summary)
+    assert "distillation" in text and plan_line in text
+    assert all(f"WARNING: {w}" in text for w in summary.distillation_warnings)
     config = json.loads((out / "hybrid" / "config.json").read_text())
     assert config["layer_types"].count("linear_attention") == len(summary.linear_layers)
     assert {p.name for p in out.iterdir()} == {*RUN_FOLDER, "cache"}
@@ -151,6 +161,41 @@ def test_capture_from_general_text_files(tmp_path):
         embedded = ctx.teacher.model.model.embed_tokens(torch.tensor([first_block]))
         expected = ctx.teacher.model.model.layers[0].input_layernorm(embedded)
     torch.testing.assert_close(data.inputs[:1], expected)
+
+
+def test_general_text_is_mixed_into_the_distillation_data(tmp_path):
+    """capture.general_share of the tokens come from the general text, interleaved with the task's;
+    the capture's key follows the mix, and a missing general text is refused before any work."""
+    from dtr_core.stages import capture_key, capture_stage, capture_texts, run_context
+
+    general = write_jsonl(tmp_path / "general.jsonl", [(f"g{i} " + "zz " * 30, "x") for i in range(40)])
+    run = tiny_run(tmp_path, "llama", "perplexity")
+    mixed = dataclasses.replace(run, capture=dataclasses.replace(run.capture, general_share=0.25,
+                                                                 general_text=str(general)))
+    lines = []
+    texts = capture_texts(run_context(mixed), lines.append)
+    (line,) = lines
+    assert line.startswith("distillation data:") and "(2" in line and "% general)" in line
+    assert any(t.startswith("g") for t in texts[:8])  # interleaved from the start, not appended
+    own = capture_texts(run_context(run), lines.append)
+    assert [t for t in texts if not t.startswith("g")] == own[:len([t for t in texts if not t.startswith("g")])]
+    assert capture_key(run_context(mixed)) != capture_key(run_context(run))
+    assert capture_stage(mixed, tmp_path / "capture", print)["tokens"] >= 1500
+    with pytest.raises(DataError, match=r"capture.general_text='/no/such.jsonl'"):
+        run_context(dataclasses.replace(mixed, capture=dataclasses.replace(mixed.capture,
+                                                                          general_text="/no/such.jsonl")))
+
+
+def test_cli_help_names_every_default():
+    from dtr_core.__main__ import HelpWithDefaults, build_parser
+
+    parser = build_parser()
+    formatter = HelpWithDefaults("python -m dtr_core")
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0:  # every option that takes a value
+            assert "default" in formatter._get_help_string(action), action.option_strings
+    text = parser.format_help()
+    assert "(default: 192000)" in text and "(default: bootstrap)" in text and "(default: none)" in text
 
 
 def test_cli_flags_reach_the_specs():

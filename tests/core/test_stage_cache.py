@@ -58,3 +58,27 @@ def test_the_manifest_names_its_files_and_their_digests(cache):
     manifest = json.loads((cache.root / "distill" / "k.json").read_text())
     weights = cache.folder("distill", "k") / "student.safetensors"
     assert manifest == {"value": {"loss": 0.5}, "files": {str(weights): sha256_file(weights)}}
+
+
+def test_cache_files_and_folders_follow_the_umask(cache, tmp_path):
+    """Written with the usual modes (0o644 / 0o755 under umask 022), not owner-only, so a cache
+    shared by several users can be read by all of them."""
+    import stat
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, torch; os.umask(0o022)\n"
+        "from pathlib import Path\n"
+        "from dtr_core.io import link_tree, save_tensors, write_json\n"
+        "root = Path(sys.argv[1])\n"
+        "write_json(root / 'a.json', {'x': 1}); save_tensors(root / 'w.safetensors', {'t': torch.zeros(2)})\n"
+        "link_tree(root, root.parent / 'linked')\n"
+    )
+    root = tmp_path / "files"
+    root.mkdir()
+    # A fresh process: the module reads the umask once, at import.
+    subprocess.run([sys.executable, "-c", script, str(root)], check=True)
+    for path in (root / "a.json", root / "w.safetensors", tmp_path / "linked" / "a.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert stat.S_IMODE((tmp_path / "linked").stat().st_mode) == 0o755

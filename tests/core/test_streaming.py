@@ -92,6 +92,31 @@ def test_every_layer_improves_on_a_small_budget(tmp_path, family, kind):
     assert json.loads((folder / CHECKPOINT_MANIFEST).read_text())["step"] == result.steps
 
 
+def test_the_budget_decides_how_long_the_students_train(tmp_path):
+    """Without distill.epochs the students train on the token budget, cycling data smaller than it;
+    the cosine ends with the budget; a kill inside a later pass resumes bit for bit."""
+    few = lambda: tokenize_for_capture(tiny_tokenizer(), TEXTS[:40], CAPTURE, pack=True)  # noqa: E731
+    per_pass = list(few())
+    data = sum(int(b["attention_mask"].sum()) for b in per_pass[2:])
+    holdout = sum(int(b["attention_mask"].sum()) for b in per_pass[:2])
+    budget = 4 * (data + holdout)
+    capture = CaptureSpec(token_budget=budget, max_length=16, batch_size=8)
+    distill = DistillSpec(warmup_steps=3, checkpoint_every=3)
+    result = stream("llama", tmp_path / "a", capture=capture, distill=distill, batches=few)
+    step_tokens = max(int(b["attention_mask"].sum()) for b in per_pass)
+    assert budget - holdout <= result.train_tokens < budget - holdout + step_tokens
+    layer = result.layers[0]
+    assert (layer.data_tokens, layer.token_budget) == (data, budget)
+    assert layer.train_tokens == result.train_tokens and layer.train_tokens / layer.data_tokens > 6
+
+    with pytest.raises(KeyboardInterrupt):  # in the third training pass
+        stream("llama", tmp_path / "b", capture=capture, distill=distill,
+               batches=killing_batches(few, 2 + len(per_pass) * 3 + 1))
+    resumed = stream("llama", tmp_path / "b", capture=capture, distill=distill, batches=few)
+    assert resumed.resumed_from_step > 0 and resumed.steps == result.steps
+    assert_same_students(resumed, result)
+
+
 def killing_batches(batches, after: int):
     """``batches``, but the process "dies" once ``after`` batches have been handed out in all."""
     handed = 0
@@ -111,9 +136,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     uninterrupted = stream("llama", tmp_path / "a", log_curve=lambda *args: calls["a"].append(args))
     _, adapter = sharpened_teacher("llama")
     per_pass = len(list(token_batches(adapter)()))
-    # Killed in the second epoch: the held-out batches, the whole first pass, 5 batches more.
+    # Killed in the second pass: the held-out batches, the pass that counts the data's tokens, the
+    # whole first training pass, 5 batches more.
     with pytest.raises(KeyboardInterrupt):
-        stream("llama", tmp_path / "b", batches=killing_batches(token_batches(adapter), 2 + per_pass + 5),
+        stream("llama", tmp_path / "b", batches=killing_batches(token_batches(adapter), 2 + 2 * per_pass + 5),
                log_curve=lambda *args: calls["killed"].append(args))
     resumed = stream("llama", tmp_path / "b", log_curve=lambda *args: calls["resumed"].append(args))
     assert 0 < resumed.resumed_from_step < uninterrupted.steps
@@ -134,8 +160,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
 def test_checkpoints_of_another_configuration_are_not_resumed(tmp_path):
     _, adapter = sharpened_teacher("llama")
-    with pytest.raises(KeyboardInterrupt):
-        stream("llama", tmp_path, batches=killing_batches(token_batches(adapter), 10))
+    per_pass = len(list(token_batches(adapter)()))
+    with pytest.raises(KeyboardInterrupt):  # after the first checkpoint
+        stream("llama", tmp_path, batches=killing_batches(token_batches(adapter), 2 + per_pass + 10))
     (first,) = tmp_path.iterdir()
     other = stream("llama", tmp_path, distill=DistillSpec(epochs=1, learning_rate=1e-3, checkpoint_every=100))
     assert other.resumed_from_step == 0

@@ -565,10 +565,19 @@ def test_read_text_files(tmp_path):
     a = write(tmp_path / "a.txt", "first document\nwith two lines")
     empty = write(tmp_path / "empty.txt", " \n")
     b = write_jsonl(tmp_path / "b.jsonl", [{"body": "second"}, {"body": "third", "extra": 1}])
-    latin = tmp_path / "latin.txt"
-    latin.write_bytes("café".encode("latin-1"))
-    docs = read_text_files([str(a), str(empty), str(b), str(latin)], text_field="body")
-    assert docs == ["first document\nwith two lines", "second", "third", "café"]
+    docs = read_text_files([str(a), str(empty), str(b)], text_field="body")
+    assert docs == ["first document\nwith two lines", "second", "third"]
+
+
+def test_text_that_is_not_utf8_is_refused_with_file_and_line(tmp_path):
+    """Decoding it as something else would change the text silently (the built-in BBC corpus, which
+    ships latin-1 articles, is the one exception: test_bbc_counts_and_label_names reads it)."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf' + "é".encode("latin-1") + b'"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl line 2: byte 0xe9 is not UTF-8; save the file as UTF-8"):
+        read_text_files([str(latin)])
+    with pytest.raises(DataError, match="line 2: byte 0xe9 is not UTF-8"):
+        load_task_data(TargetSpec(dataset=str(latin), kind="perplexity"))
 
 
 READ_ERROR_CASES = [

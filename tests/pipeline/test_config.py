@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def test_groups_map_onto_specs():
     run, options = options_for("student=gated_deltanet", "search.tolerance=0.05", "experiment=quick",
                                "refresh=[distill]", "tracking=off")
     assert run.student.kind == "gated_deltanet" and run.search.tolerance == 0.05
-    assert run.capture.token_budget == 16000 and run.distill.epochs == 1
+    assert run.capture.token_budget == 16000 and run.distill.epochs is None
     assert options.refresh == frozenset({"distill"}) and not options.tracking_enabled
 
 
@@ -129,3 +130,15 @@ def test_card_group_and_bad_guards_are_named():
         options_for("guards=[{kind: passkey, length: 5}]")
     with pytest.raises(SpecError, match="TargetSpec.tolerance='abc': must be a number"):
         options_for("guards=[{kind: passkey, tolerance: abc, tolerance_mode: absolute}]")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("capture.token_budget=abc", "CaptureSpec.token_budget='abc': must be an integer"),
+    ("capture.token_budget=1.5", "CaptureSpec.token_budget=1.5: must be an integer"),
+    ("distill.epochs=abc", "DistillSpec.epochs='abc': must be an integer or null"),
+    ("search.tolerance=abc", "SearchSpec.tolerance='abc': must be a number"),
+    ("search.run_to_end=3", "SearchSpec.run_to_end=3: must be true or false"),
+])
+def test_a_value_of_the_wrong_type_names_its_field(override, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        options_for(override)

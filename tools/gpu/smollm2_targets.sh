@@ -7,16 +7,17 @@
 #   bash tools/gpu/smollm2_targets.sh headlines           a free-form target: BBC headlines, token F1
 # Every run shares one stage cache (/var/tmp/smollm2-cache): the guarded run reuses the students and
 # every perplexity score of the perplexity run and scores only its guard. Settings by environment as in
-# smollm2_quality.sh: TOKENS (1M), EPOCHS (2), MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (200),
+# smollm2_quality.sh: TOKENS (1M), EPOCHS (2; EPOCHS= empty trains on the budget, cycling the data), MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (200),
 # EVAL_BATCH (100), LIMIT_S (540), ACCEPTANCE (point | bootstrap: the search's acceptance rule, default
 # the product's), CONFIDENCE (the bootstrap's, default the product's). Back in $OUT:
 # smollm2_<run>.log and report_<run>.{json,md}; <run> ends in the acceptance rule when one is given.
 set -o pipefail
+EPOCHS=${EPOCHS-2}  # unset: issue 4's 2 passes; set empty: the token budget decides
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DTR_MODEL_CACHE=/var/tmp/models
 export PYTHONPATH=/tmp/site_quality:$PWD
 MODE=${1:?perplexity | guarded LENGTH | headlines}
 COMMON=(--model smollm2-135m --model-dtype "${MODEL_DTYPE:-bfloat16}" --mode stream
-        --token-budget "${TOKENS:-1000000}" --epochs "${EPOCHS:-2}" --max-length 512 --batch-size 32
+        --token-budget "${TOKENS:-1000000}" ${EPOCHS:+--epochs "$EPOCHS"} --max-length 512 --batch-size 32
         --eval-examples "${EVAL_EXAMPLES:-200}" --eval-batch-size "${EVAL_BATCH:-100}" --device cuda
         --cache-dir /var/tmp/smollm2-cache
         ${ACCEPTANCE:+--acceptance "$ACCEPTANCE"} ${CONFIDENCE:+--confidence "$CONFIDENCE"})
