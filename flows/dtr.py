@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -69,6 +70,9 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def job(cfg) -> None:
+        # Hydra's job logging lets INFO through from every library: Prefect's client would log each
+        # of its API requests through httpx (about 40% of a run's console lines).
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         hydra_cfg = HydraConfig.get()
         sweep = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else ""
         run_dir = hydra_cfg.runtime.output_dir
