@@ -52,6 +52,26 @@ def dtr_flow(overrides: list[str] | None = None, run_dir: str | None = None, swe
     return summary.to_json()
 
 
+class _DropRoutineStates(logging.Filter):
+    """Prefect logs "Finished in state Completed()" for every task and subflow (a third of a run's
+    console lines); failures and every other state still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Finished in state Completed")
+
+
+def quiet_console() -> None:
+    """DtR's own lines at INFO, the libraries' routine chatter off. Hydra's job logging lets INFO
+    through from every library: Prefect's client would log each API request through httpx (about
+    40% of a run's lines); transformers draws a progress bar per load (MLflow: tasks/tracking.py)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_DropRoutineStates())
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def preflight(config: dict[str, Any], run_dir: str) -> None:
     """Every check that needs no orchestration: the config's values, the folders, the data and the
     model's folder. Raises one of ``INPUT_ERRORS``."""
@@ -70,9 +90,7 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def job(cfg) -> None:
-        # Hydra's job logging lets INFO through from every library: Prefect's client would log each
-        # of its API requests through httpx (about 40% of a run's console lines).
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        quiet_console()
         hydra_cfg = HydraConfig.get()
         sweep = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else ""
         run_dir = hydra_cfg.runtime.output_dir

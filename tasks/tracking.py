@@ -89,8 +89,12 @@ def open_tracker(options: PipelineOptions, run_name: str, tags: Mapping[str, str
     if not options.tracking_enabled:
         yield NoTracking()
         return
+    import logging
+
     import mlflow
 
+    # mlflow sets its own logger to INFO on import: its store set-up is not the user's business.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(options.tracking_uri)
     mlflow.set_experiment(options.experiment)
     run = mlflow.start_run(run_name=run_name, tags=dict(tags))

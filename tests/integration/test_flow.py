@@ -49,7 +49,11 @@ def test_second_run_reuses_every_stage(tmp_path, tiny_setup):
     out = tmp_path / "out"
     first = run_flow(overrides(*tiny_setup, out), tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "HTTP Request:" not in first.stderr + first.stdout  # Prefect's API calls stay off the console
+    # A quiet console: no API requests, routine task states, store set-up or progress bars; one summary.
+    console = first.stderr + first.stdout
+    for noise in ("HTTP Request:", "Finished in state Completed", "Creating initial MLflow database", "it/s]"):
+        assert noise not in console, noise
+    assert console.count("DtR summary") == 1
     # Beside the manifests, only folders: a stage's own file there could take a manifest's name.
     assert all(p.is_dir() or p.suffix == ".json" for p in (out / "cache").glob("*/*"))
     cache_files = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
