@@ -117,28 +117,26 @@ class RunContext:
             return self._card_sources[target]
 
 
-def check_inputs(run: RunSpec) -> None:
-    """The cheap part of ``open_run``'s checks: the output folder, every target's data, the
-    distillation text and the model's folder. An orchestrator calls it before it starts anything,
-    so bad input fails in seconds (the teacher itself is loaded, and checked, by ``open_run``)."""
-    check_output_dir(run.output_dir)
-    for target in run.targets:
-        load_target_source(target)
-    if run.capture.source == "text_files":
-        read_text_files(run.capture.text_files, run.target.text_field)
-    if run.capture.general_share > 0:
-        load_general_text(run.capture)
-    check_model_path(run.model.path)
-
-
-def open_run(run: RunSpec) -> RunContext:
-    """Validate the run and load what every stage needs; fails fast on bad data, model or folder."""
+def check_inputs(run: RunSpec) -> tuple[dict[str, TargetSource], TaskData | None]:
+    """The cheap part of ``open_run``: the output folder, every target's data, the distillation
+    text and the model's folder; returns the targets' data (the primary first) and the general
+    text. An orchestrator calls it before it starts anything, so bad input fails in seconds (the
+    teacher itself is loaded, and checked, by ``open_run``)."""
     check_output_dir(run.output_dir)
     sources = {target.label: load_target_source(target) for target in run.targets}
     if run.capture.source == "task_train" and not isinstance(sources[run.target.label], TaskData):
         raise DataError(f"the primary target {run.target.label!r} is an lm-eval task, which brings no train text "
                         "to distil from; give capture.text_files (--text-files) or make another target primary")
+    if run.capture.source == "text_files":
+        read_text_files(run.capture.text_files, run.target.text_field)
     general = load_general_text(run.capture) if run.capture.general_share > 0 else None
+    check_model_path(run.model.path)
+    return sources, general
+
+
+def open_run(run: RunSpec) -> RunContext:
+    """Validate the run and load what every stage needs; fails fast on bad data, model or folder."""
+    sources, general = check_inputs(run)
     teacher = load_teacher(run.model, device=run.device)
     outside = [i for i in run.search.candidate_layers or () if i >= teacher.adapter.num_layers]
     if outside:

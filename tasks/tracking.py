@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -89,8 +90,6 @@ def open_tracker(options: PipelineOptions, run_name: str, tags: Mapping[str, str
     if not options.tracking_enabled:
         yield NoTracking()
         return
-    import logging
-
     import mlflow
 
     # mlflow sets its own logger to INFO on import: its store set-up is not the user's business.
