@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a further target every kept hybrid must stay within tolerance on (repeatable), e.g. "
                              "'kind=passkey,context_tokens=256,tolerance=0.05,tolerance_mode=absolute'")
     parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
+    parser.add_argument("--window", type=int, default=StudentSpec.window,
+                        help="softmax attention over the last W tokens beside the scan (0: none)")
+    parser.add_argument("--short-conv", type=int, default=StudentSpec.short_conv,
+                        help="kernel size of short causal convolutions on the scan's q/k/v (0: none)")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance,
                         help="how far the primary target may fall from the full model's validation score")
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
@@ -142,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
     args = build_parser().parse_args(argv)
     return RunSpec(
         model=ModelSpec(path=args.model, dtype=args.model_dtype),
-        student=StudentSpec(kind=args.student),
+        student=StudentSpec(kind=args.student, window=args.window, short_conv=args.short_conv),
         capture=CaptureSpec(token_budget=args.token_budget, source="text_files" if args.text_files else "task_train",
                             text_files=tuple(args.text_files), max_length=args.max_length, batch_size=args.batch_size,
                             mode=args.mode, disk_budget_gb=args.disk_budget_gb, general_share=args.general_share,

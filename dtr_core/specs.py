@@ -74,18 +74,28 @@ class StudentSpec:
     ``feature_map``: "hedgehog" (softmax over a learned projection of q/k, initialised to identity:
     mimics the spikiness of softmax attention) or "identity" (raw teacher q/k).
     ``gate_rank``: rank of the low-rank projection producing GLA's per-channel gates.
+    ``window``: W > 0 adds exact softmax attention over the last W tokens (with the teacher's rotary
+    positions), the linear scan covering only the tokens before them (LoLCATs' sliding window); its
+    cache grows to W tokens, then stays fixed. 0: linear attention alone.
+    ``short_conv``: kernel size of causal depthwise convolutions on the scan's q/k/v, initialised to
+    the identity (as in Gated DeltaNet and Mamba); 0: none.
     """
 
     kind: Literal["gla", "gated_deltanet"] = "gla"
     feature_map: Literal["hedgehog", "identity"] = "hedgehog"
     gate_rank: int = 16
     chunk_size: int = 32
+    window: int = 0
+    short_conv: int = 0
 
     def __post_init__(self) -> None:
         _check_choice(self, "kind", STUDENT_KINDS)
         _check_choice(self, "feature_map", FEATURE_MAPS)
         _check(self.gate_rank >= 1, self, "gate_rank", "must be >= 1")
         _check(self.chunk_size >= 1, self, "chunk_size", "must be >= 1")
+        _check(self.window >= 0, self, "window", "must be >= 0 (0: no softmax window)")
+        _check(self.short_conv == 0 or self.short_conv >= 2, self, "short_conv",
+               "must be 0 (none) or a kernel size >= 2")
 
 
 @dataclass(frozen=True)

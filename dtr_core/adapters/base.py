@@ -31,6 +31,10 @@ class AttentionWeights:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    # The rotary embedding the layer's queries and keys get (None: the family has none): its inverse
+    # frequencies [head_dim / 2] and the attention scaling its cos/sin are multiplied by.
+    rotary_inv_freq: torch.Tensor | None = None
+    rotary_scaling: float = 1.0
 
     @property
     def hidden_size(self) -> int:

@@ -49,6 +49,8 @@ class LlamaLikeAdapter(ModelAdapter):
             num_heads=cfg.num_attention_heads,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
             head_dim=head_dim,
+            rotary_inv_freq=self.backbone(model).rotary_emb.inv_freq.detach(),
+            rotary_scaling=float(self.backbone(model).rotary_emb.attention_scaling),
         )
 
 

@@ -24,6 +24,8 @@ from torch import nn
 from .backends import Output, resolve_backend
 from .cache import state_layer
 from .feature_maps import FEATURE_MAPS, feature_dim, hedgehog, initial_hedgehog_weight
+from .short_conv import causal_conv, identity_kernel
+from .window import combine_normalised, lagged_queries, rotary_tables, rotate, window_softmax
 
 # Per-step log-decay floor: keeps the chunked kernels in their stable range; a retention of
 # exp(-8) ≈ 3e-4 per token already means "forget everything", so nothing useful is lost.
@@ -75,6 +77,13 @@ class LinearAttentionStudent(nn.Module):
         qkv_bias, o_bias: whether the teacher's projections have biases.
         output_proj: whether the replaced module ends with an output projection.
         backend: operator backend, see ``gla.gla`` ("auto" picks fla on CUDA when installed).
+        window: W > 0 makes a sliding-window student (``window.py``): exact softmax attention over the
+            last W tokens, the scan over every token before them, one readout; 0: the scan alone.
+        rope: whether the window's queries and keys are rotated like the teacher's (its ``inv_freq`` is
+            the ``rotary_inv_freq`` buffer, ``rope_scaling`` its attention scaling); the hybrid model
+            passes its own ``position_embeddings``, which take precedence.
+        short_conv: kernel size of causal depthwise convolutions on the scan's q/k/v (``short_conv.py``),
+            initialised to the identity; 0: none.
 
     A subclass sets ``kind`` (its name in ``config_dict()``) and ``state_sums_writes``, and defines
     ``_build_gates`` (its parameters), ``_gates`` (their per-token values) and ``_operator`` (its
@@ -100,11 +109,19 @@ class LinearAttentionStudent(nn.Module):
         output_proj: bool = True,
         o_bias: bool = False,
         backend: str = "auto",
+        window: int = 0,
+        rope: bool = False,
+        rope_scaling: float = 1.0,
+        short_conv: int = 0,
     ) -> None:
         super().__init__()
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map={feature_map!r}: must be 'hedgehog' or 'identity'")
+        if window < 0 or short_conv < 0 or short_conv == 1:
+            raise ValueError(f"window={window}, short_conv={short_conv}: window must be >= 0 and short_conv "
+                             "0 (none) or a kernel size >= 2")
         self.causal, self.feature_map = causal, feature_map
+        self.window, self.rope, self.rope_scaling, self.short_conv = window, rope, rope_scaling, short_conv
         self.num_heads, self.head_dim = num_heads, head_dim
         self.chunk_size, self.backend = chunk_size, backend
         # Position in the layer stack, set when the student is installed: names its cache slot.
@@ -115,6 +132,7 @@ class LinearAttentionStudent(nn.Module):
             kind=self.kind, hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
             causal=causal, feature_map=feature_map, gate_rank=gate_rank, chunk_size=chunk_size,
             qkv_bias=qkv_bias, output_proj=output_proj, o_bias=o_bias,
+            window=window, rope=rope, rope_scaling=rope_scaling, short_conv=short_conv,
         )
         # Parameters are created in a fixed order (projections, feature map, gates, readout): seeded
         # students draw their random initial values in that order, so it must not change.
@@ -132,6 +150,14 @@ class LinearAttentionStudent(nn.Module):
         self.normalised_readout = self.state_sums_writes and feature_map == "hedgehog"
         if not self.normalised_readout:
             self.out_norm_weight = nn.Parameter(torch.ones(num_heads, head_dim))
+        if short_conv:
+            for name in ("q_conv", "k_conv", "v_conv"):
+                setattr(self, name, nn.Parameter(identity_kernel(inner, short_conv)))
+        if window and self.normalised_readout:
+            # log-scale of window weights exp(score) against feature products (calibrate_readout_scale).
+            self.window_offset = nn.Parameter(torch.zeros(num_heads))
+        if window and rope:
+            self.register_buffer("rotary_inv_freq", torch.zeros(head_dim // 2))
 
     # ------------------------------------------------------------------ what a mechanism supplies
 
@@ -171,23 +197,63 @@ class LinearAttentionStudent(nn.Module):
 
     @torch.no_grad()
     def calibrate_readout_scale(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Start an RMS-normalised readout at the teacher's output scale.
+        """Start the readout at the teacher's scale, from a batch of the teacher's attention inputs.
 
         Softmax attention outputs convex mixtures of value vectors, so per head its output has
-        about the RMS of that head's values; a unit-RMS readout would start off by that factor.
-        No-op for the softmax-like normalised readout, which already mixes values.
+        about the RMS of that head's values: an RMS-normalised readout starts at that scale (a unit-RMS
+        readout would be off by that factor). In a sliding-window student that readout is added to the
+        window's, so it starts at the share of the teacher's attention that lies beyond the window; with
+        the softmax-like readout, ``window_offset`` starts where the window's weights exp(score - offset)
+        and the scan's feature products split the mass as the teacher does.
 
         Args:
             hidden_states: [B, T, hidden]. attention_mask: as ``forward`` takes it, or None.
         """
-        if self.normalised_readout:
-            return
         batch, length, _ = hidden_states.shape
-        v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         valid = key_padding_mask(attention_mask, length)
+        beyond = self._teacher_mass_beyond_window(hidden_states, valid) if self.window else None
+        if self.normalised_readout:
+            if beyond is not None:
+                self._calibrate_window_offset(hidden_states, attention_mask, valid, beyond[0])
+            return
+        v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
         values = v.reshape(-1, self.num_heads, self.head_dim) if valid is None else v[valid]
         rms = values.float().pow(2).mean(dim=(0, 2)).sqrt()  # [H]
+        if beyond is not None:
+            rms = rms * beyond[1]
         self.out_norm_weight.copy_(rms[:, None].expand_as(self.out_norm_weight))
+
+    def _teacher_mass_beyond_window(self, hidden_states, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax attention (the window's own scores, over all keys) beyond the window, per head [H]:
+        the log of its total unnormalised mass over the batch, and the mean share of a query's mass."""
+        batch, length, _ = hidden_states.shape
+        q, k = self._window_queries_keys(self._projections(hidden_states), None, None)
+        ones = torch.ones(length, length, dtype=torch.bool, device=q.device)
+        reachable = ones.tril() if self.causal else ones
+        far = ones.tril(-self.window)
+        if not self.causal:
+            far = far | ones.triu(self.window)
+        log_mass = torch.full((self.num_heads,), -math.inf, device=q.device)
+        shares = []
+        for row in range(batch):  # one sequence at a time: the scores are [H, T, T]
+            real = ones if valid is None else valid[row][None, :] & valid[row][:, None]
+            scores = torch.einsum("thd,shd->hts", q[row].float(), k[row].float()) / math.sqrt(self.head_dim)
+            log_far = scores.masked_fill(~(far & real), -math.inf).logsumexp(-1)  # [H, T]
+            log_all = scores.masked_fill(~(reachable & real), -math.inf).logsumexp(-1)
+            queries = real.any(-1)
+            log_mass = torch.logaddexp(log_mass, log_far.flatten(1).logsumexp(-1))
+            shares.append((log_far - log_all).exp()[:, queries].nan_to_num(0.0))
+        return log_mass, torch.cat(shares, dim=1).mean(1)
+
+    def _calibrate_window_offset(self, hidden_states, attention_mask, valid, log_far_mass) -> None:
+        """Set ``window_offset`` so that, over the batch, sum exp(score - offset) beyond the window equals
+        the scan's sum of feature products there (per head): the teacher's split, in the scan's units."""
+        _, linear = self._window_halves(hidden_states, attention_mask, None, None)
+        linear_mass = linear[..., -1] if valid is None else linear[..., -1][valid]
+        linear_mass = linear_mass.float().reshape(-1, self.num_heads).sum(0)
+        usable = torch.isfinite(log_far_mass) & (linear_mass > 0)
+        self.window_offset.copy_(torch.where(usable, log_far_mass - linear_mass.clamp_min(1e-30).log(),
+                                             self.window_offset))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, H, D] → [B, T, H, key_dim]."""
@@ -208,54 +274,151 @@ class LinearAttentionStudent(nn.Module):
         return (out.flip(1) if reverse else out), state
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache=None, past_key_values=None, **_ignored) -> tuple[torch.Tensor, None]:
+                cache=None, past_key_values=None, position_embeddings=None, **_ignored) -> tuple[torch.Tensor, None]:
         """hidden_states [B, T, hidden] → ([B, T, hidden or H*D], None), like HF attention.
 
         ``cache`` / ``past_key_values``: a transformers Cache (one name per transformers version);
         a causal student continues from its state there and stores the new one.
+        ``position_embeddings``: the model's rotary (cos, sin), used by a sliding window with ``rope``.
         """
         cache = cache if cache is not None else past_key_values
         if cache is not None and self.causal and self.layer_idx is None:
             raise RuntimeError("a student used with a cache needs its layer_idx (set when installed)")
-        use_cache = cache is not None and self.causal
+        layer = state_layer(cache, self.layer_idx) if cache is not None and self.causal else None
+        if layer is not None and layer.in_place and hidden_states.shape[1] != 1:
+            raise RuntimeError(f"a state updated in place advances one token per call; got {hidden_states.shape[1]}")
         batch, length, _ = hidden_states.shape
-        heads, dim = self.num_heads, self.head_dim
-        q = self._features(self.q_proj(hidden_states).view(batch, length, heads, dim))
-        k = self._features(self.k_proj(hidden_states).view(batch, length, heads, dim))
-        v = self.v_proj(hidden_states).view(batch, length, heads, dim)
+        if self.window:
+            window_parts, linear = self._window_halves(hidden_states, attention_mask, layer, position_embeddings)
+            if self.normalised_readout:
+                out = combine_normalised(window_parts, linear, self.window_offset).to(linear.dtype)
+            else:
+                numerator, denominator, _ = window_parts
+                windowed = numerator / (denominator + 1e-6)
+                out = (windowed + self._normalised(linear).float()).to(linear.dtype)
+        else:
+            valid = key_padding_mask(attention_mask, length)
+            q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
+            out = self._causal_scan(q, k, v, gates, layer)
+            if not self.causal:
+                out = out + self._scan(q, k, v, gates, reverse=True)[0]
+            if self.normalised_readout:
+                out = out[..., :self.head_dim] / (out[..., self.head_dim:] + 1e-6)
+            else:
+                out = self._normalised(out)
+        out = out.reshape(batch, length, self.num_heads * self.head_dim)
+        if self.o_proj is not None:
+            out = self.o_proj(out)
+        return out, None
 
-        valid = key_padding_mask(attention_mask, length)
+    def _normalised(self, out: torch.Tensor) -> torch.Tensor:
+        """The RMS-normalised readout of a scan's output [B, T, H, D]."""
+        return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm_weight
+
+    def _projections(self, hidden_states):
+        """The q/k/v projections [B, T, H*D]."""
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    def _scan_inputs(self, hidden_states, projections, valid, layer):
+        """(q, k, v, gates) as the scan reads them: the ``projections`` through the short convolutions,
+        feature map and gates; padding keys (``valid`` False) zeroed, one dtype, and v with an all-ones
+        column for the normalised readout."""
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q, k, v = projections
+        if self.short_conv:
+            if valid is not None:  # padding's projections must not leak into real tokens' convolutions
+                q, k, v = (x * valid[:, :, None].to(x.dtype) for x in (q, k, v))
+            q, k, v = (self._convolved(x, name, layer) for x, name in ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
+        q, k = self._features(q.view(shape)), self._features(k.view(shape))
+        v = v.view(shape)
         if valid is not None:
             # A zero key writes nothing into the state, so padding never reaches real tokens.
             k = k * valid[:, :, None, None].to(k.dtype)
-
         q, k, gates = self._gates(hidden_states, q, k)
         # One dtype for every kernel input: under autocast the projections come out in bf16 but
         # softmax features, normalised q/k and gates in fp32, and fla's kernels need them to agree.
         q, k = q.to(v.dtype), k.to(v.dtype)
         gates = tuple(gate.to(v.dtype) for gate in gates)
-
         if self.normalised_readout:
             # An all-ones value column makes the same scan accumulate the normaliser sum_s w_ts.
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        layer = state_layer(cache, self.layer_idx) if use_cache else None
-        if layer is not None and layer.in_place:
-            if length != 1:
-                raise RuntimeError(f"a state updated in place advances one token per call; got {length}")
-            out = self._step_in_place(q, k, v, gates, layer.state)
-        else:
-            out, state = self._scan(q, k, v, gates, output_final_state=use_cache,
-                                    initial_state=None if layer is None else layer.state)
-            if use_cache:
-                layer.advance(state, length)
-        if not self.causal:
-            out = out + self._scan(q, k, v, gates, reverse=True)[0]
+        return q, k, v, gates
 
-        if self.normalised_readout:
-            out = out[..., :dim] / (out[..., dim:] + 1e-6)
-        else:
-            out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm_weight
-        out = out.reshape(batch, length, heads * dim)
-        if self.o_proj is not None:
-            out = self.o_proj(out)
-        return out, None
+    def _convolved(self, x: torch.Tensor, name: str, layer) -> torch.Tensor:
+        """``x`` [B, T, H*D] through the short convolution ``name``, continuing a cache's history."""
+        history = None if layer is None else layer.histories.get(name)
+        out, history = causal_conv(x, getattr(self, name), history)
+        if layer is not None:
+            layer.keep(name, history)
+        return out
+
+    def _causal_scan(self, q, k, v, gates, layer) -> torch.Tensor:
+        """The forward scan, continuing and updating ``layer``'s state when decoding with a cache."""
+        if layer is not None and layer.in_place:
+            return self._step_in_place(q, k, v, gates, layer.state)
+        out, state = self._scan(q, k, v, gates, output_final_state=layer is not None,
+                                initial_state=None if layer is None else layer.state)
+        if layer is not None:
+            layer.advance(state, q.shape[1])
+        return out
+
+    def _window_queries_keys(self, projections, position_embeddings, layer):
+        """The window's queries and keys [B, T, H, D]: the raw ``projections``, rotated like the
+        teacher's when ``rope`` (positions continue a cache's count)."""
+        batch, length, _ = projections[0].shape
+        shape = (batch, length, self.num_heads, self.head_dim)
+        q, k = projections[0].view(shape), projections[1].view(shape)
+        if not self.rope:
+            return q, k
+        if position_embeddings is None:
+            start = 0 if layer is None else layer.seen_tokens
+            position_embeddings = rotary_tables(self.rotary_inv_freq, start, length, self.rope_scaling, q.dtype)
+        cos, sin = position_embeddings
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+    def _window_halves(self, hidden_states, attention_mask, layer, position_embeddings):
+        """A sliding-window student's two halves before their readout: ``window.window_softmax``'s parts
+        and the lagged scan's output [B, T, H, V(+1)] (both directions summed when bidirectional).
+
+        The W tokens before this call (a cache's history, or none yet: zeros) come first in the combined
+        sequence; a cache keeps the combined sequence's last W tokens for the next call.
+        """
+        length = hidden_states.shape[1]
+        window = self.window
+        projections = self._projections(hidden_states)
+        valid = key_padding_mask(attention_mask, length)
+        q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer)
+        q_window, k_window = self._window_queries_keys(projections, position_embeddings, layer)
+        valid = torch.ones_like(k[..., 0, 0]) if valid is None else valid.to(k.dtype)
+        v_window = projections[2].view(q_window.shape)
+        new = dict(window_k=k_window, window_v=v_window, window_valid=valid, scan_k=k, scan_v=v,
+                   **{f"scan_gate{i}": gate for i, gate in enumerate(gates)})
+        stored = {} if layer is None else layer.histories
+
+        def combined(name):
+            tensor = new[name]
+            history = stored.get(name)
+            if history is None:
+                history = tensor.new_zeros(tensor.shape[0], window, *tensor.shape[2:])
+            return torch.cat([history, tensor], dim=1)
+
+        sequences = {name: combined(name) for name in new}
+        if layer is not None:
+            for name, sequence in sequences.items():
+                layer.keep(name, sequence[:, -window:].clone())  # not a view: the rest may be long
+        scan_gates = tuple(sequences[f"scan_gate{i}"] for i in range(len(gates)))
+        lagged_q = lagged_queries(q, gates[0], scan_gates[0][:, :window], window)
+        linear = self._causal_scan(lagged_q, sequences["scan_k"][:, :length], sequences["scan_v"][:, :length],
+                                   tuple(gate[:, :length] for gate in scan_gates), layer)
+        if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
+            flipped = [x.flip(1) for x in (q, k, v, *gates)]
+            backward_q = lagged_queries(flipped[0], flipped[3], torch.zeros_like(flipped[3][:, :window]), window)
+            backward_inputs = [torch.cat([x.new_zeros(x.shape[0], window, *x.shape[2:]), x], 1)[:, :length]
+                               for x in flipped[1:]]
+            linear = linear + self._scan(backward_q, backward_inputs[0], backward_inputs[1],
+                                         tuple(backward_inputs[2:]))[0].flip(1)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        parts = window_softmax(q_window.float() * scale, sequences["window_k"], sequences["window_v"],
+                               sequences["window_valid"], window, self.causal)
+        return parts, linear

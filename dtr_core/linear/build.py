@@ -14,7 +14,8 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
                          backend: str = "auto") -> LinearAttentionStudent:
     """A student whose q/k/v/o projections are copies of the teacher's (GQA K/V heads expanded).
 
-    The student's own extra parameters (feature maps, gates, beta, output norm) keep the
+    A sliding-window student also takes the teacher's rotary frequencies. The student's own extra
+    parameters (feature maps, gates, beta, output norm, convolutions) keep the
     initial values documented in ``base.py`` and the mechanism files; the one random one (GLA's gate
     down-projection) is drawn from ``seed``, so a layer's student is the same in every process.
     """
@@ -34,6 +35,10 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
                 qkv_bias=weights.q_bias is not None,
                 output_proj=weights.o_weight is not None,
                 o_bias=weights.o_bias is not None,
+                window=spec.window,
+                rope=spec.window > 0 and weights.rotary_inv_freq is not None,
+                rope_scaling=weights.rotary_scaling,
+                short_conv=spec.short_conv,
             ),
             backend=backend,
         )
@@ -45,6 +50,8 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
     if student.o_proj is not None:
         copies[student.o_proj] = (weights.o_weight, weights.o_bias)
     with torch.no_grad():
+        if student.rope:
+            student.rotary_inv_freq.copy_(weights.rotary_inv_freq)
         for linear, (weight, bias) in copies.items():
             linear.weight.copy_(weight)
             if bias is not None:

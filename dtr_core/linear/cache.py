@@ -24,12 +24,24 @@ class RecurrentStateLayer(DynamicLayer):
     def __init__(self) -> None:
         super().__init__()
         self.state: torch.Tensor | None = None
+        # The last few tokens' inputs a student keeps beside its state, by name: a short convolution's
+        # inputs, a sliding window's keys and values (see ``keep``).
+        self.histories: dict[str, torch.Tensor] = {}
         self.seen_tokens = 0
-        # Static mode (begin_static): students then update ``state`` where it lies and leave the count alone.
+        # Static mode (begin_static): students then update ``state`` and the histories where they lie and
+        # leave the count alone.
         self.in_place = False
 
     def advance(self, state: torch.Tensor, num_tokens: int) -> None:
         self.state, self.seen_tokens = state, self.seen_tokens + num_tokens
+
+    def keep(self, name: str, history: torch.Tensor) -> None:
+        """Store a history under ``name``: copied into the one already there in static mode (a captured
+        graph replays on that memory), replaced otherwise."""
+        if self.in_place:
+            self.histories[name].copy_(history)
+        else:
+            self.histories[name] = history
 
     def begin_static(self) -> None:
         """Static mode: students overwrite ``state`` in place (a captured CUDA graph replays on that memory),
@@ -49,22 +61,25 @@ class RecurrentStateLayer(DynamicLayer):
         raise RuntimeError("a linear-attention layer keeps a recurrent state, not keys and values")
 
     def reset(self) -> None:
-        self.state, self.seen_tokens = None, 0
+        self.state, self.histories, self.seen_tokens = None, {}, 0
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("a recurrent state cannot be rolled back to an earlier length")
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _rebuild(self, transform) -> None:
+        """Apply a batch-dimension ``transform`` to the state and every history."""
         if self.state is not None:
-            self.state = self.state.index_select(0, beam_idx.to(self.state.device))
+            self.state = transform(self.state)
+        self.histories = {name: transform(history) for name, history in self.histories.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rebuild(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.state is not None:
-            self.state = self.state.repeat_interleave(repeats, dim=0)
+        self._rebuild(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.state is not None:
-            self.state = self.state[indices, ...]
+        self._rebuild(lambda tensor: tensor[indices, ...])
 
 
 class PreallocatedLayer(DynamicLayer):

@@ -15,7 +15,8 @@ from dtr_core.direction import Direction
 from dtr_core.report import format_summary
 from dtr_core.targets.data import DataError
 from dtr_core.run import RUN_FOLDER, run_dtr
-from dtr_core.specs import CaptureSpec, CardSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, TargetSpec
+from dtr_core.specs import (CaptureSpec, CardSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, StudentSpec,
+                             TargetSpec)
 
 
 def tiny_run(tmp_path, family, kind, **overrides) -> RunSpec:
@@ -81,6 +82,26 @@ def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
     assert summary.evaluations == 1 + 3 * 4 // 2
     for split in ("validation", "test"):
         assert all(math.isfinite(score) for score in summary.scores[split]["perplexity"].values())
+
+
+@pytest.mark.parametrize("mode, student", [("disk", StudentSpec(kind="gla", window=4, short_conv=3)),
+                                           ("stream", StudentSpec(kind="gated_deltanet", window=4))])
+def test_window_and_convolution_students_run_every_stage(tmp_path, mode, student):
+    """Students that keep recall go through capture, distillation, search and export like any other, and
+    the exported hybrid decodes with their windows and convolution histories in its cache."""
+    from transformers import AutoModelForCausalLM
+
+    run = tiny_run(tmp_path, "llama", "perplexity", student=student)
+    run = dataclasses.replace(run, capture=dataclasses.replace(run.capture, mode=mode))
+    summary = run_dtr(run, log=lambda line: None)
+    assert len(summary.distillation) == 3 and all(math.isfinite(r["rel_error_final"]) for r in summary.distillation)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hybrid", trust_remote_code=True).eval()
+    configs = [entry["student_config"] for entry in model.config.dtr_hybrid["students"]]
+    assert configs and all((config["window"], config["short_conv"], config["rope"]) ==
+                           (student.window, student.short_conv, True) for config in configs)
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -203,9 +224,11 @@ def test_cli_flags_reach_the_specs():
 
     run, cache_dir = parse_args(["--model", "smollm2-135m", "--model-dtype", "bfloat16", "--target-kind", "exact_match",
                       "--eval-examples", "200", "--eval-batch-size", "100", "--mode", "stream",
-                      "--token-budget", "1000", "--epochs", "3", "--run-to-end"])
+                      "--token-budget", "1000", "--epochs", "3", "--run-to-end", "--window", "64",
+                      "--short-conv", "4"])
     assert (run.model.path, run.model.dtype) == ("smollm2-135m", "bfloat16")
     assert (run.target.kind, run.target.max_eval_examples, run.target.batch_size) == ("exact_match", 200, 100)
     assert (run.capture.mode, run.capture.token_budget, run.distill.epochs) == ("stream", 1000, 3)
     assert run.search.run_to_end and cache_dir is None
+    assert (run.student.window, run.student.short_conv) == (64, 4)
     assert parse_args(["--cache-dir", "/shared/cache"])[1] == "/shared/cache"

@@ -23,12 +23,13 @@ PAD = 0
 PROMPTS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [PAD, PAD, PAD, 13, 14, 15, 16, 17]])
 
 
-def perturbed_students(model, adapter, kind, layers):
-    """Students whose every parameter is moved off its initial value (as after distillation)."""
+def perturbed_students(model, adapter, kind, layers, **options):
+    """Students whose every parameter is moved off its initial value (as after distillation); ``options``:
+    further StudentSpec fields."""
     torch.manual_seed(42)
     students = {}
     for i in layers:
-        student = student_from_teacher(StudentSpec(kind=kind), adapter.read_attention_weights(model, i),
+        student = student_from_teacher(StudentSpec(kind=kind, **options), adapter.read_attention_weights(model, i),
                                        causal=True, seed=i)
         with torch.no_grad():
             for param in student.parameters():
@@ -37,12 +38,12 @@ def perturbed_students(model, adapter, kind, layers):
     return students
 
 
-def exported_hybrid(family, kind, linear_layers, folder, num_layers=3):
+def exported_hybrid(family, kind, linear_layers, folder, num_layers=3, **options):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(family, num_layers=num_layers)
     adapter = adapter_for(model)
-    students = perturbed_students(model, adapter, kind, linear_layers)
+    students = perturbed_students(model, adapter, kind, linear_layers, **options)
     export_hybrid(model, adapter, tiny_tokenizer(), students, folder, ExportSpec())
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 
@@ -66,6 +67,19 @@ def assert_cache_matches_recompute(model, input_ids=PROMPTS, **kwargs):
 def test_exported_hybrid_generates_with_recurrent_cache(family, kind, tmp_path):
     # Layer 0 linear: transformers reads the sequence length from layer 0's cache.
     model = exported_hybrid(family, kind, (0, 2), tmp_path / "hybrid")
+    assert_cache_matches_recompute(model)
+
+
+# Students that keep recall: a softmax window shorter than the prompts, short convolutions, both.
+RECALL_OPTIONS = [dict(window=3), dict(short_conv=4), dict(window=3, short_conv=4)]
+
+
+@pytest.mark.parametrize("options", RECALL_OPTIONS)
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+def test_window_and_convolution_students_generate_with_their_cache(kind, options, tmp_path):
+    model = exported_hybrid("qwen2", kind, (0, 2), tmp_path / "hybrid", **options)
+    configs = [entry["student_config"] for entry in model.config.dtr_hybrid["students"]]
+    assert len(configs) == 2 and all(config[key] == value for config in configs for key, value in options.items())
     assert_cache_matches_recompute(model)
 
 

@@ -45,12 +45,12 @@ def prefill(model, prompt, capacity):
     return cache, logits
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family, options", [("llama", {}), ("qwen2", {}), ("llama", dict(window=3, short_conv=4))])
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
-def test_static_steps_decode_like_cached_decoding(family, kind):
+def test_static_steps_decode_like_cached_decoding(family, kind, options):
     model = tiny_model(family, num_layers=3)
     adapter = adapter_for(model)
-    students = perturbed_students(model, adapter, kind, (1,))
+    students = perturbed_students(model, adapter, kind, (1,), **options)
     prompt = PROMPTS[:1].repeat(2, 1)
     capacity = prompt.shape[1] + STEPS + 3  # spare room: positions past the length must not be attended
     with hybrid_view(model, adapter, students, (1,)):
@@ -174,9 +174,10 @@ def test_triton_kernels_in_the_interpreter():
     assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("options", [{}, dict(window=3, short_conv=4)])
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
-def test_exported_hybrid_generate_static_matches_generate(kind, tmp_path):
-    model = exported_hybrid("qwen2", kind, (1,), tmp_path / "hybrid")
+def test_exported_hybrid_generate_static_matches_generate(kind, options, tmp_path):
+    model = exported_hybrid("qwen2", kind, (1,), tmp_path / "hybrid", **options)
     prompts = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     # Both stop a sequence at the generation config's eos token and pad it after: make the first
     # sequence's third new token the eos.

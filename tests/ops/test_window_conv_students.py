@@ -1,0 +1,182 @@
+"""Students that keep recall: a softmax window beside the scan (``window.py``) and short convolutions
+on q/k/v (``short_conv.py``). Checked against a step-by-step reading of their definition, against the
+teacher's own attention where the window covers the whole sequence, across cached calls of any size,
+and (identity-initialised convolutions) against today's students."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+from dtr_core.adapters import adapter_for
+from dtr_core.linear.build import student_from_teacher
+from dtr_core.linear.gated_deltanet import gated_delta_recurrent
+from dtr_core.linear.gla import gla_recurrent
+from dtr_core.linear.students import build_student
+from dtr_core.linear.window import rotary_tables, rotate
+from dtr_core.specs import StudentSpec
+
+KINDS = ("gla", "gated_deltanet")
+WINDOW = 4
+
+
+def perturbed(student, seed=0):
+    """Move every parameter off its initial value, as distillation would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return student.eval()
+
+
+def window_student(kind, causal, feature_map="hedgehog", short_conv=0):
+    torch.manual_seed(1)
+    student = build_student(dict(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal,
+                                 feature_map=feature_map, gate_rank=4, chunk_size=8, window=WINDOW,
+                                 rope=True, short_conv=short_conv), backend="chunked")
+    student.rotary_inv_freq.copy_(1.0 / 100.0 ** (torch.arange(0, 8, 2).float() / 8))
+    return perturbed(student)
+
+
+def final_state(kind, k, v, gates):
+    """The mechanism's recurrent reference state after the given tokens (zeros for none)."""
+    if k.shape[1] == 0:
+        return k.new_zeros(k.shape[0], k.shape[2], k.shape[3], v.shape[3])
+    q = torch.zeros_like(k)
+    if kind == "gla":
+        return gla_recurrent(q, k, v, *gates, scale=1.0, output_final_state=True)[1]
+    return gated_delta_recurrent(q, k, v, *gates, scale=1.0, output_final_state=True)[1]
+
+
+def linear_beyond_window(student, q, k, v, gates, t, direction):
+    """Query t's read of the state holding only keys at least W tokens away (one direction), decayed by
+    the gates of the tokens in between: the definition, one recurrence per query."""
+    log_decay = gates[0]
+    if direction > 0:  # keys s <= t - W; decay of tokens t-W+1 .. t
+        end = t - WINDOW + 1
+        state = final_state(student.kind, k[:, :max(end, 0)], v[:, :max(end, 0)],
+                            tuple(g[:, :max(end, 0)] for g in gates))
+        decay = log_decay[:, max(end, 0):t + 1].sum(1)
+    else:  # keys s >= t + W, scanned from the end; decay of tokens t .. t+W-1
+        begin = t + WINDOW
+        flipped = lambda x: x[:, begin:].flip(1)  # noqa: E731
+        state = final_state(student.kind, flipped(k), flipped(v), tuple(flipped(g) for g in gates))
+        decay = log_decay[:, t:begin].sum(1)
+    factor = decay.exp() if decay.dim() == q.dim() - 1 else decay.exp()[..., None]
+    return torch.einsum("bhk,bhkv->bhv", q[:, t].float() * factor, state)
+
+
+def reference_output(student, x):
+    """A window student's output, read off its definition token by token."""
+    batch, length, _ = x.shape
+    heads, dim = student.num_heads, student.head_dim
+    q, k, v, gates = student._scan_inputs(x, student._projections(x), None, None)
+    shape = (batch, length, heads, dim)
+    cos, sin = rotary_tables(student.rotary_inv_freq, 0, length, 1.0, torch.float32)
+    q_window = rotate(student.q_proj(x).view(shape), cos, sin)
+    k_window = rotate(student.k_proj(x).view(shape), cos, sin)
+    v_window = student.v_proj(x).view(shape)
+    outputs = []
+    for t in range(length):
+        linear = linear_beyond_window(student, q, k, v, gates, t, +1)
+        if not student.causal:
+            linear = linear + linear_beyond_window(student, q, k, v, gates, t, -1)
+        keys = range(max(0, t - WINDOW + 1), t + 1 if student.causal else min(length, t + WINDOW))
+        keys = torch.tensor(list(keys))
+        scores = torch.einsum("bhd,bshd->bhs", q_window[:, t], k_window[:, keys]) / math.sqrt(dim)
+        if student.normalised_readout:
+            weights = (scores - student.window_offset[None, :, None]).exp()
+            values = torch.einsum("bhs,bshd->bhd", weights, v_window[:, keys]) + linear[..., :dim]
+            out = values / (weights.sum(-1)[..., None] + linear[..., dim:] + 1e-6)
+        else:
+            windowed = torch.einsum("bhs,bshd->bhd", scores.softmax(-1), v_window[:, keys])
+            out = windowed + student._normalised(linear)
+        outputs.append(out)
+    return student.o_proj(torch.stack(outputs, dim=1).reshape(batch, length, heads * dim))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("feature_map", ["hedgehog", "identity"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_student_follows_its_definition(kind, feature_map, causal):
+    student = window_student(kind, causal, feature_map)
+    x = torch.randn(2, 3 * WINDOW + 3, 32)  # several blocks and a partial one
+    with torch.no_grad():
+        torch.testing.assert_close(student(x)[0], reference_output(student, x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_window_over_the_whole_sequence_is_the_teachers_attention(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    length = 9
+    student = student_from_teacher(StudentSpec(window=length), adapter.read_attention_weights(model, 0),
+                                   causal=True)
+    assert student.rope
+    hidden = torch.randn(2, length, model.config.hidden_size)
+    positions = torch.arange(length)[None].expand(2, -1)
+    position_embeddings = model.model.rotary_emb(hidden, positions)
+    teacher = adapter.attention_module(model, 0)
+    with torch.no_grad():
+        expected = teacher(hidden, position_embeddings=position_embeddings, attention_mask=None)[0]
+        # The model's position embeddings, and the student's own from the teacher's frequencies.
+        torch.testing.assert_close(student(hidden, position_embeddings=position_embeddings)[0], expected,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(student(hidden)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [dict(window=WINDOW), dict(short_conv=3), dict(window=WINDOW, short_conv=3)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
+    torch.manual_seed(2)
+    student = perturbed(build_student(dict(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=True,
+                                           rope=bool(options.get("window")), **options), backend="chunked"))
+    student.layer_idx = 0
+    x = torch.randn(2, 15, 32)
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded prompt
+    with torch.no_grad():
+        whole = student(x, attention_mask=mask)[0]
+        cache, pieces, start = DynamicCache(), [], 0
+        for size in (5, 1, 1, 2, 6):  # a prompt shorter than the window, steps, and a longer piece
+            end = start + size
+            pieces.append(student(x[:, start:end], attention_mask=mask[:, :end], cache=cache)[0])
+            start = end
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[real], whole[real], atol=2e-5, rtol=1e-4)
+    assert cache.layers[0].get_seq_length() == 15
+    held = {name: tuple(history.shape) for name, history in cache.layers[0].histories.items()}
+    if "window" in options:  # the cache stays at W tokens however long the sequence
+        assert held["window_k"] == (2, WINDOW, 2, 8)
+    if "short_conv" in options:
+        assert held["k_conv"] == (2, 2, 16)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identity_convolutions_start_as_the_student_without_them(kind):
+    model = tiny_model("llama")
+    weights = adapter_for(model).read_attention_weights(model, 1)
+    plain = student_from_teacher(StudentSpec(kind=kind), weights, causal=True, seed=3)
+    convolved = student_from_teacher(StudentSpec(kind=kind, short_conv=4), weights, causal=True, seed=3)
+    hidden = torch.randn(2, 11, model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(convolved(hidden)[0], plain(hidden)[0])
+        convolved.k_conv.add_(0.1)  # once trained it mixes earlier tokens, never later ones
+        changed = convolved(hidden)[0]
+        early = convolved(hidden[:, :6])[0]
+    assert not torch.allclose(changed, plain(hidden)[0])
+    torch.testing.assert_close(early, changed[:, :6])
+
+
+def test_student_spec_checks_window_and_convolutions():
+    with pytest.raises(ValueError, match="window"):
+        StudentSpec(window=-1)
+    with pytest.raises(ValueError, match="short_conv"):
+        StudentSpec(short_conv=1)
+    student = build_student(dict(kind="gla", hidden_size=32, num_heads=2, head_dim=8, causal=True, window=8,
+                                 rope=True, short_conv=4))
+    rebuilt = build_student(student.config_dict())
+    assert rebuilt.config_dict() == student.config_dict()
+    assert set(rebuilt.state_dict()) == set(student.state_dict())
