@@ -134,13 +134,14 @@ def test_hybrid_runs_with_padding_and_restores_base(family, kind):
 @pytest.mark.skipif(not (torch.cuda.is_available() and backends.fla_available()), reason="needs CUDA and fla")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_student_on_fla_kernels_matches_pytorch_path(kind, causal):
+@pytest.mark.parametrize("options", [{}, dict(window=64, short_conv=4)], ids=["plain", "window+conv"])
+def test_student_on_fla_kernels_matches_pytorch_path(kind, causal, options):
     """On CUDA the student picks fla by itself and matches the PyTorch path: in fp32 to 1e-4 (outputs
     and gradients). In bf16 both paths are measured against the fp32 PyTorch result: fla must be within
     1e-2 of it, or no further than 1.5x the PyTorch path's own bf16 error where bf16 alone costs more
     (the input gradient: its two bf16 paths differed by 1.1-2.2e-2 on an H200, neither path exact)."""
     torch.manual_seed(42)
-    student = new_student(kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal).cuda()
+    student = new_student(kind, hidden_size=256, num_heads=4, head_dim=64, causal=causal, **options).cuda()
     x = torch.randn(2, 200, 256, device="cuda")
     mask = torch.ones(2, 200, device="cuda")
     mask[1, 150:] = 0

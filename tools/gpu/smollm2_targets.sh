@@ -9,8 +9,10 @@
 # every perplexity score of the perplexity run and scores only its guard. Settings by environment as in
 # smollm2_quality.sh: TOKENS (1M), EPOCHS (2; EPOCHS= empty trains on the budget, cycling the data), MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (200),
 # EVAL_BATCH (100), LIMIT_S (540), ACCEPTANCE (point | bootstrap: the search's acceptance rule, default
-# the product's), CONFIDENCE (the bootstrap's, default the product's). Back in $OUT:
-# smollm2_<run>.log and report_<run>.{json,md}; <run> ends in the acceptance rule when one is given.
+# the product's), CONFIDENCE (the bootstrap's, default the product's), STUDENT (gla | gated_deltanet),
+# WINDOW and SHORT_CONV (the student's softmax window and convolution size), GENERAL_SHARE (share of
+# general text in the distillation data). Back in $OUT: smollm2_<run>.log and report_<run>.{json,md};
+# <run> names the student options, the general share and the acceptance rule when given.
 set -o pipefail
 EPOCHS=${EPOCHS-2}  # unset: issue 4's 2 passes; set empty: the token budget decides
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DTR_MODEL_CACHE=/var/tmp/models
@@ -20,7 +22,9 @@ COMMON=(--model smollm2-135m --model-dtype "${MODEL_DTYPE:-bfloat16}" --mode str
         --token-budget "${TOKENS:-1000000}" ${EPOCHS:+--epochs "$EPOCHS"} --max-length 512 --batch-size 32
         --eval-examples "${EVAL_EXAMPLES:-200}" --eval-batch-size "${EVAL_BATCH:-100}" --device cuda
         --cache-dir /var/tmp/smollm2-cache
-        ${ACCEPTANCE:+--acceptance "$ACCEPTANCE"} ${CONFIDENCE:+--confidence "$CONFIDENCE"})
+        ${ACCEPTANCE:+--acceptance "$ACCEPTANCE"} ${CONFIDENCE:+--confidence "$CONFIDENCE"}
+        ${STUDENT:+--student "$STUDENT"} ${WINDOW:+--window "$WINDOW"} ${SHORT_CONV:+--short-conv "$SHORT_CONV"}
+        ${GENERAL_SHARE:+--general-share "$GENERAL_SHARE"})
 case $MODE in
     perplexity)
         NAME=perplexity
@@ -37,7 +41,7 @@ case $MODE in
               --target 'name=headline_f1,label_field=headline,prompt_template=Article: {text}\nHeadline:,num_fewshot=1,max_length=160') ;;
     *) echo "unknown mode $MODE"; exit 2 ;;
 esac
-NAME=$NAME${ACCEPTANCE:+_$ACCEPTANCE}
+NAME=$NAME${STUDENT:+_$STUDENT}${WINDOW:+_w$WINDOW}${SHORT_CONV:+_c$SHORT_CONV}${GENERAL_SHARE:+_g$GENERAL_SHARE}${ACCEPTANCE:+_$ACCEPTANCE}
 nvidia-smi -L
 timeout -k 10 "${LIMIT_S:-540}" python3 -m dtr_core "${COMMON[@]}" "${ARGS[@]}" \
     --output-dir "/var/tmp/smollm2-$NAME" > "$OUT/smollm2_$NAME.log" 2>&1
