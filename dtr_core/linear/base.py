@@ -199,51 +199,61 @@ class LinearAttentionStudent(nn.Module):
     def calibrate_readout_scale(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Start the readout at the teacher's scale, from a batch of the teacher's attention inputs.
 
-        Softmax attention outputs convex mixtures of value vectors, so per head its output has
-        about the RMS of that head's values: an RMS-normalised readout starts at that scale (a unit-RMS
-        readout would be off by that factor). In a sliding-window student that readout is added to the
-        window's, so it starts at the share of the teacher's attention that lies beyond the window; with
-        the softmax-like readout, ``window_offset`` starts where the window's weights exp(score - offset)
-        and the scan's feature products split the mass as the teacher does.
+        The student's projections start as the teacher's, so softmax attention over them is the
+        teacher's attention (``_softmax_reference``). An RMS-normalised readout starts at the RMS of
+        that output per channel: a unit-RMS readout, or the values' RMS, can be many times too loud
+        where the teacher averages over many tokens (a Gated DeltaNet student on MiniLM started at
+        relative errors 5-10 with the values' RMS). In a sliding-window student that readout is added to
+        the window's, so it starts at the share of the teacher's attention that lies beyond the window;
+        with the softmax-like readout, ``window_offset`` starts where the window's weights
+        exp(score - offset) and the scan's feature products split the mass as the teacher does.
 
         Args:
             hidden_states: [B, T, hidden]. attention_mask: as ``forward`` takes it, or None.
         """
-        batch, length, _ = hidden_states.shape
-        valid = key_padding_mask(attention_mask, length)
-        beyond = self._teacher_mass_beyond_window(hidden_states, valid) if self.window else None
+        valid = key_padding_mask(attention_mask, hidden_states.shape[1])
+        output_rms, log_far_mass, far_share = self._softmax_reference(hidden_states, valid)
         if self.normalised_readout:
-            if beyond is not None:
-                self._calibrate_window_offset(hidden_states, attention_mask, valid, beyond[0])
+            if self.window:
+                self._calibrate_window_offset(hidden_states, attention_mask, valid, log_far_mass)
             return
-        v = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
-        values = v.reshape(-1, self.num_heads, self.head_dim) if valid is None else v[valid]
-        rms = values.float().pow(2).mean(dim=(0, 2)).sqrt()  # [H]
-        if beyond is not None:
-            rms = rms * beyond[1]
-        self.out_norm_weight.copy_(rms[:, None].expand_as(self.out_norm_weight))
+        self.out_norm_weight.copy_(output_rms if far_share is None else output_rms * far_share[:, None])
 
-    def _teacher_mass_beyond_window(self, hidden_states, valid) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax attention (the window's own scores, over all keys) beyond the window, per head [H]:
-        the log of its total unnormalised mass over the batch, and the mean share of a query's mass."""
+    def _softmax_reference(self, hidden_states, valid):
+        """Softmax attention over the student's own (initial: the teacher's) projections, per head:
+        the RMS of its output per channel [H, D] and, for a sliding-window student, the log of its total
+        unnormalised mass beyond the window over the batch [H] and the mean share of a query's mass that
+        lies there [H] (None, None without a window)."""
         batch, length, _ = hidden_states.shape
-        q, k = self._window_queries_keys(self._projections(hidden_states), None, None)
+        projections = self._projections(hidden_states)
+        q, k = self._window_queries_keys(projections, None, None)
+        v = projections[2].view(q.shape)
         ones = torch.ones(length, length, dtype=torch.bool, device=q.device)
         reachable = ones.tril() if self.causal else ones
         far = ones.tril(-self.window)
         if not self.causal:
             far = far | ones.triu(self.window)
+        squares = torch.zeros(self.num_heads, self.head_dim, device=q.device)
         log_mass = torch.full((self.num_heads,), -math.inf, device=q.device)
-        shares = []
+        shares, count = [], 0
         for row in range(batch):  # one sequence at a time: the scores are [H, T, T]
             real = ones if valid is None else valid[row][None, :] & valid[row][:, None]
-            scores = torch.einsum("thd,shd->hts", q[row].float(), k[row].float()) / math.sqrt(self.head_dim)
-            log_far = scores.masked_fill(~(far & real), -math.inf).logsumexp(-1)  # [H, T]
-            log_all = scores.masked_fill(~(reachable & real), -math.inf).logsumexp(-1)
             queries = real.any(-1)
-            log_mass = torch.logaddexp(log_mass, log_far.flatten(1).logsumexp(-1))
-            shares.append((log_far - log_all).exp()[:, queries].nan_to_num(0.0))
-        return log_mass, torch.cat(shares, dim=1).mean(1)
+            scores = torch.einsum("thd,shd->hts", q[row].float(), k[row].float()) / math.sqrt(self.head_dim)
+            reached = scores.masked_fill(~(reachable & real), -math.inf)
+            log_all = reached.logsumexp(-1)  # [H, T]
+            weights = (reached - log_all[..., None]).exp().nan_to_num(0.0)  # rows without keys: 0
+            output = torch.einsum("hts,shd->htd", weights, v[row].float())
+            squares += output[:, queries].pow(2).sum(1)
+            count += int(queries.sum())
+            if self.window:
+                log_far = scores.masked_fill(~(far & real), -math.inf).logsumexp(-1)
+                log_mass = torch.logaddexp(log_mass, log_far.flatten(1).logsumexp(-1))
+                shares.append((log_far - log_all).exp()[:, queries].nan_to_num(0.0))
+        output_rms = (squares / max(count, 1)).sqrt()
+        if not self.window:
+            return output_rms, None, None
+        return output_rms, log_mass, torch.cat(shares, dim=1).mean(1)
 
     def _calibrate_window_offset(self, hidden_states, attention_mask, valid, log_far_mass) -> None:
         """Set ``window_offset`` so that, over the batch, sum exp(score - offset) beyond the window equals

@@ -180,3 +180,23 @@ def test_student_spec_checks_window_and_convolutions():
     rebuilt = build_student(student.config_dict())
     assert rebuilt.config_dict() == student.config_dict()
     assert set(rebuilt.state_dict()) == set(student.state_dict())
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_rms_readout_starts_at_the_teachers_output_scale(window):
+    """A Gated DeltaNet student's RMS readout starts at the RMS per channel of the teacher's attention
+    output (BERT's replaced module returns exactly that: the per-head context), times the share of
+    attention beyond the window when the student has one."""
+    model = tiny_model("bert")
+    adapter = adapter_for(model)
+    student = student_from_teacher(StudentSpec(kind="gated_deltanet", window=window),
+                                   adapter.read_attention_weights(model, 0), causal=False)
+    hidden = torch.randn(3, 10, model.config.hidden_size)
+    student.calibrate_readout_scale(hidden)
+    with torch.no_grad():
+        context = adapter.attention_module(model, 0)(hidden)[0]
+    expected = context.reshape(-1, student.num_heads, student.head_dim).pow(2).mean(0).sqrt()
+    if window:
+        assert (student.out_norm_weight < expected).all() and (student.out_norm_weight > 0).all()
+    else:
+        torch.testing.assert_close(student.out_norm_weight.detach(), expected, atol=1e-5, rtol=1e-4)
