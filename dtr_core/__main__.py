@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shutil
 import sys
+from pathlib import Path
 
 from .specs import (
     CardSpec,
@@ -60,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guard", action="append", default=[], metavar="FIELD=VALUE,...",
                         help="a further target every kept hybrid must stay within tolerance on (repeatable), e.g. "
                              "'kind=passkey,context_tokens=256,tolerance=0.05,tolerance_mode=absolute'")
-    parser.add_argument("--student", default=StudentSpec.kind, help="gla | gated_deltanet")
+    parser.add_argument("--student", default=StudentSpec.kind,
+                        help="gla | gated_deltanet | auto (every kind) | a comma-separated list: with several, "
+                             "every layer gets one of each and keeps the kind its swap alone scores best with")
     parser.add_argument("--window", type=int, default=StudentSpec.window,
                         help="softmax attention over the last W tokens beside the scan (0: none)")
     parser.add_argument("--short-conv", type=int, default=StudentSpec.short_conv,
@@ -171,15 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     from .run import default_cache_dir, run_dtr
     from .runner import PlainRunner
     from .stage_cache import StageCache
-    from .stages import INPUT_ERRORS, check_output_dir
+    from .stages import INPUT_ERRORS, check_inputs, make_output_dir
 
+    made: list[Path] = []  # folders this run created, deepest first
     try:
         run, cache_dir = parse_args(argv)
         run = dataclasses.replace(run, device=init_distributed(run.device))
         log = print if rank_and_world()[0] == 0 else lambda line: None  # one voice for N processes
-        cache = StageCache(check_output_dir(cache_dir or default_cache_dir(run), "--cache-dir"))
+        check_inputs(run)  # before the cache folder is made: bad input leaves nothing behind
+        cache_path = Path(cache_dir or default_cache_dir(run)).absolute()
+        made = [folder for folder in (cache_path, *cache_path.parents) if not folder.exists()]
+        cache = StageCache(make_output_dir(cache_path, "--cache-dir"))
         summary = run_dtr(run, PlainRunner(cache, log), log=log)
     except INPUT_ERRORS as err:
+        # Input found bad once the teacher is loaded (e.g. an encoder given a decoder's target): the
+        # folders made for the run go again while they hold no file.
+        for folder in made:
+            if folder.exists() and not any(path.is_file() for path in folder.rglob("*")):
+                shutil.rmtree(folder)
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -11,6 +11,8 @@ from torch import nn
 
 from .capture import LayerActivations
 from .linear.base import LinearAttentionStudent
+from .progress import Progress
+from .runner import Log
 from .specs import DistillSpec
 from .training import (CurveLogger, DistillResult, build_optimizer, masked_squared_error, optimizer_step,
                        plan_training, relative_error, trained_weights, warmup_cosine)
@@ -51,7 +53,7 @@ def _subset(data: LayerActivations, index: torch.Tensor) -> LayerActivations:
 
 def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec: DistillSpec, layer_idx: int,
                   token_budget: int, device: torch.device | str = "cpu",
-                  log_curve: CurveLogger | None = None) -> DistillResult:
+                  log_curve: CurveLogger | None = None, log: Log | None = None) -> DistillResult:
     """Train ``student`` (in place) on one layer's activations; only its own parameters move.
 
     Loss: masked MSE to the teacher's attention output, relative to the output variance
@@ -64,6 +66,7 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
             attention_mask [N, T]; a ``spec.holdout_fraction`` of the sequences is held out.
         log_curve: called as ``log_curve(layer_idx, first_step, losses)`` with the losses of the
             steps since its last call, every ``CURVE_LOG_EVERY`` steps and once at the end.
+        log: where the training's progress line goes (``progress.Progress``; None: nowhere).
     """
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(spec.seed + layer_idx)
@@ -89,6 +92,7 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
     warmup = min(spec.warmup_steps, planned_steps // 2)
     curve: list[float] = []
     logged = 0  # curve[:logged] has been given to log_curve
+    progress = Progress(f"distill layer {layer_idx}", planned_steps, log, unit="steps")
 
     def flush_curve() -> None:
         nonlocal logged
@@ -114,9 +118,11 @@ def distill_layer(student: LinearAttentionStudent, data: LayerActivations, spec:
             optimizer_step(optimizer, [student], spec.learning_rate * factor)
             curve.append(loss.item())
             train_tokens += int(m.sum())
+            progress.advance(detail=f"loss {curve[-1]:.4f}")
             if len(curve) % CURVE_LOG_EVERY == 0:
                 flush_curve()
     flush_curve()
+    progress.close()
 
     student.eval()
     rel_error_final = evaluate_rel_error(student, holdout, variance, spec.batch_size, device)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,42 @@ DIR_MODE = 0o777 & ~_UMASK
 
 
 def staging_dir(beside: Path, prefix: str, suffix: str = "") -> Path:
-    """A new empty folder in ``beside`` (to be renamed into place later), with the usual mode."""
-    folder = Path(tempfile.mkdtemp(dir=beside, prefix=prefix, suffix=suffix))
+    """A new empty folder in ``beside`` (to be renamed into place later), with the usual mode.
+
+    Its name says which process on which host owns it (``<prefix><host>+<pid>+<random><suffix>``),
+    so that the folders of killed processes can be told from those of live ones: each call first
+    removes the dead ones of this host (``remove_dead_staging``)."""
+    remove_dead_staging(beside, prefix, suffix)
+    owner = f"{socket.gethostname()}+{os.getpid()}+"
+    folder = Path(tempfile.mkdtemp(dir=beside, prefix=prefix + owner, suffix=suffix))
     folder.chmod(DIR_MODE)
     return folder
+
+
+def remove_dead_staging(beside: Path, prefix: str, suffix: str = "") -> None:
+    """Delete the staging folders in ``beside`` that processes of this host which no longer run
+    left there (a run killed while exporting). A live process's folder, another host's (on a shared
+    filesystem: its pids mean nothing here) and names not made by ``staging_dir`` are left alone."""
+    host = socket.gethostname()
+    for entry in os.scandir(beside):
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(suffix) and entry.is_dir(follow_symlinks=False)):
+            continue
+        owner_host, _, rest = name[len(prefix):].partition("+")
+        pid, separator, _ = rest.partition("+")
+        if separator and owner_host == host and pid.isdigit() and not is_running(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)  # another run may be removing it too
+
+
+def is_running(pid: int) -> bool:
+    """Whether process ``pid`` of this machine is alive."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _atomic_target(path: Path):
@@ -98,6 +131,17 @@ def link_tree(source: str | os.PathLike, destination: str | os.PathLike) -> Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def point_symlink(link: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """``link`` becomes a symlink to ``target`` (relative, so the pair can move together), replacing
+    the link that was there at once: a reader finds the old target or the new one, never neither."""
+    link = Path(link)
+    staged = link.parent / f".{link.name}.tmp-{socket.gethostname()}+{os.getpid()}"
+    staged.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), staged)
+    os.replace(staged, link)
+    return link
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],

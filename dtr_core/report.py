@@ -42,6 +42,9 @@ class RunSummary:
     # direction, scores: {full, m_opt, m_best}}], "warnings": [...]}; None for encoders or when off.
     card: dict | None = None
     distillation_warnings: list[str] = field(default_factory=list)  # training.distillation_warnings
+    # When every layer had students of several kinds (StudentSpec.kinds): {"kinds": layer → kind,
+    # "scores": kind → layer → validation score swapped alone, "evaluations": what the choice cost}.
+    student_kinds: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -78,6 +81,16 @@ def _tolerance_text(target: dict) -> str:
 
 
 def _plot_trajectory(summary: RunSummary, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = trajectory_figure(summary)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def trajectory_figure(summary: RunSummary):
+    """One panel per target: every candidate's validation score (grey) and the kept swaps against
+    the number of linear layers (whole numbers on that axis); the caller saves and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +115,7 @@ def _plot_trajectory(summary: RunSummary, path: Path) -> None:
         ax.legend()
     axes[0, 0].set_title("Greedy replacement (grey: every candidate evaluated)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def _plot_recall(summary: RunSummary, path: Path) -> None:
@@ -170,7 +182,7 @@ def render_markdown(summary: RunSummary) -> str:
         "",
         "## Scores",
         "",
-        f"M_opt: linear layers {list(summary.m_opt)}; M_best: {list(summary.m_best)}.",
+        f"M_opt: linear layers {list(summary.m_opt)}; {_best_text(summary)}.",
         "",
         "| target | P_min | full val | M_opt val | M_best val | full test | M_opt test | M_best test |",
         "|---|---|---|---|---|---|---|---|",
@@ -182,23 +194,8 @@ def render_markdown(summary: RunSummary) -> str:
         p_min = f"{thresholds[name]:.4f}" if name in thresholds else "—"
         lines.append(f"| {name} ({t['metric']}) | {p_min} | {val['full']:.4f} | {val['m_opt']:.4f} | "
                      f"{val['m_best']:.4f} | {test['full']:.4f} | {test['m_opt']:.4f} | {test['m_best']:.4f} |")
-    names = [t["name"] for t in targets]
-    lines += [
-        "",
-        "## Search trajectory",
-        "",
-        "| round | added layer | linear layers | " + " | ".join(names) + " | within every tolerance |",
-        "|---|---|---|" + "---|" * len(names) + "---|",
-    ]
-    for step in result["trajectory"]:
-        lines.append(f"| {step['round']} | {step['added_layer']} | {list(step['linear_layers'])} | "
-                     + " | ".join(f"{step['scores'][n]:.4f}" for n in names)
-                     + f" | {'yes' if step['meets_p_min'] else 'no'} |")
-    lines += [
-        f"\nStopped: {result['stopped_because']}.",
-        f"\n![trajectory]({TRAJECTORY_PLOT})",
-        "",
-    ]
+    lines += ["", "## Search trajectory", "", *_trajectory_markdown(result, [t["name"] for t in targets]),
+              f"\n![trajectory]({TRAJECTORY_PLOT})", ""]
     if summary.card is not None:
         lines += _card_markdown(summary)
     lines += [
@@ -208,6 +205,7 @@ def render_markdown(summary: RunSummary) -> str:
         "",
         *[f"**Warning:** {warning}." for warning in summary.distillation_warnings],
         "",
+        *_kinds_lines(summary),
         "| layer | relative error at init | after | steps | seconds |",
         "|---|---|---|---|---|",
     ]
@@ -225,6 +223,32 @@ def render_markdown(summary: RunSummary) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _best_text(summary: RunSummary) -> str:
+    """M_best is the best-scoring hybrid, not necessarily the best model: when it scores below the
+    full model on the primary target's validation split, the full model is best."""
+    primary = summary.primary
+    val = summary.scores["validation"][primary["name"]]
+    if not summary.m_best:
+        return "M_best: none (no hybrid held every guard), so the full model is best"
+    if _direction(primary).better(val["full"], val["m_best"]):
+        return (f"the full model is best: the best-scoring hybrid, M_best {list(summary.m_best)}, scores "
+                f"{val['m_best']:.4f} against its {val['full']:.4f} ({primary['name']}, validation)")
+    return f"M_best: {list(summary.m_best)}"
+
+
+def _trajectory_markdown(result: dict, names: list[str]) -> list[str]:
+    """The kept swaps as a table; when the first round kept none, a sentence instead of an empty table."""
+    if not result["trajectory"]:
+        return [f"No layer could be replaced: {result['stopped_because']}."]
+    lines = ["| round | added layer | linear layers | " + " | ".join(names) + " | within every tolerance |",
+             "|---|---|---|" + "---|" * len(names) + "---|"]
+    for step in result["trajectory"]:
+        lines.append(f"| {step['round']} | {step['added_layer']} | {list(step['linear_layers'])} | "
+                     + " | ".join(f"{step['scores'][n]:.4f}" for n in names)
+                     + f" | {'yes' if step['meets_p_min'] else 'no'} |")
+    return lines + [f"\nStopped: {result['stopped_because']}."]
 
 
 def _card_markdown(summary: RunSummary) -> list[str]:
@@ -262,6 +286,91 @@ def write_report(summary: RunSummary, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def _kinds_lines(summary: RunSummary) -> list[str]:
+    """The report's table of every kind's single-swap validation score per layer, when kinds were chosen."""
+    if summary.student_kinds is None:
+        return []
+    kinds = list(summary.student_kinds["scores"])
+    name = summary.primary["name"]
+    headers = " | ".join(f"{name} with {kind} alone" for kind in kinds)
+    lines = [f"Student kinds: {_kinds_text(summary.student_kinds)}.", "",
+             f"| layer | kind kept | {headers} |",
+             "|---|---|" + "---|" * len(kinds)]
+    for layer, kind in summary.student_kinds["kinds"].items():
+        scores = " | ".join(f"{summary.student_kinds['scores'][k][layer]:.4f}" for k in kinds)
+        lines.append(f"| {layer} | {kind} | {scores} |")
+    return [*lines, ""]
+
+
+def _kinds_text(student_kinds: dict) -> str:
+    """Which layers took which kind of student, and what choosing cost."""
+    chosen: dict[str, list[int]] = {kind: [] for kind in student_kinds["scores"]}
+    for layer, kind in student_kinds["kinds"].items():
+        chosen[kind].append(int(layer))
+    return ("; ".join(f"{kind} {sorted(layers)}" for kind, layers in chosen.items())
+            + f" (each layer's kind chosen by its swap alone: {student_kinds['evaluations']} evaluations, "
+              f"{len(chosen)} students distilled per layer)")
+
+
+BAR_WIDTH = 30  # characters of the summary's trade-off bars
+
+
+def trajectory_lines(summary: RunSummary) -> list[str]:
+    """The trade-off along the search, for the terminal: the primary target's validation score (and,
+    under the bootstrap rule, the pessimistic bound acceptance judged) for the full model, each kept
+    swap and, when the search stopped, the best candidate of the round that stopped it; which hybrid
+    was exported. Each row's bar is solid up to what acceptance judged (the bound, or the score),
+    shaded on to the score, with │ at P_min: a hybrid is within tolerance when its solid part reaches it."""
+    result = summary.search["result"]
+    primary = summary.primary
+    name, direction = primary["name"], _direction(primary)
+    p_min = result["selection"]["thresholds"].get(name)
+    bootstrap = result.get("acceptance") == "bootstrap"
+    by_layers = {tuple(e["linear_layers"]): e for e in result["evaluations"]}
+    key = "m_opt" if summary.exported == "opt" else "m_best"
+    rows = [(by_layers[()], "full model")]
+    rows += [(by_layers[tuple(step["linear_layers"])], "kept" if step["meets_p_min"] else "kept, outside tolerance")
+             for step in result["trajectory"]]
+    stopping_round = [e for e in result["evaluations"] if e["round"] == len(result["trajectory"]) + 1]
+    if stopping_round:
+        best = stopping_round[0]
+        for e in stopping_round[1:]:
+            if direction.better(e["scores"][name], best["scores"][name]):
+                best = e
+        rows.append((best, "best candidate, outside tolerance: the search stopped"))
+
+    def judged(e: dict) -> float | None:
+        return (e.get("bounds") or {}).get(name) if bootstrap else None
+
+    values = [e["scores"][name] for e, _ in rows] + [v for e, _ in rows if (v := judged(e)) is not None]
+    values += [p_min] if p_min is not None else []
+    span = (max(values) - min(values)) or 1.0
+    low = min(values) - 0.25 * span  # the lowest row still gets a visible bar
+
+    def column(value: float) -> int:
+        return round((value - low) / (max(values) - low) * BAR_WIDTH)
+
+    title = f"validation {primary['metric']} ({direction.phrase}) by number of linear layers"
+    if p_min is not None:
+        title += f"; │ marks P_min {p_min:.4f} (tolerance {_tolerance_text(primary)}"
+        title += ", judged on the bootstrap bound)" if bootstrap else ")"
+    lines = [f"  trade-off: {title}",
+             f"    {'linear':<8}{'layers':<20}{'score':>8}" + (f"{'bound':>8}" if bootstrap else "")]
+    for e, verdict in rows:
+        layers = tuple(e["linear_layers"])
+        bound = judged(e)
+        solid = column(e["scores"][name] if bound is None else min(bound, e["scores"][name]))
+        bar = ["█" if i < solid else "░" if i < column(e["scores"][name]) else " " for i in range(BAR_WIDTH + 1)]
+        if p_min is not None:
+            bar[column(p_min)] = "│"
+        exported = " ← exported (M_opt)" if key == "m_opt" else " ← exported (M_best)"
+        note = verdict + (exported if layers == tuple(summary.linear_layers) and layers else "")
+        lines.append(f"    {f'{len(layers)}/{summary.num_layers}':<8}{str(list(layers)):<20}{e['scores'][name]:>8.4f}"
+                     + (f"{bound:>8.4f}" if bootstrap and bound is not None else " " * 8 if bootstrap else "")
+                     + f"  {''.join(bar)}  {note}")
+    return lines
+
+
 def format_summary(summary: RunSummary) -> str:
     """The short text summary printed at the end of a run: one line per target."""
     chosen = "M_opt" if summary.exported == "opt" else "M_best"
@@ -282,6 +391,7 @@ def format_summary(summary: RunSummary) -> str:
         label = f"{t['name']} ({t['metric']})" if t["name"] != t["metric"] else t["name"]
         lines.append(f"  {label:<{width}} full val {val['full']:.4f} test {test['full']:.4f}  →  "
                      f"hybrid val {val[key]:.4f} test {test[key]:.4f}  (tolerance {_tolerance_text(t)})")
+    lines += trajectory_lines(summary)
     for entry in (summary.card or {}).get("entries", ()):
         scores = entry["scores"]
         label = f"{entry['name']} ({entry['metric']})"
@@ -290,6 +400,8 @@ def format_summary(summary: RunSummary) -> str:
     lines += [f"  WARNING: {warning}" for warning in (summary.card or {}).get("warnings", ())]
     lines += [f"  {'distillation':<{width}} {TrainingPlan.of_record(summary.distillation[0]).describe()}"]
     lines += [f"  WARNING: {warning}" for warning in summary.distillation_warnings]
+    if summary.student_kinds is not None:
+        lines.append(f"  {'student kinds':<{width}} {_kinds_text(summary.student_kinds)}")
     lines += [
         f"  {'evaluations':<{width}} {summary.evaluations} (layer-forwards {summary.layer_forwards}, "
         f"{saved} saved by prefix reuse)",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from dataclasses import asdict
 from pathlib import Path
@@ -30,11 +30,12 @@ from .card import warnings as card_warnings
 from .export import ExportManifest, export_hybrid
 from .io import link_tree, write_json
 from .linear.base import LinearAttentionStudent
+from .progress import Progress
 from .report import RunSummary, write_report
 from .runner import Log, PlainRunner, Stage, StageRunner
 from .acceptance import ExampleScores, paired_bootstrap_bound
 from .direction import Direction
-from .search import CandidateScores, SearchResult, TargetGuard, greedy_replace
+from .search import CandidateScores, SearchResult, TargetGuard, greedy_replace, preferred
 from .specs import RunSpec, TargetSpec, spec_to_dict
 from .stage_cache import StageCache, code_version, content_key
 from .stages import (
@@ -42,6 +43,8 @@ from .stages import (
     RunContext,
     SearchOutcome,
     TargetEvaluator,
+    capture_files,
+    candidate_key,
     capture_key,
     capture_stage,
     context_limit,
@@ -70,7 +73,6 @@ from .training import CurveLogger, TrainingPlan, distillation_warnings
 T = TypeVar("T")
 # What every run folder holds, from either entry point (the cache may live elsewhere).
 RUN_FOLDER = ("search.json", "hybrid", "report")
-SEARCH_PROGRESS_EVERY = 10  # evaluations between two search progress lines
 
 
 def default_cache_dir(run: RunSpec) -> Path:
@@ -94,19 +96,27 @@ class StageTimer:
 
 class TrackedCurves:
     """A ``CurveLogger`` that hands each curve to the tracker while it grows (picklable: stages on
-    Dask workers log too)."""
+    Dask workers log too). ``names[i]``: student ``i``'s curve (default ``distill/layer_<i>``)."""
 
-    def __init__(self, tracker: Tracker) -> None:
-        self.tracker = tracker
+    def __init__(self, tracker: Tracker, names: Sequence[str] | None = None) -> None:
+        self.tracker, self.names = tracker, names
 
-    def __call__(self, layer_idx: int, first_step: int, losses: Sequence[float]) -> None:
-        self.tracker.log_series(f"distill/layer_{layer_idx:02d}/loss", losses, first_step)
+    def __call__(self, index: int, first_step: int, losses: Sequence[float]) -> None:
+        name = f"distill/layer_{index:02d}" if self.names is None else self.names[index]
+        self.tracker.log_series(f"{name}/loss", losses, first_step)
 
 
-def log_stored_curves(log_curve: CurveLogger, records: Sequence[Mapping]) -> None:
-    """A cached student's curve, logged whole: this run did not train it but its tracking shows it."""
-    for record in records:
-        log_curve(record["layer_idx"], 0, record["loss_curve"])
+def curve_name(record: Mapping, several_kinds: bool) -> str:
+    """Where a student's curve and relative errors are tracked: by layer, and by kind when several."""
+    kind = f"/{record['student_config']['kind']}" if several_kinds else ""
+    return f"distill{kind}/layer_{record['layer_idx']:02d}"
+
+
+def log_stored_curves(log_curve: CurveLogger, indexed: Iterable[tuple[int, Mapping]]) -> None:
+    """Cached students' curves, logged whole (``(index, record)`` pairs, the index ``log_curve``
+    knows each by): this run did not train them but its tracking shows them."""
+    for index, record in indexed:
+        log_curve(index, 0, record["loss_curve"])
 
 
 def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | None = None,
@@ -130,8 +140,9 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
     log(f"teacher {ctx.teacher.path} ({adapter.family}, {adapter.num_layers} layers); targets: "
         + "; ".join(f"{name} ({source.source})" for name, source in ctx.sources.items()))
 
-    records, capture_tokens = _distill(ctx, runner, tracker, timer, log)
-    if records is None:
+    kinds = run.student.kinds
+    by_kind, capture_tokens = _distill(ctx, runner, tracker, timer, log)
+    if by_kind is None:
         return None
     # The classification targets' frozen logistic-regression probes (not the recall probes).
     probes = {target.label: timer("target", runner.run, Stage(
@@ -139,6 +150,15 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
         files=lambda value: {value["file"]: value["sha256"]}))
         for target in run.targets if target.kind == "classification"}
     targets = [timer("target", prepare_target, ctx, target, probes.get(target.label)) for target in run.targets]
+    kind_choice = None
+    if len(kinds) == 1:
+        records = by_kind[kinds[0]]
+    else:
+        kind_choice = timer("search", _choose_student_kinds, ctx, runner, by_kind, probes, targets, log)
+        by_layer = {kind: {record["layer_idx"]: record for record in kind_records}
+                    for kind, kind_records in by_kind.items()}
+        # A layer the search may not replace keeps the first kind's student (it is never swapped in).
+        records = [by_layer[kind_choice["kinds"].get(str(layer), kinds[0])][layer] for layer in by_layer[kinds[0]]]
     students = timer("target", load_students, records, run)
 
     outcome = timer("search", _search, ctx, runner, records, probes, students, targets, log)
@@ -179,7 +199,7 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
         layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
         stage_seconds=dict(timer.seconds), distillation=list(records), capture_tokens=capture_tokens,
         export_dir=str(hybrid_dir), report_dir=str(report_dir), search=outcome.to_json(), card=card,
-        distillation_warnings=distillation_warnings(records),
+        distillation_warnings=distillation_warnings(records), student_kinds=kind_choice,
     )
     runner.run(Stage("report", "report", None, lambda folder, stage_log: str(write_report(summary, report_dir))))
     _track_summary(tracker, summary)
@@ -227,46 +247,58 @@ def distilled_layers(run: RunSpec, num_layers: int) -> list[int]:
 
 
 def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: StageTimer,
-             log: Log) -> tuple[list[dict] | None, int]:
-    """Every layer's student record, and the distinct tokens distilled from; (None, 0) on a
-    data-parallel rank other than 0."""
+             log: Log) -> tuple[dict[str, list[dict]] | None, int]:
+    """Every layer's student record for each kind of ``ctx.run.student`` ({kind: records}), and the
+    distinct tokens distilled from; (None, 0) on a data-parallel rank other than 0. Stream mode trains
+    every kind's students on the same teacher pass; disk mode distils every kind from one capture."""
     run, num_layers = ctx.run, ctx.teacher.adapter.num_layers
-    log_curve = TrackedCurves(tracker)
+    kinds = run.student.kinds
+    several = len(kinds) > 1
     choice = distill_mode(ctx)
     log(f"distillation mode: {choice.mode} ({choice.reason})")
     if choice.mode == "stream":
+        # Students are numbered kind-major (stream_distill_stage): the i-th's curve is named by position.
+        names = [f"distill/{kind}/layer_{layer:02d}" for kind in kinds for layer in range(num_layers)]
+        log_curve = TrackedCurves(tracker, names if several else None)
         streamed = timer("distill", runner.run, Stage(
             "distill", "stream distill", stream_distill_key(ctx),
             partial(stream_distill_stage, run, "distill" in runner.cache.refresh, log_curve),
             files=lambda value: {f: d for r in value["records"] for f, d in record_files(r).items()},
             describe=lambda value: "; ".join(f"layer {r['layer_idx']}: {describe_record(r)}" for r in value["records"]),
-            on_cached=lambda value: log_stored_curves(log_curve, value["records"])))
+            on_cached=lambda value: log_stored_curves(log_curve, enumerate(value["records"]))))
         if streamed is None:
             return None, 0
         records, capture_tokens = streamed["records"], streamed["tokens"]
     else:
         key = capture_key(ctx)
         capture = timer("capture", runner.run, Stage("capture", "capture", key, partial(capture_stage, run),
-                                                     describe=describe_capture))
-        records = timer("distill", runner.run_all, [
-            Stage("distill", f"distill layer {layer_idx}", distill_key(ctx, key, layer_idx),
-                  partial(distill_stage, run, capture, layer_idx, log_curve), files=record_files,
-                  describe=describe_record, on_cached=partial(_log_stored_curve, log_curve))
-            for layer_idx in distilled_layers(run, num_layers)])
+                                                     files=capture_files, describe=describe_capture))
+        stages = []
+        for kind in kinds:
+            kind_ctx = ctx.for_student_kind(kind)
+            log_curve = TrackedCurves(tracker, [f"distill/{kind}/layer_{layer:02d}" for layer in range(num_layers)]
+                                      if several else None)
+            stages += [Stage("distill", f"distill layer {layer_idx}" + (f" ({kind})" if several else ""),
+                             distill_key(kind_ctx, key, layer_idx),
+                             partial(distill_stage, kind_ctx.run, capture, layer_idx, log_curve), files=record_files,
+                             describe=describe_record, on_cached=partial(_log_stored_curve, log_curve))
+                       for layer_idx in distilled_layers(run, num_layers)]
+        records = timer("distill", runner.run_all, stages)
         capture_tokens = capture["tokens"]
     for record in records:
-        layer = record["layer_idx"]
-        tracker.log_metrics({f"distill/layer_{layer:02d}/rel_error_init": record["rel_error_init"],
-                             f"distill/layer_{layer:02d}/rel_error_final": record["rel_error_final"]})
+        name = curve_name(record, several)
+        tracker.log_metrics({f"{name}/rel_error_init": record["rel_error_init"],
+                             f"{name}/rel_error_final": record["rel_error_final"]})
     plan = TrainingPlan.of_record(records[0])
     log(f"distillation: {plan.describe()}")
     tracker.log_metrics({"distill/data_tokens": plan.data_tokens, "distill/train_tokens": plan.train_tokens,
                          "distill/passes": plan.passes})
-    return records, capture_tokens
+    by_kind = {kind: [r for r in records if r["student_config"]["kind"] == kind] for kind in kinds}
+    return by_kind, capture_tokens
 
 
 def _log_stored_curve(log_curve: CurveLogger, record: Mapping) -> None:
-    log_stored_curves(log_curve, [record])
+    log_stored_curves(log_curve, [(record["layer_idx"], record)])
 
 
 def _evaluated(evaluator: TargetEvaluator, layers: frozenset[int], folder: Path | None, log: Log) -> dict:
@@ -289,34 +321,33 @@ class TargetsEvaluator:
         self.ctx, self.runner, self.evaluators, self.directions = ctx, runner, evaluators, directions
         self.full_examples: dict[str, ExampleScores] = {}
         self.records, self.probes, self.log = records, probes, log
-        self.keys = {target.label: evaluation_key(ctx, target, records) for target in ctx.run.targets}
+        self.specs = {target.label: target for target in ctx.run.targets}
+        self.by_layer = {record["layer_idx"]: record for record in records}
         candidates = len(distilled_layers(ctx.run, ctx.teacher.adapter.num_layers))
-        self.most = candidates * (candidates + 1) // 2 + 1
-        self.done, self.started = 0, time.perf_counter()
+        # Every round scores each remaining candidate: this many evaluations when the search runs
+        # to the end, at most that many when it may stop early.
+        self.progress = Progress("search", candidates * (candidates + 1) // 2 + 1, log, unit="evaluations",
+                                 bound=not ctx.run.search.run_to_end)
 
-    def _stage(self, name: str, layers: frozenset[int], compute, describe=None) -> Stage:
-        return Stage("evaluate", f"evaluate {name} {sorted(layers)}", content_key(self.keys[name], sorted(layers)),
-                     compute, quiet=True, describe=describe)
-
-    def _progress(self, layers: frozenset[int], scores: Mapping[str, float]) -> None:
-        self.done += 1
-        if self.done % SEARCH_PROGRESS_EVERY == 0:
-            elapsed = time.perf_counter() - self.started
-            written = ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
-            self.log(f"search: {self.done} evaluations of at most {self.most} ({elapsed:.0f}s); "
-                     f"{len(layers)} linear {sorted(layers)} → {written}")
+    def _stage(self, name: str, layers: frozenset[int], compute, describe=None, on_cached=None) -> Stage:
+        return Stage("evaluate", f"evaluate {name} {sorted(layers)}",
+                     candidate_key(self.ctx, self.specs[name], self.by_layer, layers),
+                     compute, quiet=True, describe=describe, on_cached=on_cached)
 
     def __call__(self, linear_layers: frozenset[int]) -> CandidateScores:
-        values = {name: self.runner.run(self._stage(name, linear_layers, partial(_evaluated, evaluator, linear_layers)))
+        hits: list = []  # a candidate every target had cached took no time: it must not lower the estimate
+        values = {name: self.runner.run(self._stage(name, linear_layers, partial(_evaluated, evaluator, linear_layers),
+                                                    on_cached=hits.append))
                   for name, evaluator in self.evaluators.items()}
-        return self._scored(linear_layers, values)
+        return self._scored(linear_layers, values, worked=len(hits) < len(values))
 
-    def _scored(self, layers: frozenset[int], values: Mapping[str, Mapping]) -> CandidateScores:
+    def _scored(self, layers: frozenset[int], values: Mapping[str, Mapping], worked: bool = True) -> CandidateScores:
         """Each target's score from its evaluate stage's value; under the bootstrap rule also its
         pessimistic bound against the full model (the search's first candidate), for each target
         that gives per-example scores (the others are judged by their score)."""
         scores = {name: value["score"] for name, value in values.items()}
-        self._progress(layers, scores)
+        written = ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
+        self.progress.advance(worked=worked, detail=f"{len(layers)} linear {sorted(layers)} → {written}")
         search = self.ctx.run.search
         if search.acceptance == "point":
             return CandidateScores(scores)
@@ -362,6 +393,37 @@ class RoundTargetsEvaluator(TargetsEvaluator):
         return results
 
 
+def _choose_student_kinds(ctx: RunContext, runner: StageRunner, by_kind: Mapping[str, Sequence[Mapping]],
+                          probes: Mapping[str, Mapping], targets: Sequence[PreparedTarget], log: Log) -> dict:
+    """Each layer's kind of student, when the run distilled several: every kind's student of every
+    candidate layer is swapped alone into the full model and scored on validation (cached evaluate
+    stages: the search's first round finds the chosen ones there), and the layer keeps the kind the
+    search's own rule prefers (``search.preferred``). Returns {"kinds": layer → kind (str keys, as
+    in JSON), "scores": kind → layer → primary score, "evaluations": how many the choice cost}."""
+    run = ctx.run
+    guards = [TargetGuard(target.name, target.scorer.direction, *run.tolerance_of(target.spec)) for target in targets]
+    directions = {guard.name: guard.direction for guard in guards}
+    layers = distilled_layers(run, ctx.teacher.adapter.num_layers)
+    scored: dict[str, dict[int, CandidateScores]] = {}
+    for kind, records in by_kind.items():
+        students = load_students(records, run)
+        evaluators = {target.name: split_evaluator(ctx, students, target, "validation", run.search.prefix_reuse)
+                      for target in targets}
+        staged = TargetsEvaluator(ctx, runner, evaluators, directions, records, probes, log)
+        full = staged(frozenset())  # cached after the first kind: the same model
+        scored[kind] = {layer: staged(frozenset({layer})) for layer in layers}
+        staged.progress.close()
+    full_scores = dict(full.scores)
+    kinds = list(by_kind)
+    chosen = {str(layer): kinds[preferred(guards, full_scores, [scored[kind][layer] for kind in kinds],
+                                          run.search.acceptance)] for layer in layers}
+    primary = guards[0].name
+    log("student kinds: " + ", ".join(f"layer {layer} {kind}" for layer, kind in chosen.items()))
+    return {"kinds": chosen, "evaluations": 1 + len(kinds) * len(layers),
+            "scores": {kind: {str(layer): scores.scores[primary] for layer, scores in per_layer.items()}
+                       for kind, per_layer in scored.items()}}
+
+
 def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], probes: Mapping[str, Mapping],
             students: Mapping[int, LinearAttentionStudent], targets: Sequence[PreparedTarget], log: Log) -> SearchOutcome:
     """The greedy search as one cached stage, its candidates as cached stages inside it."""
@@ -376,6 +438,7 @@ def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], pr
         staged = staged_class(ctx, runner, evaluators, {guard.name: guard.direction for guard in guards},
                               records, probes, log)
         result = greedy_replace(ctx.teacher.adapter.num_layers, staged, run.search, guards)
+        staged.progress.close()
         return SearchOutcome(result, sum(e.layer_forwards for e in evaluators.values()),
                              sum(e.layer_forwards_full for e in evaluators.values()),
                              time.perf_counter() - started).to_json()
@@ -390,10 +453,9 @@ def _test_scores(ctx: RunContext, students: Mapping[int, LinearAttentionStudent]
     """Test-split score of each named layer set on one target (prefix reuse off: each distinct set
     is run once)."""
     evaluator = split_evaluator(ctx, students, target, "test", prefix_reuse=False)
-    by_set: dict[tuple[int, ...], float] = {}
-    for layers in layer_sets.values():
-        if layers not in by_set:
-            by_set[layers] = evaluator(frozenset(layers))
+    distinct = list(dict.fromkeys(layer_sets.values()))
+    progress = Progress(f"test scores ({target.name})", len(distinct), log, unit="layer sets")
+    by_set = {layers: evaluator(frozenset(layers)) for layers in progress.track(distinct)}
     return {name: by_set[layers] for name, layers in layer_sets.items()}
 
 

@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .distributed import rank_and_world
 from .stage_cache import StageCache
 
 Log = Callable[[str], None]
@@ -45,16 +47,38 @@ class Stage:
 
 def execute_stage(stage: Stage, cache: StageCache, log: Log) -> Any:
     """The stage's cached value when it finished before (here or in a run sharing the cache),
-    otherwise its computed value, recorded in the cache."""
+    otherwise its computed value, recorded in the cache.
+
+    A miss takes the stage's lock and looks again, so of several runs (or threads) after the same
+    stage and key one computes and the others wait, then read its result. Locks nest only from a
+    composite stage (the search) to the stages it runs, which take none: no cycle, no deadlock.
+    A cached result whose manifest or files are damaged is reported and computed again."""
     if stage.key is None:
         return stage.compute(None, log)
     cached = cache.lookup(stage.name, stage.key)
-    if cached is not None:
-        if not stage.quiet:
-            log(f"{stage.label}: cache hit {stage.key[:12]}")
-        if stage.on_cached is not None:
-            stage.on_cached(cached)
-        return cached
+    if cached is None:
+        with _stage_lock(stage, cache, log):
+            cached = cache.lookup(stage.name, stage.key,
+                                  warn=lambda problem: log(f"{stage.label}: WARNING: {problem}; computing it again"))
+            if cached is None:
+                return _compute(stage, cache, log)
+    if not stage.quiet:
+        log(f"{stage.label}: cache hit {stage.key[:12]}")
+    if stage.on_cached is not None:
+        stage.on_cached(cached)
+    return cached
+
+
+def _stage_lock(stage: Stage, cache: StageCache, log: Log) -> AbstractContextManager[None]:
+    if rank_and_world()[1] > 1:
+        # Under torchrun every rank runs the stage together: a rank waiting on the lock would leave
+        # the others blocked in a collective. (Two torchrun groups on one key are not serialised.)
+        return nullcontext()
+    return cache.lock(stage.name, stage.key,
+                      on_wait=lambda: log(f"{stage.label}: waiting for another run computing it"))
+
+
+def _compute(stage: Stage, cache: StageCache, log: Log) -> Any:
     value = stage.compute(cache.folder(stage.name, stage.key), log)
     if value is None:
         return None

@@ -241,12 +241,23 @@ def _choose(primary: TargetGuard, guarded: Sequence[TargetGuard], p_min: Mapping
     return best[0], best[1], False
 
 
-def _judged(evaluation: Evaluation, acceptance: str) -> Mapping[str, float]:
+def _judged(evaluation: Evaluation | CandidateScores, acceptance: str) -> Mapping[str, float]:
     """What acceptance looks at: the scores, or under "bootstrap" each target's pessimistic bound
     (its score where the evaluator gave no bound)."""
     if acceptance == "point" or evaluation.bounds is None:
         return evaluation.scores
     return {**evaluation.scores, **evaluation.bounds}
+
+
+def preferred(targets: Sequence[TargetGuard], full_scores: Mapping[str, float], options: Sequence[CandidateScores],
+              acceptance: str) -> int:
+    """Which of several alternatives for one swap (e.g. a layer's students of different kinds) the
+    search's rule keeps, by index: the same choice a round makes between layers (every target within
+    tolerance, the best primary score; else the least violation; ties to the first)."""
+    p_min = _thresholds(targets, full_scores)
+    index, _, _ = _choose(targets[0], targets, p_min, full_scores,
+                          [(i, option.scores, _judged(option, acceptance)) for i, option in enumerate(options)])
+    return index
 
 
 # --- the search ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 
@@ -70,7 +70,9 @@ class StudentSpec:
     """The linear-attention counterpart trained for every layer.
 
     ``kind``: "gla" (Gated Linear Attention, per-channel decay, normalised readout) or
-    "gated_deltanet" (delta rule with a per-head decay and a learned write strength).
+    "gated_deltanet" (delta rule with a per-head decay and a learned write strength); several kinds,
+    comma-separated (e.g. "gla,gated_deltanet"), or "auto" (every kind) give every layer a student of
+    each kind, and each layer keeps the kind its single swap scores best with (``kinds``).
     ``feature_map``: "hedgehog" (softmax over a learned projection of q/k, initialised to identity:
     mimics the spikiness of softmax attention) or "identity" (raw teacher q/k).
     ``gate_rank``: rank of the low-rank projection producing GLA's per-channel gates.
@@ -81,7 +83,7 @@ class StudentSpec:
     the identity (as in Gated DeltaNet and Mamba); 0: none.
     """
 
-    kind: Literal["gla", "gated_deltanet"] = "gla"
+    kind: str = "gla"
     feature_map: Literal["hedgehog", "identity"] = "hedgehog"
     gate_rank: int = 16
     chunk_size: int = 32
@@ -89,13 +91,25 @@ class StudentSpec:
     short_conv: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice(self, "kind", STUDENT_KINDS)
+        kinds = self.kind.split(",") if isinstance(self.kind, str) else [self.kind]
+        _check(self.kind == "auto" or (all(kind in STUDENT_KINDS for kind in kinds) and len(set(kinds)) == len(kinds)),
+               self, "kind", f"must be one of {list(STUDENT_KINDS)}, 'auto' (every kind) or several of them "
+                             "separated by commas, each once")
         _check_choice(self, "feature_map", FEATURE_MAPS)
         _check(self.gate_rank >= 1, self, "gate_rank", "must be >= 1")
         _check(self.chunk_size >= 1, self, "chunk_size", "must be >= 1")
         _check(self.window >= 0, self, "window", "must be >= 0 (0: no softmax window)")
         _check(self.short_conv == 0 or self.short_conv >= 2, self, "short_conv",
                "must be 0 (none) or a kernel size >= 2")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of student every layer gets, in the order ties between them are broken."""
+        return STUDENT_KINDS if self.kind == "auto" else tuple(self.kind.split(","))
+
+    def of_kind(self, kind: str) -> StudentSpec:
+        """This spec for one of its kinds."""
+        return replace(self, kind=kind)
 
 
 @dataclass(frozen=True)
@@ -223,13 +237,15 @@ class SearchSpec:
 GENERATION_KINDS = ("exact_match", "contains", "token_f1")
 # Synthetic in-context recall probes (dtr_core/targets/probes.py), scored like ``contains``.
 PROBE_KINDS = ("passkey", "multi_key_needle", "kv_lookup")
-TARGET_KINDS = ("classification", "perplexity", "multiple_choice", *GENERATION_KINDS, *PROBE_KINDS, "lm_eval")
+# Scored on mean-pooled embeddings: encoders only (a decoder's forward gives no hidden states to pool).
+EMBEDDING_KINDS = ("classification", "retrieval")
+TARGET_KINDS = (*EMBEDDING_KINDS, "perplexity", "multiple_choice", *GENERATION_KINDS, *PROBE_KINDS, "lm_eval")
 # Decoder kinds that write each example as a prompt (templates, few-shot examples).
 PROMPTED_KINDS = ("multiple_choice", *GENERATION_KINDS)
 # Kinds whose examples need a label from a closed set seen in train.
 LABELLED_KINDS = ("classification", "multiple_choice")
 # Kinds that only a decoder (causal LM) can be scored on.
-DECODER_KINDS = tuple(kind for kind in TARGET_KINDS if kind != "classification")
+DECODER_KINDS = tuple(kind for kind in TARGET_KINDS if kind not in EMBEDDING_KINDS)
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,9 @@ class TargetSpec:
     probes it is the real text the haystacks are cut from.
     ``kind``:
       - "classification": frozen logistic-regression probe on pooled embeddings; accuracy.
+      - "retrieval" (encoders): each text is a query line and the document it should find (BBC
+        News: headline → body); every query ranks every document of its split by the cosine of
+        their pooled embeddings; recall@1 (``targets/retrieval.py``).
       - "perplexity" (decoders; lower is better).
       - "multiple_choice" (decoders): the label name with the highest summed log-likelihood after
         the prompt is the prediction; accuracy.
@@ -267,8 +286,8 @@ class TargetSpec:
     """
 
     dataset: str = "bbc_news"
-    kind: Literal["classification", "perplexity", "multiple_choice", "exact_match", "contains", "token_f1",
-                  "passkey", "multi_key_needle", "kv_lookup", "lm_eval"] = "classification"
+    kind: Literal["classification", "retrieval", "perplexity", "multiple_choice", "exact_match", "contains",
+                  "token_f1", "passkey", "multi_key_needle", "kv_lookup", "lm_eval"] = "classification"
     name: str = ""
     tolerance: float | None = None
     tolerance_mode: Literal["relative", "absolute"] | None = None

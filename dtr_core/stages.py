@@ -12,7 +12,7 @@ import os
 import shutil
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,8 @@ from .io import load_tensors, save_tensors, sha256_file, write_json
 from .linear.base import LinearAttentionStudent
 from .linear.build import student_from_teacher
 from .linear.students import build_student
+from .locks import LockError
+from .progress import Progress
 from .runner import Log
 from .search import SearchResult
 from .specs import (
@@ -53,6 +55,7 @@ from .targets.decoder_tasks import (
 )
 from .targets.lm_eval_target import LmEvalError, LmEvalEvaluator, LmEvalTask
 from .targets.probes import ProbeExample, probe_examples, probe_max_new_tokens
+from .targets.retrieval import Retrieval, retrieval_pairs, tokenize_retrieval
 from .targets.tasks import (
     LinearProbe,
     Perplexity,
@@ -71,19 +74,30 @@ class OutputDirError(OSError):
 
 # Bad input, each with a message that says what is wrong and what to do: entry points print the
 # message alone (no traceback) and exit with status 2.
-INPUT_ERRORS = (SpecError, DataError, ModelLoadError, UnsupportedModelError, OutputDirError, LmEvalError)
+INPUT_ERRORS = (SpecError, DataError, ModelLoadError, UnsupportedModelError, OutputDirError, LmEvalError, LockError)
 
 
 def check_output_dir(path: str | Path, option: str = "output_dir") -> Path:
-    """The folder exists (or can be made) and is writable — checked before any heavy work;
-    ``option`` is the setting that named it, for the message."""
-    path = Path(path)
+    """The folder is writable, or can be made — checked before any heavy work, creating nothing (a run
+    refused for bad input leaves nothing behind); ``option`` is the setting that named it, for the message."""
+    path = Path(path).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise OutputDirError(f"cannot create folder {path}: {existing} is a file; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "folder" if existing == path else f"folder {path}: its parent"
+        raise OutputDirError(f"{what} {existing} is not writable; choose another {option}"
+                             if existing != path else f"folder {path} is not writable; choose another {option}")
+    return path
+
+
+def make_output_dir(path: str | Path, option: str = "output_dir") -> Path:
+    """``check_output_dir``, then the folder made: where a run is about to write."""
+    path = check_output_dir(path, option)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputDirError(f"cannot create folder {path}: {err.strerror}; choose another {option}") from err
-    if not os.access(path, os.W_OK):
-        raise OutputDirError(f"folder {path} is not writable; choose another {option}")
     return path
 
 
@@ -100,6 +114,10 @@ class RunContext:
     general: TaskData | None = None  # capture.general_text, when capture.general_share > 0
     _card_sources: dict[TargetSpec, TargetSource] = field(default_factory=dict)
     _card_sources_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def for_student_kind(self, kind: str) -> RunContext:
+        """This context with the student spec narrowed to one of its kinds (each kind distils its own)."""
+        return replace(self, run=replace(self.run, student=self.run.student.of_kind(kind)))
 
     @property
     def data(self) -> TaskData | None:
@@ -231,6 +249,15 @@ def evaluation_key(ctx: RunContext, target: TargetSpec, records: Sequence[Mappin
                        ctx.fingerprint, code_version())
 
 
+def candidate_key(ctx: RunContext, target: TargetSpec, records: Mapping[int, Mapping], linear_layers) -> str:
+    """One candidate's score depends on the target, the teacher and the students of its own linear
+    layers only (``records`` by layer): a layer distilled again, or a student of another kind there,
+    leaves every candidate without that layer cached."""
+    return content_key("evaluate", target_key(ctx, target),
+                       [(i, records[i]["weights_sha256"]) for i in sorted(linear_layers)], ctx.fingerprint,
+                       code_version())
+
+
 def export_key(ctx: RunContext, records: Mapping[int, Mapping], linear_layers: Sequence[int]) -> str:
     return content_key("export", spec_to_dict(ctx.run.export), sorted(linear_layers),
                        [records[i]["weights_sha256"] for i in sorted(linear_layers)], ctx.fingerprint,
@@ -245,12 +272,22 @@ def capture_stage(run: RunSpec, folder: Path, log: Log) -> dict:
     spec = run.capture
     batches = tokenize_for_capture(ctx.teacher.tokenizer, capture_texts(ctx, log), spec,
                                    pack=ctx.teacher.adapter.causal)
+    # The data may end before the budget does: the budget is what the capture may reach.
+    progress = Progress("capture", spec.token_budget, log, unit="tokens", bound=True)
+    batches = progress.track(batches, size=lambda batch: int(batch["attention_mask"].sum()))
     return capture_teacher(ctx.teacher.model, ctx.teacher.adapter, batches, spec, folder, ctx.fingerprint,
                            device=run.device).to_json()
 
 
 def describe_capture(manifest: Mapping) -> str:
     return f"{manifest['tokens']} tokens ({manifest['sequences']} sequences) in {manifest['seconds']:.1f}s"
+
+
+def capture_files(manifest: Mapping) -> dict[str, str]:
+    """Every shard of every layer (path → sha256): a cache hit on the capture checks them all, so a
+    damaged shard is captured again rather than failing the distillation of its layer."""
+    return {str(Path(manifest["directory"]) / shard["file"]): shard["sha256"]
+            for shards in manifest["shards"].values() for shard in shards}
 
 
 @dataclass(frozen=True)
@@ -310,29 +347,35 @@ def distill_stage(run: RunSpec, capture: Mapping, layer_idx: int, log_curve: Cur
     student = new_student(ctx, layer_idx)
     activations = load_layer_activations(CaptureManifest.from_json(capture), layer_idx)
     result = distill_layer(student, activations, run.distill, layer_idx, run.capture.token_budget, device=run.device,
-                           log_curve=log_curve)
+                           log_curve=log_curve, log=log)
     return write_student(student, result, folder / "student.safetensors").to_json()
 
 
 def stream_distill_stage(run: RunSpec, restart: bool, log_curve: CurveLogger, folder: Path, log: Log) -> dict | None:
-    """Every layer's student from the streamed teacher, resuming from ``folder/checkpoints`` (dropped
-    first when ``restart``) → {"records": one StudentRecord json per layer, "tokens": distinct tokens
-    streamed}. Under torchrun every rank trains; ranks other than 0 return None (nothing to record)."""
+    """Every layer's student (one per kind of ``run.student``) from the streamed teacher, resuming from
+    ``folder/checkpoints`` (dropped first when ``restart``) → {"records": one StudentRecord json per
+    student, kind-major, "tokens": distinct tokens streamed}. Under torchrun every rank trains; ranks other than 0 return None (nothing to record)."""
     ctx = run_context(run)
     if restart:
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     adapter, spec = ctx.teacher.adapter, run.capture
     texts = capture_texts(ctx, log)
-    students = [new_student(ctx, layer_idx) for layer_idx in range(adapter.num_layers)]
+    kinds = run.student.kinds
+    # Kind-major: every kind's students of layers 0..L-1, all trained on the same teacher pass.
+    layers = [layer_idx for _ in kinds for layer_idx in range(adapter.num_layers)]
+    students = [new_student(ctx.for_student_kind(kind), layer_idx)
+                for kind in kinds for layer_idx in range(adapter.num_layers)]
     result = stream_distill(
         ctx.teacher.model, adapter, students,
         lambda: tokenize_for_capture(ctx.teacher.tokenizer, texts, spec, pack=adapter.causal),
         spec, run.distill, folder / "checkpoints", spec_digest(ctx.fingerprint, capture_source_digest(ctx)),
-        device=run.device, log=log, log_curve=log_curve,
+        device=run.device, log=log, log_curve=log_curve, layers=layers,
     )
     if rank_and_world()[0] != 0:
         return None
-    records = [write_student(student, layer, folder / f"layer_{layer.layer_idx:03d}.safetensors")
+    prefix = "" if len(kinds) == 1 else "{kind}_"
+    records = [write_student(student, layer, folder / f"{prefix.format(kind=student.kind)}layer_{layer.layer_idx:03d}"
+                                                      ".safetensors")
                for student, layer in zip(students, result.layers)]
     return {"records": [r.to_json() for r in records], "tokens": result.tokens_per_pass}
 
@@ -386,8 +429,9 @@ def fit_probe_stage(run: RunSpec, target_name: str, folder: Path, log: Log) -> d
     """A classification target's frozen probe, fit on the full model's train embeddings → {"file", "sha256"}."""
     ctx = run_context(run)
     target = target_named(run, target_name)
-    probe = fit_probe(ctx.teacher.model, tokenize_split(ctx.teacher.tokenizer, ctx.source(target).train, target),
-                      seed=target.seed, device=run.device)
+    batches = tokenize_split(ctx.teacher.tokenizer, ctx.source(target).train, target)
+    progress = Progress(f"probe for {target_name}", len(batches), log, unit="train batches")
+    probe = fit_probe(ctx.teacher.model, progress.track(batches), seed=target.seed, device=run.device)
     probe_file = folder / "probe.safetensors"
     return {"file": str(probe_file), "sha256": save_tensors(probe_file, probe.to_tensors())}
 
@@ -396,7 +440,7 @@ def target_named(run: RunSpec, name: str) -> TargetSpec:
     return next(target for target in run.targets if target.label == name)
 
 
-Scorer = ProbeClassification | Perplexity | MultipleChoice | GenerationScorer | LmEvalTask
+Scorer = ProbeClassification | Retrieval | Perplexity | MultipleChoice | GenerationScorer | LmEvalTask
 
 
 @dataclass
@@ -444,6 +488,10 @@ def prepare_target(ctx: RunContext, target: TargetSpec, probe: Mapping | None) -
         scorer = MultipleChoice() if multiple_choice else generation_scorer(tokenizer, source, target)
         return PreparedTarget(target, scorer, tokenize(tokenizer, source, source.validation, target),
                               tokenize(tokenizer, source, source.test, target))
+    if target.kind == "retrieval":
+        validation, test = (tokenize_retrieval(tokenizer, retrieval_pairs(getattr(source, name)), target)
+                            for name in ("validation", "test"))
+        return PreparedTarget(target, Retrieval(), validation, test)
     validation = tokenize_split(tokenizer, source.validation, target)
     test = tokenize_split(tokenizer, source.test, target)
     if target.kind == "perplexity":

@@ -109,7 +109,7 @@ class _Progress:
     """Where the run stands; everything a checkpoint needs besides the weights and optimizer (its
     fields are the checkpoint's ``progress``: renaming one orphans existing checkpoints)."""
 
-    variance: torch.Tensor  # [L] fp32, the teacher output's variance per layer on the held-out batches
+    variance: torch.Tensor  # [S] fp32, the teacher output's variance per student (its layer's) on the held-out batches
     rel_error_init: list[float]
     holdout_tokens: int
     step: int = 0
@@ -143,9 +143,10 @@ def checkpoint_digest(capture: CaptureSpec, distill: DistillSpec, students: Sequ
 
 class _StreamTrainer:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, students: Sequence[LinearAttentionStudent],
-                 distill: DistillSpec, device: torch.device) -> None:
+                 layers: Sequence[int], distill: DistillSpec, device: torch.device) -> None:
         self.backbone = adapter.backbone(model)  # no LM head: its logits would be wasted work
         self.students = list(students)
+        self.layers = list(layers)  # the layer each student replaces
         self.device = device
         self.rank, self.world = rank_and_world()
         # fp32 master weights; on CUDA the forward runs under bf16 autocast.
@@ -171,11 +172,12 @@ class _StreamTrainer:
         return ids.to(self.device), mask.to(self.device)
 
     def _teacher(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every layer's (attention input, attention output) for this batch, on the device."""
+        """Each student's layer's (attention input, attention output) for this batch, on the device."""
         # no_grad, not inference_mode: the students' autograd must be able to save these tensors.
         with torch.no_grad():
             self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-        return list(zip(self.recorder.inputs, self.recorder.outputs))
+        pairs = list(zip(self.recorder.inputs, self.recorder.outputs))
+        return [pairs[layer] for layer in self.layers]
 
     def _student_forward(self, student: LinearAttentionStudent, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -193,8 +195,8 @@ class _StreamTrainer:
 
     @torch.no_grad()
     def holdout_statistics(self, holdout: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sums over the held-out batches and ranks, in fp64: each layer's squared error [L], the
-        teacher output's sum and squared sum stacked [2, L, D], and the real-token count [1]."""
+        """Sums over the held-out batches and ranks, in fp64: each student's squared error [S], its
+        teacher output's sum and squared sum stacked [2, S, D], and the real-token count [1]."""
         squared = torch.zeros(len(self.students), dtype=torch.float64, device=self.device)
         moments = torch.zeros(2, len(self.students), self.output_width, dtype=torch.float64, device=self.device)
         tokens = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -205,29 +207,29 @@ class _StreamTrainer:
             ids, mask = share
             real = mask.bool()
             tokens += real.sum()
-            for layer_idx, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
-                squared[layer_idx] += masked_squared_error(self._student_forward(student, x, mask), y, mask).double()
+            for index, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
+                squared[index] += masked_squared_error(self._student_forward(student, x, mask), y, mask).double()
                 target = y[real].double()
-                moments[0, layer_idx] += target.sum(0)
-                moments[1, layer_idx] += target.pow(2).sum(0)
+                moments[0, index] += target.sum(0)
+                moments[1, index] += target.pow(2).sum(0)
             self.recorder.clear()
         if self.world > 1:
             all_reduce_sum([squared, moments, tokens])
         return squared, moments, tokens
 
     def step(self, batch: dict, variance: torch.Tensor, lr: float) -> torch.Tensor:
-        """One training step on a global batch; returns each layer's loss [L] (on the device)."""
+        """One training step on a global batch; returns each student's loss [S] (on the device)."""
         global_tokens = int(batch["attention_mask"].sum())
         share = self._share(batch)
         losses = torch.zeros(len(self.students), device=self.device)
         if share is not None:
             ids, mask = share
-            for layer_idx, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
+            for index, (student, (x, y)) in enumerate(zip(self.students, self._teacher(ids, mask))):
                 pred = self._student_forward(student, x, mask)
                 loss = relative_error(masked_squared_error(pred, y, mask), global_tokens, y.shape[-1],
-                                      variance[layer_idx])
+                                      variance[index])
                 loss.backward()
-                losses[layer_idx] = loss.detach()
+                losses[index] = loss.detach()
             self.recorder.clear()
         if self.world > 1:
             grads = []
@@ -258,12 +260,15 @@ def stream_distill(
     device: str | torch.device = "cpu",
     log: Callable[[str], None] = _silent,
     log_curve: CurveLogger | None = None,
+    layers: Sequence[int] | None = None,
 ) -> StreamResult:
     """Distil every layer's student (in place) from one pass of the teacher per batch.
 
     Args:
         model, adapter: the frozen teacher (on ``device``) and its family's adapter.
-        students: one per layer, indexed by ``layer_idx`` (as ``pipeline.new_student`` builds them).
+        students: one per layer, indexed by ``layer_idx`` (as ``pipeline.new_student`` builds them);
+            or, with ``layers`` (the layer each student replaces), several per layer (students of
+            several kinds, all trained on the same teacher pass).
         batches: returns a fresh iterator over the same global batches (``input_ids`` and
             ``attention_mask`` [B, T], e.g. ``capture.tokenize_for_capture``) on every call; called
             once per epoch, and for the held-out batches.
@@ -272,18 +277,20 @@ def stream_distill(
         checkpoint_root: checkpoints go to ``checkpoint_root/<digest[:16]>``.
         fingerprint: identifies the teacher and data (part of the checkpoint digest).
         log: progress messages (every rank).
-        log_curve: called as ``log_curve(layer_idx, first_step, losses)`` for every layer whenever
+        log_curve: called as ``log_curve(index, first_step, losses)`` for every student whenever
             the losses waiting on the device come to the host: at each checkpoint and at the end
             (never a device sync per step). Steps count from the run's start, so a resumed run
             continues the series; every rank gets the same (all-reduced) losses.
     """
-    if len(students) != adapter.num_layers:
-        raise ValueError(f"got {len(students)} students for a teacher with {adapter.num_layers} layers; "
-                         "give one per layer")
+    layers = list(range(adapter.num_layers)) if layers is None else list(layers)
+    if len(students) != len(layers) or set(layers) != set(range(adapter.num_layers)):
+        raise ValueError(f"got {len(students)} students for a teacher with {adapter.num_layers} layers (their "
+                         f"layers: {layers}); give one per layer, or several per layer with `layers` covering "
+                         "every layer")
     device = torch.device(device)
     digest = checkpoint_digest(capture, distill, students, fingerprint)
     folder = Path(checkpoint_root) / digest[:16]
-    trainer = _StreamTrainer(model, adapter, students, distill, device)
+    trainer = _StreamTrainer(model, adapter, students, layers, distill, device)
     if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
         log("stream distill: the teacher runs in float32; loading it in bfloat16 (ModelSpec.dtype) halves its time")
     try:
@@ -304,7 +311,7 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
         trainer.calibrate(holdout[0])
         squared, moments, tokens = trainer.holdout_statistics(holdout)
         mean, mean_sq = moments / tokens
-        variance = (mean_sq - mean.pow(2)).mean(-1).clamp_min(1e-12).float()  # [L]
+        variance = (mean_sq - mean.pow(2)).mean(-1).clamp_min(1e-12).float()  # [S]
         progress = _Progress(variance=variance, holdout_tokens=int(tokens.item()),
                              rel_error_init=relative_error(squared, tokens, trainer.output_width,
                                                            variance.double()).tolist(),
@@ -322,14 +329,14 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
                          "raise the capture token_budget or lower holdout_batches")
     plan = plan_training(pass_tokens, progress.holdout_tokens, capture.token_budget, distill.epochs)
     warmup = min(distill.warmup_steps, math.ceil(plan.train_tokens / (capture.batch_size * capture.max_length)) // 2)
-    pending: list[torch.Tensor] = []  # per-step losses [L] not yet moved to the host (avoids a sync per step)
+    pending: list[torch.Tensor] = []  # per-step losses [S] not yet moved to the host (avoids a sync per step)
 
     def flush_curve() -> None:
         if pending:
-            for layer_idx, values in enumerate(torch.stack(pending).T.tolist()):
+            for index, values in enumerate(torch.stack(pending).T.tolist()):
                 if log_curve is not None:
-                    log_curve(layer_idx, len(progress.curve[layer_idx]), values)
-                progress.curve[layer_idx].extend(values)
+                    log_curve(index, len(progress.curve[index]), values)
+                progress.curve[index].extend(values)
             pending.clear()
 
     def checkpoint() -> None:
@@ -369,24 +376,24 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
 
     squared, _, tokens = trainer.holdout_statistics(holdout)
     rel_error_final = relative_error(squared, tokens, trainer.output_width, progress.variance.double()).tolist()
-    layers = [
+    results = [
         DistillResult(
-            layer_idx=layer_idx,
+            layer_idx=trainer.layers[index],
             state_dict=trained_weights(student),
-            loss_curve=progress.curve[layer_idx],
-            rel_error_init=progress.rel_error_init[layer_idx],
-            rel_error_final=rel_error_final[layer_idx],
+            loss_curve=progress.curve[index],
+            rel_error_init=progress.rel_error_init[index],
+            rel_error_final=rel_error_final[index],
             steps=progress.step,
             train_tokens=progress.train_tokens,
             seconds=progress.seconds,
             data_tokens=plan.data_tokens,
             token_budget=plan.budget,
         )
-        for layer_idx, student in enumerate(trainer.students)
+        for index, student in enumerate(trainer.students)
     ]
     throughput = session_tokens / session_seconds if session_tokens else 0.0
     log(f"stream distill: {progress.step} steps, {progress.train_tokens:,} tokens in {progress.seconds:.1f}s "
-        f"({throughput:,.0f} tokens/s this session, all {len(layers)} layers)")
-    return StreamResult(layers=layers, steps=progress.step, train_tokens=progress.train_tokens,
+        f"({throughput:,.0f} tokens/s this session, all {len(results)} students)")
+    return StreamResult(layers=results, steps=progress.step, train_tokens=progress.train_tokens,
                         tokens_per_pass=progress.holdout_tokens + plan.data_tokens,
                         seconds=progress.seconds, tokens_per_second=throughput, resumed_from_step=resumed_from)

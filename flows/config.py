@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from dtr_core.specs import (
     CardSpec,
@@ -21,6 +23,7 @@ from dtr_core.specs import (
 from tasks.options import PipelineOptions
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+REMOTE_STORES = ("http", "https", "databricks")  # tracking URIs whose server decides where files go
 
 
 def compose(overrides: list[str] | None = None) -> dict[str, Any]:
@@ -32,6 +35,30 @@ def compose(overrides: list[str] | None = None) -> dict[str, Any]:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def error_line(error: Exception) -> str:
+    """One line for a config error, naming the key or option: Hydra's and OmegaConf's span several
+    (search paths, hints); DtR's own are one line already."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = error.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:  # an override of a missing key
+        known = sorted(cause.parent_node) if isinstance(cause.parent_node, DictConfig) else []
+        close = difflib.get_close_matches(str(cause.key), known, n=1)
+        prefix = cause.full_key[:len(cause.full_key) - len(str(cause.key))]
+        return (f"{cause.full_key}: no such config key" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+                + (f"; {prefix.rstrip('.') or 'the config'} has {known}" if known else ""))
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: no such option; conf/{group} has {sorted(error.options or [])}"
+    if isinstance(error, (HydraException, OmegaConfBaseException)):  # a bad override, a missing value, …
+        first = str(error).strip().splitlines()[0]
+        named = getattr(error, "full_key", None) or getattr(error, "override", None)
+        return f"{named}: {first}" if named else first
+    return str(error)
 
 
 def build_guard(entry: dict[str, Any], seed: int) -> TargetSpec:
@@ -68,6 +95,7 @@ def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOpt
         seed=cfg["seed"],
     )
     root = Path(cfg["output_dir"])
+    tracking_uri = tracking["tracking_uri"] or f"sqlite:///{(root / 'mlflow.db').resolve()}"
     options = PipelineOptions(
         cache_dir=str(cfg["cache_dir"]),
         refresh=frozenset(cfg["refresh"]),
@@ -77,7 +105,11 @@ def build_specs(cfg: dict[str, Any], run_dir: str) -> tuple[RunSpec, PipelineOpt
         dask_workers=int(runtime.get("dask_workers", 2)),
         dask_cluster=runtime.get("dask_cluster", "cpu"),
         tracking_enabled=bool(tracking["enabled"]),
-        tracking_uri=tracking["tracking_uri"] or f"sqlite:///{(root / 'mlflow.db').resolve()}",
+        tracking_uri=tracking_uri,
         experiment=tracking["experiment"],
+        # A local store's default is ./mlruns of whatever folder the flow started in: keep the files
+        # under output_dir beside the store instead. A tracking server keeps its own.
+        artifact_location=None if urlparse(tracking_uri).scheme in REMOTE_STORES
+        else (root / "mlartifacts").resolve().as_uri(),
     )
     return run, options

@@ -24,6 +24,7 @@ class PipelineOptions:
     tracking_enabled: bool
     tracking_uri: str
     experiment: str
+    artifact_location: str | None = None  # where a new experiment keeps its files (None: the store's default)
 
     def __post_init__(self) -> None:
         if self.task_runner not in TASK_RUNNERS:

@@ -16,6 +16,8 @@ What each kind reads besides ``text_field``:
   cell is always one string). Integers are read as their digits. Surrounding whitespace is
   dropped; an empty answer or an empty list is an error. ``TextSplit.answers`` holds them.
 - "perplexity" and the recall probes ("passkey", "multi_key_needle", "kv_lookup"): text only.
+- "retrieval": text only; each validation/test text is a query line followed by the document it
+  should find (``query_and_document``: BBC News articles are a headline, then the body).
 - "lm_eval" reads its own data through lm-evaluation-harness; ``load_task_data`` refuses it.
 
 Closed label set (generation kinds): the answers form one when every example has exactly one
@@ -123,7 +125,7 @@ def load_task_data(spec: TargetSpec) -> TaskData:
     if spec.kind == "lm_eval":
         raise DataError("kind='lm_eval' reads its data through lm-evaluation-harness (TargetSpec.lm_eval_task); "
                         "load_task_data does not load it")
-    if spec.kind not in (*LABELLED_KINDS, *GENERATION_KINDS, "perplexity", *PROBE_KINDS):
+    if spec.kind not in (*LABELLED_KINDS, *GENERATION_KINDS, "perplexity", "retrieval", *PROBE_KINDS):
         raise DataError(f"load_task_data does not know target kind {spec.kind!r}")
     field = "label" if spec.kind in LABELLED_KINDS else "answer" if spec.kind in GENERATION_KINDS else None
     if spec.dataset == "bbc_news":
@@ -169,6 +171,9 @@ def load_task_data(spec: TargetSpec) -> TaskData:
             tuple(columns.answers) if columns.answers is not None else None,
         )
 
+    if spec.kind == "retrieval":
+        for name in ("validation", "test"):
+            _check_retrieval_texts(result[name], f"{source}: the {name} split")
     if spec.kind in LABELLED_KINDS and len(set(result["train"].labels)) < 2:
         raise DataError(
             f"{source}: the train split holds fewer than 2 classes after splitting/capping; "
@@ -198,6 +203,21 @@ def read_text_files(paths: Sequence[str], text_field: str = "text") -> list[str]
     if not documents:
         raise DataError(f"no text found in {list(paths)}; the files are all empty")
     return documents
+
+
+def query_and_document(text: str) -> tuple[str, str] | None:
+    """A retrieval example: the text's first non-empty line is the query and the lines after it the
+    document it should find (None when either is empty)."""
+    query, _, document = text.strip().partition("\n")
+    query, document = query.strip(), document.strip()
+    return (query, document) if query and document else None
+
+
+def _check_retrieval_texts(split: TextSplit, where: str) -> None:
+    for number, text in enumerate(split.texts, start=1):
+        if query_and_document(text) is None:
+            raise DataError(f"{where}, example {number} ({text.strip()[:40]!r}...): kind 'retrieval' needs a first line "
+                            "(the query, e.g. a headline) and the document it should find on the lines after it")
 
 
 # ---------------------------------------------------------------- sources

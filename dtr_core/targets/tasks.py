@@ -6,12 +6,12 @@
 - ``Perplexity`` (decoders): token-level perplexity on held-out text, lower is better.
 
 Prompted decoder tasks (log-likelihood multiple choice, generation exact match) are in
-``decoder_tasks.py``.
+``decoder_tasks.py``; retrieval (encoders) in ``retrieval.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +101,7 @@ class ProbeClassification:
 
 
 @torch.no_grad()
-def fit_probe(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], *, inverse_regularisation: float = 10.0,
+def fit_probe(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *, inverse_regularisation: float = 10.0,
               seed: int = 42, device="cpu") -> LinearProbe:
     """Fit the probe on the full model's train embeddings (once; reused for every candidate)."""
     from sklearn.linear_model import LogisticRegression
@@ -148,7 +148,10 @@ def check_task_fits_model(spec: TargetSpec, data: TaskData, causal: bool) -> Non
     """Reject combinations that cannot give a meaningful score, before any model runs."""
     if spec.kind in DECODER_KINDS and not causal:
         raise DataError(f"target kind {spec.kind!r} needs a decoder (causal LM); this teacher is an encoder — "
-                        "use kind=classification")
+                        "use kind=classification or kind=retrieval")
+    if spec.kind == "retrieval" and causal:
+        raise DataError("target kind 'retrieval' ranks documents by pooled encoder embeddings; this teacher is a "
+                        "decoder (causal LM) — use kind=perplexity or a prompted kind")
     if spec.kind in LABELLED_KINDS and data.label_names is None:
         raise DataError(f"target kind {spec.kind!r} needs labels, but {data.source} has none; "
                         "give every example a label, or use kind=perplexity")

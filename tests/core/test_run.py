@@ -104,6 +104,38 @@ def test_window_and_convolution_students_run_every_stage(tmp_path, mode, student
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False))
 
 
+@pytest.mark.parametrize("mode", ["disk", "stream"])
+def test_every_layer_keeps_the_kind_of_student_its_swap_prefers(tmp_path, mode):
+    """student.kind=auto: every layer gets a GLA and a Gated DeltaNet student (disk mode: from one
+    capture; stream mode: on the same teacher pass); each layer keeps the kind its swap alone scores
+    best with, the search's first round reuses those scores, and the export records the kind per layer."""
+    from transformers import AutoModelForCausalLM
+
+    run = tiny_run(tmp_path, "llama", "perplexity", student=StudentSpec(kind="auto"))
+    run = dataclasses.replace(run, capture=dataclasses.replace(run.capture, mode=mode))
+    lines = []
+    summary = run_dtr(run, log=lines.append)
+    kinds = summary.student_kinds
+    assert set(kinds["kinds"]) == {"0", "1", "2"} and set(kinds["kinds"].values()) <= {"gla", "gated_deltanet"}
+    for layer, kind in kinds["kinds"].items():  # the kept kind scores best (lower perplexity) alone
+        assert kinds["scores"][kind][layer] == min(kinds["scores"][k][layer] for k in kinds["scores"])
+    assert [r["student_config"]["kind"] for r in summary.distillation] == [kinds["kinds"][str(i)] for i in range(3)]
+    stages = {stage: len(list((tmp_path / "out" / "cache" / stage).glob("*.json"))) for stage in ("capture", "distill")}
+    assert stages == ({"capture": 1, "distill": 2 * 3} if mode == "disk" else {"capture": 0, "distill": 1})
+    # Scored once each: the full model, both kinds' single swaps, then the search's later rounds.
+    evaluated = list((tmp_path / "out" / "cache" / "evaluate").glob("*.json"))
+    assert len(evaluated) == 1 + 2 * 3 + (summary.evaluations - 1 - 3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hybrid", trust_remote_code=True)
+    exported = {entry["layer_idx"]: entry["student_config"]["kind"] for entry in model.config.dtr_hybrid["students"]}
+    assert exported == {layer: kinds["kinds"][str(layer)] for layer in summary.linear_layers}
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    cached = model.eval().generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
+    text = format_summary(summary)
+    assert "student kinds" in text and f"{kinds['evaluations']} evaluations" in text
+    assert "| layer | kind kept |" in (tmp_path / "out" / "report" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tolerance", "1.5"], "SearchSpec.tolerance=1.5"),
     (["--student", "mamba"], "StudentSpec.kind='mamba'"),
@@ -122,7 +154,7 @@ def test_cli_rejects_bad_input_before_heavy_work(tmp_path, args, message):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 2, run.stderr[-2000:]
     assert message in run.stderr
-    assert not (out / "cache" / "capture").exists() and not (out / "hybrid").exists()
+    assert not out.exists()  # nothing left behind
 
 
 def test_unwritable_output_dir_is_refused(tmp_path):

@@ -41,13 +41,95 @@ def test_a_finished_stage_is_computed_once_and_then_read(tmp_path):
     assert lines == ["computing", "capture: one file", f"capture: cache hit {'k' * 12}"]
 
 
-def test_a_stage_whose_file_changed_runs_again(tmp_path):
-    body = Counted()
-    value = execute_stage(stage_of(body), StageCache(tmp_path), print)
+def test_a_damaged_result_is_reported_and_computed_again(tmp_path):
+    body, lines = Counted(), []
+    value = execute_stage(stage_of(body), StageCache(tmp_path), lines.append)
     with open(value["file"], "a") as file:
         file.write("!")
-    execute_stage(stage_of(body), StageCache(tmp_path), print)
-    assert body.calls == 2
+    lines.clear()
+    assert execute_stage(stage_of(body), StageCache(tmp_path), lines.append) == value and body.calls == 2
+    assert lines[0].startswith("capture: WARNING: the cached result") and lines[0].endswith("; computing it again")
+    assert "does not match its sha256" in lines[0]
+
+
+def test_threads_after_one_stage_compute_it_once(tmp_path):
+    """The flow's fan-outs run stages on threads: a second thread after the same stage and key
+    waits for the first, then reads its result."""
+    import threading
+    import time
+
+    class Slow(Counted):
+        def __call__(self, folder, log):
+            time.sleep(0.5)
+            return super().__call__(folder, log)
+
+    body, lines, values = Slow(), [], []
+    threads = [threading.Thread(target=lambda: values.append(execute_stage(stage_of(body), StageCache(tmp_path),
+                                                                            lines.append)))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert body.calls == 1 and len(values) == 4 and all(v == values[0] for v in values)
+    assert lines.count("capture: waiting for another run computing it") == 3
+    assert len(StageCache(tmp_path).journal()) == 1
+
+
+HOLD_LOCK = """
+import sys, time
+from dtr_core.stage_cache import StageCache
+with StageCache(sys.argv[1]).lock("capture", "k" * 64):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_run_does_not_hold_the_stage_forever(tmp_path):
+    """A run killed while computing a stage leaves its lock to the kernel: the next run waits only
+    while the first is alive, then computes the stage itself."""
+    import subprocess
+    import sys
+    import threading
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        body, lines = Counted(), []
+        waiting = threading.Event()
+
+        def log(line):
+            lines.append(line)
+            if "waiting" in line:
+                waiting.set()
+
+        runner = threading.Thread(target=execute_stage, args=(stage_of(body), StageCache(tmp_path), log))
+        runner.start()
+        assert waiting.wait(timeout=30) and body.calls == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    runner.join(timeout=30)
+    assert not runner.is_alive() and body.calls == 1
+
+
+def test_a_cache_on_a_filesystem_without_locks_is_named(tmp_path, monkeypatch):
+    """An NFS mount without a lock daemon answers flock with ENOLCK: one clear line, not a traceback
+    from deep inside a stage (dtr_core.stages.INPUT_ERRORS holds LockError)."""
+    import errno
+    import fcntl
+
+    from dtr_core.locks import LockError
+    from dtr_core.stages import INPUT_ERRORS
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(LockError, match=r"cannot lock .*k{64}\.lock \(No locks available\): its filesystem does "
+                                        r"not support file locks \(flock\); use a folder on a local disk or on NFSv4"):
+        execute_stage(stage_of(Counted()), StageCache(tmp_path), print)
+    assert issubclass(LockError, INPUT_ERRORS)
 
 
 def test_refresh_recomputes_and_quiet_stages_say_nothing_on_a_hit(tmp_path):

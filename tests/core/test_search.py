@@ -3,7 +3,8 @@
 import pytest
 
 from dtr_core.direction import Direction
-from dtr_core.search import RoundEvaluator, SearchResult, TargetGuard, greedy_replace, read_off
+from dtr_core.search import (CandidateScores, RoundEvaluator, SearchResult, TargetGuard, greedy_replace, preferred,
+                             read_off)
 from dtr_core.specs import SearchSpec, SpecError
 
 
@@ -244,3 +245,19 @@ def test_multi_target_result_round_trips_through_json():
     assert restored == result and restored.selection == result.selection
     assert list(restored.evaluations[3].scores) == ["task", "recall", "ppl"]
     assert restored.selection.m_opt_score == restored.selection.m_opt_scores["task"]
+
+
+def test_preferred_alternative_follows_the_rounds_rule():
+    """Alternatives for one swap (a layer's students of different kinds) are chosen as a round chooses
+    between layers: acceptable first, then the best primary score, ties to the first; when none is
+    acceptable, the least violation; under "bootstrap" acceptance reads the bounds."""
+    guards = [TargetGuard("ppl", Direction.LOWER, 0.05), TargetGuard("recall", Direction.HIGHER, 0.05, "absolute")]
+    full = {"ppl": 10.0, "recall": 0.9}  # P_min: ppl 10.5, recall 0.85
+    good, better = CandidateScores({"ppl": 10.4, "recall": 0.9}), CandidateScores({"ppl": 10.2, "recall": 0.86})
+    forgetful = CandidateScores({"ppl": 10.0, "recall": 0.5})
+    assert preferred(guards, full, [forgetful, good, better], "point") == 2
+    assert preferred(guards, full, [good, good], "point") == 0
+    assert preferred(guards, full, [CandidateScores({"ppl": 11.0, "recall": 0.9}), forgetful], "point") == 0
+    unsure = CandidateScores({"ppl": 10.2, "recall": 0.86}, bounds={"ppl": 10.6, "recall": 0.8})
+    assert preferred(guards, full, [unsure, good], "bootstrap") == 1
+    assert preferred(guards, full, [unsure, good], "point") == 0

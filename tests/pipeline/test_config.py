@@ -24,6 +24,10 @@ def options_for(*overrides):
 def test_default_config_is_the_embedded_demo():
     run, options = options_for()
     assert run.model.path == "minilm" and run.target.dataset == "bbc_news"
+    # The demo's target is headline → body retrieval, where replacing layers has a cost; the topic probe stays one option away.
+    assert run.target.kind == "retrieval" and run.target.max_eval_examples == 300
+    assert options_for("target=bbc_news")[0].target.kind == "classification"
+    assert run.capture.token_budget == 48000 and run.search.tolerance == 0.02 and run.search.acceptance == "bootstrap"
     assert run.student.kind == "gla" and run.output_dir == "/tmp/run"
     assert options.cache_dir == "outputs/cache" and options.tracking_uri.endswith("outputs/mlflow.db")
     assert options.task_runner == "thread"
@@ -33,6 +37,7 @@ def test_groups_map_onto_specs():
     run, options = options_for("student=gated_deltanet", "search.tolerance=0.05", "experiment=quick",
                                "refresh=[distill]", "tracking=off")
     assert run.student.kind == "gated_deltanet" and run.search.tolerance == 0.05
+    assert options_for("student=auto")[0].student.kinds == ("gla", "gated_deltanet")
     assert run.capture.token_budget == 16000 and run.distill.epochs is None
     assert options.refresh == frozenset({"distill"}) and not options.tracking_enabled
 
@@ -108,6 +113,19 @@ def test_flows_give_prefects_temporary_server_time_to_start(given, expected):
     assert result.stdout.split()[-1] == str(expected)
 
 
+@pytest.mark.integration
+def test_flows_turn_usage_telemetry_off_unless_asked_for():
+    names = ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    probe = ("import flows; from prefect.settings import get_current_settings; "
+             "from mlflow.telemetry.utils import is_telemetry_disabled; "
+             "print(get_current_settings().server.analytics_enabled, is_telemetry_disabled())")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["False", "True"]
+
+
 def test_guards_are_a_list_of_targets_with_presets():
     run, _ = options_for("model=smollm2-135m", "target=bbc_news_ppl",
                          "guards=[{preset: passkey, context_tokens: 256, tolerance: 0.05, tolerance_mode: absolute},"
@@ -142,3 +160,43 @@ def test_card_group_and_bad_guards_are_named():
 def test_a_value_of_the_wrong_type_names_its_field(override, message):
     with pytest.raises(SpecError, match=re.escape(message)):
         options_for(override)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    """Hydra names run folders by the second; the process id and a random part follow it (two runs
+    once shared a folder), and a sweep's folder carries the same name."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from flows.config import CONF_DIR
+    from flows.run_folders import launch_id, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"output_dir={tmp_path}"], return_hydra_config=True)
+    run_dir, sweep_dir = cfg.hydra.run.dir, cfg.hydra.sweep.dir
+    name = re.fullmatch(rf"{tmp_path}/runs/(\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d_{os.getpid()}-[0-9a-f]{{4}})", run_dir)
+    assert name and sweep_dir == f"{tmp_path}/sweeps/{name.group(1)}"
+    other = subprocess.run([sys.executable, "-c", "from flows.run_folders import launch_id; print(launch_id())"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert other != launch_id() and re.fullmatch(r"\d+-[0-9a-f]{4}", other)
+
+
+@pytest.mark.parametrize("override, line", [
+    ("search.tolerence=0.1", "error: search.tolerence: no such config key (did you mean search.tolerance?); "
+                             "search has ['acceptance', 'bootstrap_samples', 'confidence', 'prefix_reuse', "
+                             "'run_to_end', 'tolerance', 'tolerance_mode']"),
+    ("student=mamba", "error: student=mamba: no such option; conf/student has ['auto', 'gated_deltanet', 'gla']"),
+    ("search.tolerance=[", "error: search.tolerance=[: no viable alternative at input '['"),
+], ids=["unknown-key", "unknown-option", "bad-override"])
+def test_hydras_config_errors_are_one_line_naming_the_key_and_status_2(override, line, tmp_path, monkeypatch,
+                                                                      capsys):
+    from flows.dtr import main
+
+    monkeypatch.setattr(sys, "argv", ["flows.dtr", f"output_dir={tmp_path}", override])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # main sets it; restored after the test
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not any(tmp_path.iterdir())  # refused while composing: no run folder
