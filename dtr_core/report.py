@@ -319,15 +319,16 @@ def trajectory_lines(summary: RunSummary) -> list[str]:
     """The trade-off along the search, for the terminal: the primary target's validation score (and,
     under the bootstrap rule, the pessimistic bound acceptance judged) for the full model, each kept
     swap and, when the search stopped, the best candidate of the round that stopped it; which hybrid
-    was exported. Each row's bar is solid up to what acceptance judged (the bound, or the score),
-    shaded on to the score, with │ at P_min: a hybrid is within tolerance when its solid part reaches it."""
+    was exported. Each row's bar is solid up to the lower of its score and bound and shaded on to the
+    higher, with │ at P_min: a hybrid is within tolerance when its bound (under the point rule, its
+    score) lies on P_min's good side (higher is better: the solid part reaches │; lower: the bar stops
+    short of it)."""
     result = summary.search["result"]
     primary = summary.primary
     name, direction = primary["name"], _direction(primary)
     p_min = result["selection"]["thresholds"].get(name)
     bootstrap = result.get("acceptance") == "bootstrap"
     by_layers = {tuple(e["linear_layers"]): e for e in result["evaluations"]}
-    key = "m_opt" if summary.exported == "opt" else "m_best"
     rows = [(by_layers[()], "full model")]
     rows += [(by_layers[tuple(step["linear_layers"])], "kept" if step["meets_p_min"] else "kept, outside tolerance")
              for step in result["trajectory"]]
@@ -358,16 +359,15 @@ def trajectory_lines(summary: RunSummary) -> list[str]:
              f"    {'linear':<8}{'layers':<20}{'score':>8}" + (f"{'bound':>8}" if bootstrap else "")]
     for e, verdict in rows:
         layers = tuple(e["linear_layers"])
-        bound = judged(e)
-        solid = column(e["scores"][name] if bound is None else min(bound, e["scores"][name]))
-        bar = ["█" if i < solid else "░" if i < column(e["scores"][name]) else " " for i in range(BAR_WIDTH + 1)]
+        score, bound = e["scores"][name], judged(e)
+        ends = (score, score) if bound is None else (min(score, bound), max(score, bound))
+        bar = ["█" if i < column(ends[0]) else "░" if i < column(ends[1]) else " " for i in range(BAR_WIDTH + 1)]
         if p_min is not None:
             bar[column(p_min)] = "│"
-        exported = " ← exported (M_opt)" if key == "m_opt" else " ← exported (M_best)"
-        note = verdict + (exported if layers == tuple(summary.linear_layers) and layers else "")
-        lines.append(f"    {f'{len(layers)}/{summary.num_layers}':<8}{str(list(layers)):<20}{e['scores'][name]:>8.4f}"
+        exported = f" ← exported (M_{summary.exported})" if layers == tuple(summary.linear_layers) and layers else ""
+        lines.append(f"    {f'{len(layers)}/{summary.num_layers}':<8}{str(list(layers)):<20}{score:>8.4f}"
                      + (f"{bound:>8.4f}" if bootstrap and bound is not None else " " * 8 if bootstrap else "")
-                     + f"  {''.join(bar)}  {note}")
+                     + f"  {''.join(bar)}  {verdict}{exported}")
     return lines
 
 
