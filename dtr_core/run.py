@@ -102,14 +102,14 @@ class TrackedCurves:
         self.tracker, self.names = tracker, names
 
     def __call__(self, index: int, first_step: int, losses: Sequence[float]) -> None:
-        name = f"distill/layer_{index:02d}" if self.names is None else self.names[index]
+        name = curve_name(index) if self.names is None else self.names[index]
         self.tracker.log_series(f"{name}/loss", losses, first_step)
 
 
-def curve_name(record: Mapping, several_kinds: bool) -> str:
-    """Where a student's curve and relative errors are tracked: by layer, and by kind when several."""
-    kind = f"/{record['student_config']['kind']}" if several_kinds else ""
-    return f"distill{kind}/layer_{record['layer_idx']:02d}"
+def curve_name(layer_idx: int, kind: str | None = None) -> str:
+    """Where a student's curve and relative errors are tracked: by layer, and by ``kind`` when the
+    layers have students of several kinds."""
+    return f"distill{'' if kind is None else '/' + kind}/layer_{layer_idx:02d}"
 
 
 def log_stored_curves(log_curve: CurveLogger, indexed: Iterable[tuple[int, Mapping]]) -> None:
@@ -258,7 +258,7 @@ def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: Stag
     log(f"distillation mode: {choice.mode} ({choice.reason})")
     if choice.mode == "stream":
         # Students are numbered kind-major (stream_distill_stage): the i-th's curve is named by position.
-        names = [f"distill/{kind}/layer_{layer:02d}" for kind in kinds for layer in range(num_layers)]
+        names = [curve_name(layer, kind) for kind in kinds for layer in range(num_layers)]
         log_curve = TrackedCurves(tracker, names if several else None)
         streamed = timer("distill", runner.run, Stage(
             "distill", "stream distill", stream_distill_key(ctx),
@@ -276,7 +276,7 @@ def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: Stag
         stages = []
         for kind in kinds:
             kind_ctx = ctx.for_student_kind(kind)
-            log_curve = TrackedCurves(tracker, [f"distill/{kind}/layer_{layer:02d}" for layer in range(num_layers)]
+            log_curve = TrackedCurves(tracker, [curve_name(layer, kind) for layer in range(num_layers)]
                                       if several else None)
             stages += [Stage("distill", f"distill layer {layer_idx}" + (f" ({kind})" if several else ""),
                              distill_key(kind_ctx, key, layer_idx),
@@ -286,7 +286,7 @@ def _distill(ctx: RunContext, runner: StageRunner, tracker: Tracker, timer: Stag
         records = timer("distill", runner.run_all, stages)
         capture_tokens = capture["tokens"]
     for record in records:
-        name = curve_name(record, several)
+        name = curve_name(record["layer_idx"], record["student_config"]["kind"] if several else None)
         tracker.log_metrics({f"{name}/rel_error_init": record["rel_error_init"],
                              f"{name}/rel_error_final": record["rel_error_final"]})
     plan = TrainingPlan.of_record(records[0])
@@ -393,6 +393,11 @@ class RoundTargetsEvaluator(TargetsEvaluator):
         return results
 
 
+def _guards(run: RunSpec, targets: Sequence[PreparedTarget]) -> list[TargetGuard]:
+    """Every target as the search judges it, the primary first."""
+    return [TargetGuard(target.name, target.scorer.direction, *run.tolerance_of(target.spec)) for target in targets]
+
+
 def _choose_student_kinds(ctx: RunContext, runner: StageRunner, by_kind: Mapping[str, Sequence[Mapping]],
                           probes: Mapping[str, Mapping], targets: Sequence[PreparedTarget], log: Log) -> dict:
     """Each layer's kind of student, when the run distilled several: every kind's student of every
@@ -401,7 +406,7 @@ def _choose_student_kinds(ctx: RunContext, runner: StageRunner, by_kind: Mapping
     search's own rule prefers (``search.preferred``). Returns {"kinds": layer → kind (str keys, as
     in JSON), "scores": kind → layer → primary score, "evaluations": how many the choice cost}."""
     run = ctx.run
-    guards = [TargetGuard(target.name, target.scorer.direction, *run.tolerance_of(target.spec)) for target in targets]
+    guards = _guards(run, targets)
     directions = {guard.name: guard.direction for guard in guards}
     layers = distilled_layers(run, ctx.teacher.adapter.num_layers)
     scored: dict[str, dict[int, CandidateScores]] = {}
@@ -428,7 +433,7 @@ def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], pr
             students: Mapping[int, LinearAttentionStudent], targets: Sequence[PreparedTarget], log: Log) -> SearchOutcome:
     """The greedy search as one cached stage, its candidates as cached stages inside it."""
     run = ctx.run
-    guards = [TargetGuard(target.name, target.scorer.direction, *run.tolerance_of(target.spec)) for target in targets]
+    guards = _guards(run, targets)
 
     def search(folder: Path | None, stage_log: Log) -> dict:
         started = time.perf_counter()

@@ -85,9 +85,8 @@ def check_output_dir(path: str | Path, option: str = "output_dir") -> Path:
     if not existing.is_dir():
         raise OutputDirError(f"cannot create folder {path}: {existing} is a file; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "folder" if existing == path else f"folder {path}: its parent"
-        raise OutputDirError(f"{what} {existing} is not writable; choose another {option}"
-                             if existing != path else f"folder {path} is not writable; choose another {option}")
+        where = f"folder {path}" if existing == path else f"folder {path}: its parent {existing}"
+        raise OutputDirError(f"{where} is not writable; choose another {option}")
     return path
 
 
@@ -354,7 +353,8 @@ def distill_stage(run: RunSpec, capture: Mapping, layer_idx: int, log_curve: Cur
 def stream_distill_stage(run: RunSpec, restart: bool, log_curve: CurveLogger, folder: Path, log: Log) -> dict | None:
     """Every layer's student (one per kind of ``run.student``) from the streamed teacher, resuming from
     ``folder/checkpoints`` (dropped first when ``restart``) → {"records": one StudentRecord json per
-    student, kind-major, "tokens": distinct tokens streamed}. Under torchrun every rank trains; ranks other than 0 return None (nothing to record)."""
+    student, kind-major, "tokens": distinct tokens streamed}. Under torchrun every rank trains; ranks
+    other than 0 return None (nothing to record)."""
     ctx = run_context(run)
     if restart:
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
@@ -373,9 +373,10 @@ def stream_distill_stage(run: RunSpec, restart: bool, log_curve: CurveLogger, fo
     )
     if rank_and_world()[0] != 0:
         return None
-    prefix = "" if len(kinds) == 1 else "{kind}_"
-    records = [write_student(student, layer, folder / f"{prefix.format(kind=student.kind)}layer_{layer.layer_idx:03d}"
-                                                      ".safetensors")
+    def weights_file(student, layer_idx: int) -> Path:  # named by kind too when the layers have several
+        return folder / f"{'' if len(kinds) == 1 else student.kind + '_'}layer_{layer_idx:03d}.safetensors"
+
+    records = [write_student(student, layer, weights_file(student, layer.layer_idx))
                for student, layer in zip(students, result.layers)]
     return {"records": [r.to_json() for r in records], "tokens": result.tokens_per_pass}
 

@@ -211,6 +211,8 @@ class LinearAttentionStudent(nn.Module):
         Args:
             hidden_states: [B, T, hidden]. attention_mask: as ``forward`` takes it, or None.
         """
+        if self.normalised_readout and not self.window:
+            return  # a softmax-like readout already mixes values at their scale: nothing to calibrate
         valid = key_padding_mask(attention_mask, hidden_states.shape[1])
         output_rms, log_far_mass, far_share = self._softmax_reference(hidden_states, valid)
         if self.normalised_readout:
