@@ -1,7 +1,9 @@
 """Issue 5, benchmark 3: the cost of the DtR pass itself, on a Qwen2.5-1.5B-shaped model (random weights).
 
 1. Streaming distillation throughput: tokens/s for all 28 layers' students trained together
-   (dtr_core.streaming, the teacher in bf16, GLA students), at the given batch shape.
+   (dtr_core.streaming, the teacher in bf16), at the given batch shape, for each kind of student in
+   ``--student`` (e.g. "gla,gated_deltanet"; ``--window``/``--short-conv`` as the product's), each
+   kind's students on their own pass; the row names the backend that trained them (fla or chunked).
 2. Greedy-search evaluation throughput: validation examples/s of one candidate evaluation from the
    embeddings (no prefix reuse), and the same averaged over one search round with prefix reuse
    (--candidates of round 1's candidates, evenly spread over the layers: a candidate's cost from the
@@ -12,6 +14,7 @@
    the unfavourable one seen on SmolLM2).
 
     python -m bench.dtr_pass --out $OUT/dtr_pass.md          # on the GPU
+    python -m bench.dtr_pass --student gla,gated_deltanet --window 64 --distill-only   # cost per kind
     python -m bench.dtr_pass --smoke                          # tiny model on the CPU, seconds
 """
 
@@ -37,6 +40,7 @@ from bench.common import (
 from bench.cpu import trajectory_forwards
 from dtr_core.adapters import adapter_for
 from dtr_core.evaluation import PrefixCachingEvaluator
+from dtr_core.linear.backends import resolve_backend
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.specs import CaptureSpec, DistillSpec, StudentSpec
 from dtr_core.streaming import stream_distill
@@ -58,9 +62,9 @@ def random_batches(count: int, batch_size: int, length: int, vocab: int, device)
     return batches
 
 
-def distill_throughput(model, adapter, args, device) -> float:
-    students = [student_from_teacher(StudentSpec(kind=args.student), adapter.read_attention_weights(model, i),
-                                     causal=True, seed=i).to(device) for i in range(adapter.num_layers)]
+def distill_throughput(model, adapter, args, spec: StudentSpec, device) -> float:
+    students = [student_from_teacher(spec, adapter.read_attention_weights(model, i), causal=True, seed=i).to(device)
+                for i in range(adapter.num_layers)]
     tokens_per_batch = args.batch_size * args.length
     capture = CaptureSpec(token_budget=(args.steps + 1) * tokens_per_batch, max_length=args.length,
                           batch_size=args.batch_size, mode="stream")
@@ -71,9 +75,15 @@ def distill_throughput(model, adapter, args, device) -> float:
     return result.tokens_per_second
 
 
-def evaluation_throughput(model, adapter, args, device) -> tuple[float, float]:
+def training_backend(spec: StudentSpec, device) -> str:
+    """Which backend trains this kind of student here ("auto"'s choice for a differentiated call)."""
+    probe = torch.empty(1, 2, 1, 1, device=device)
+    return resolve_backend("auto", probe, gated_delta_backward=spec.kind == "gated_deltanet")
+
+
+def evaluation_throughput(model, adapter, args, spec: StudentSpec, device) -> tuple[float, float]:
     """(examples/s from the embeddings, examples/s averaged over round 1 with prefix reuse)."""
-    students = {i: student_from_teacher(StudentSpec(kind=args.student), adapter.read_attention_weights(model, i),
+    students = {i: student_from_teacher(spec, adapter.read_attention_weights(model, i),
                                         causal=True, seed=i).to(device=device, dtype=model.dtype).eval()
                 for i in range(adapter.num_layers)}  # in the teacher's dtype, as the search runs them
     batches = list(random_batches(args.examples // args.eval_batch, args.eval_batch, args.eval_length,
@@ -102,7 +112,11 @@ def evaluation_throughput(model, adapter, args, device) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", default="gla", choices=("gla", "gated_deltanet"))
+    parser.add_argument("--student", default="gla",
+                        help="a kind of student or several, comma-separated (each timed on its own pass)")
+    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
+    parser.add_argument("--short-conv", type=int, default=0, help="their q/k/v convolution size (0: none)")
+    parser.add_argument("--distill-only", action="store_true", help="time distillation only (no search, projection)")
     parser.add_argument("--batch-size", type=int, default=16, help="distillation rows per step")
     parser.add_argument("--length", type=int, default=2048, help="tokens per distillation row")
     parser.add_argument("--steps", type=int, default=20, help="timed distillation steps")
@@ -123,9 +137,28 @@ def main(argv=None) -> None:
     num_layers = adapter.num_layers
 
     # Progress goes out as soon as each part is measured: a run cut off by a time limit still shows it.
-    tokens_per_second = distill_throughput(model, adapter, args, device)
-    print(f"streaming distillation: {tokens_per_second:,.0f} tokens/s", flush=True)
-    plain_rate, reuse_rate = evaluation_throughput(model, adapter, args, device)
+    spec = StudentSpec(kind=args.student, window=args.window, short_conv=args.short_conv)
+    rates = {}
+    for kind in spec.kinds:
+        rates[kind] = distill_throughput(model, adapter, args, spec.of_kind(kind), device)
+        print(f"streaming distillation, {kind}: {rates[kind]:,.0f} tokens/s", flush=True)
+    student = ", ".join(filter(None, [f"window {args.window}" if args.window else "",
+                                      f"convolutions {args.short_conv}" if args.short_conv else ""])) or "plain"
+    distill_rows = [[f"streaming distillation, all layers, {kind}", f"{rate:,.0f} tokens/s",
+                     f"{args.batch_size}×{args.length} tokens per step, {student}, trained on "
+                     f"{training_backend(spec.of_kind(kind), device)}"] for kind, rate in rates.items()]
+    env = environment(device)
+    title = (f"DtR pass, Qwen2.5-1.5B shape ({num_layers} layers), random weights, on {env['card']} "
+             f"({'smoke sizes' if args.smoke else 'bf16'}, full attention: {attention})")
+    if args.distill_only:
+        markdown = "\n".join([title, environment_line(env), "", markdown_table(["what", "measured", "setting"],
+                                                                              distill_rows)])
+        print(markdown)
+        write_results(args.out, markdown, {"environment": env, "args": vars(args), "tokens_per_second": rates})
+        return
+    first = spec.of_kind(spec.kinds[0])
+    tokens_per_second = rates[first.kind]
+    plain_rate, reuse_rate = evaluation_throughput(model, adapter, args, first, device)
     print(f"evaluation: {plain_rate:,.1f} examples/s from the embeddings, {reuse_rate:,.1f} with prefix reuse",
           flush=True)
     with_reuse, without_reuse = trajectory_forwards(num_layers, "late")
@@ -134,15 +167,13 @@ def main(argv=None) -> None:
     search_hours = evaluations * PAPER_EXAMPLES / plain_rate / 3600
     search_hours_reuse = search_hours * with_reuse / without_reuse
 
-    env = environment(device)
     rows = [
-        ["streaming distillation, all layers", f"{tokens_per_second:,.0f} tokens/s",
-         f"{args.batch_size}×{args.length} tokens per step, {args.student}"],
+        *distill_rows,
         ["evaluation from the embeddings", f"{plain_rate:,.1f} examples/s",
          f"{args.eval_length} tokens per example, perplexity"],
         ["evaluation, round 1 with prefix reuse", f"{reuse_rate:,.1f} examples/s",
          f"average over {args.candidates} of its candidates, evenly spread"],
-        [f"projected: {PAPER_DISTILL_TOKENS / 1e6:.0f}M distillation tokens", f"{distill_hours:.2f} h",
+        [f"projected: {PAPER_DISTILL_TOKENS / 1e6:.0f}M distillation tokens ({first.kind})", f"{distill_hours:.2f} h",
          f"paper {PAPER_A800_HOURS[0]} A800-h, target ≤ {TARGET_H100_HOURS[0]} H100-h"],
         [f"projected: {evaluations} evaluations × {PAPER_EXAMPLES} examples", f"{search_hours:.2f} h",
          "no prefix reuse"],
@@ -151,13 +182,11 @@ def main(argv=None) -> None:
          f"A800-h, target ≤ {TARGET_H100_HOURS[1]} H100-h"],
     ]
     markdown = "\n".join([
-        f"DtR pass, Qwen2.5-1.5B shape ({num_layers} layers), random weights, on {env['card']} "
-        f"({'smoke sizes' if args.smoke else 'bf16'}, full attention: {attention})",
-        environment_line(env), "",
+        title, environment_line(env), "",
         markdown_table(["what", "measured", "setting"], rows),
     ])
     print(markdown)
-    write_results(args.out, markdown, {"environment": env, "args": vars(args), "tokens_per_second": tokens_per_second,
+    write_results(args.out, markdown, {"environment": env, "args": vars(args), "tokens_per_second": rates,
                                        "eval_examples_per_second": plain_rate,
                                        "eval_examples_per_second_round1_reuse": reuse_rate,
                                        "trajectory_layer_forwards": [with_reuse, without_reuse],

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "'kind=passkey,context_tokens=256,tolerance=0.05,tolerance_mode=absolute'")
     parser.add_argument("--student", default=StudentSpec.kind,
                         help="gla | gated_deltanet | auto (every kind) | a comma-separated list: with several, "
-                             "every layer gets one of each and keeps the kind its swap alone scores best with")
+                             "every layer gets one of each and every round of the search offers each layer with each kind")
     parser.add_argument("--window", type=int, default=StudentSpec.window,
                         help="softmax attention over the last W tokens beside the scan (0: none)")
     parser.add_argument("--short-conv", type=int, default=StudentSpec.short_conv,

@@ -42,8 +42,9 @@ class RunSummary:
     # direction, scores: {full, m_opt, m_best}}], "warnings": [...]}; None for encoders or when off.
     card: dict | None = None
     distillation_warnings: list[str] = field(default_factory=list)  # training.distillation_warnings
-    # When every layer had students of several kinds (StudentSpec.kinds): {"kinds": layer → kind,
-    # "scores": kind → layer → validation score swapped alone, "evaluations": what the choice cost}.
+    # When every layer had students of several kinds (StudentSpec.kinds): {"kinds": exported layer → kind,
+    # "scores": kind → layer → validation score swapped alone, "evaluations": the search's,
+    # "one_kind_evaluations": what the same rounds cost with one kind}.
     student_kinds: dict | None = None
 
     def to_json(self) -> dict:
@@ -238,6 +239,11 @@ def _best_text(summary: RunSummary) -> str:
     return f"M_best: {list(summary.m_best)}"
 
 
+def _hybrid_of(entry: dict) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """A recorded evaluation's or step's hybrid: its layers and their kinds (empty with one kind)."""
+    return tuple(entry["linear_layers"]), tuple(entry.get("kinds") or ())
+
+
 def _trajectory_markdown(result: dict, names: list[str]) -> list[str]:
     """The kept swaps as a table; when the first round kept none, a sentence instead of an empty table."""
     if not result["trajectory"]:
@@ -245,7 +251,10 @@ def _trajectory_markdown(result: dict, names: list[str]) -> list[str]:
     lines = ["| round | added layer | linear layers | " + " | ".join(names) + " | within every tolerance |",
              "|---|---|---|" + "---|" * len(names) + "---|"]
     for step in result["trajectory"]:
-        lines.append(f"| {step['round']} | {step['added_layer']} | {list(step['linear_layers'])} | "
+        added = step["added_layer"]
+        if step.get("kinds"):  # a search over several kinds of student: the kind the added layer took
+            added = f"{added} ({dict(zip(step['linear_layers'], step['kinds']))[added]})"
+        lines.append(f"| {step['round']} | {added} | {list(step['linear_layers'])} | "
                      + " | ".join(f"{step['scores'][n]:.4f}" for n in names)
                      + f" | {'yes' if step['meets_p_min'] else 'no'} |")
     return lines + [f"\nStopped: {result['stopped_because']}."]
@@ -287,29 +296,31 @@ def write_report(summary: RunSummary, out_dir: str | Path) -> Path:
 
 
 def _kinds_lines(summary: RunSummary) -> list[str]:
-    """The report's table of every kind's single-swap validation score per layer, when kinds were chosen."""
+    """The report's table of every kind's single-swap validation score per layer and the kind each
+    exported layer runs, when the search chose among kinds."""
     if summary.student_kinds is None:
         return []
-    kinds = list(summary.student_kinds["scores"])
+    by_kind = summary.student_kinds["scores"]
+    kept = summary.student_kinds["kinds"]
     name = summary.primary["name"]
-    headers = " | ".join(f"{name} with {kind} alone" for kind in kinds)
+    headers = " | ".join(f"{name} with {kind} alone" for kind in by_kind)
     lines = [f"Student kinds: {_kinds_text(summary.student_kinds)}.", "",
-             f"| layer | kind kept | {headers} |",
-             "|---|---|" + "---|" * len(kinds)]
-    for layer, kind in summary.student_kinds["kinds"].items():
-        scores = " | ".join(f"{summary.student_kinds['scores'][k][layer]:.4f}" for k in kinds)
-        lines.append(f"| {layer} | {kind} | {scores} |")
+             f"| layer | exported as | {headers} |",
+             "|---|---|" + "---|" * len(by_kind)]
+    for layer in next(iter(by_kind.values())):
+        scores = " | ".join(f"{by_kind[kind][layer]:.4f}" for kind in by_kind)
+        lines.append(f"| {layer} | {kept.get(layer, 'full attention')} | {scores} |")
     return [*lines, ""]
 
 
 def _kinds_text(student_kinds: dict) -> str:
-    """Which layers took which kind of student, and what choosing cost."""
+    """Which exported layers run which kind of student, and what offering every kind cost the search."""
     chosen: dict[str, list[int]] = {kind: [] for kind in student_kinds["scores"]}
     for layer, kind in student_kinds["kinds"].items():
         chosen[kind].append(int(layer))
     return ("; ".join(f"{kind} {sorted(layers)}" for kind, layers in chosen.items())
-            + f" (each layer's kind chosen by its swap alone: {student_kinds['evaluations']} evaluations, "
-              f"{len(chosen)} students distilled per layer)")
+            + f" (every layer offered with each kind in every round: {student_kinds['evaluations']} evaluations, "
+              f"{student_kinds['one_kind_evaluations']} with one kind; {len(chosen)} students distilled per layer)")
 
 
 BAR_WIDTH = 30  # characters of the summary's trade-off bars
@@ -328,9 +339,9 @@ def trajectory_lines(summary: RunSummary) -> list[str]:
     name, direction = primary["name"], _direction(primary)
     p_min = result["selection"]["thresholds"].get(name)
     bootstrap = result.get("acceptance") == "bootstrap"
-    by_layers = {tuple(e["linear_layers"]): e for e in result["evaluations"]}
-    rows = [(by_layers[()], "full model")]
-    rows += [(by_layers[tuple(step["linear_layers"])], "kept" if step["meets_p_min"] else "kept, outside tolerance")
+    by_hybrid = {_hybrid_of(e): e for e in result["evaluations"]}
+    rows = [(by_hybrid[(), ()], "full model")]
+    rows += [(by_hybrid[_hybrid_of(step)], "kept" if step["meets_p_min"] else "kept, outside tolerance")
              for step in result["trajectory"]]
     stopping_round = [e for e in result["evaluations"] if e["round"] == len(result["trajectory"]) + 1]
     if stopping_round:

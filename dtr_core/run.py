@@ -29,19 +29,19 @@ from .card import card_entries
 from .card import warnings as card_warnings
 from .export import ExportManifest, export_hybrid
 from .io import link_tree, write_json
-from .linear.base import LinearAttentionStudent
 from .progress import Progress
 from .report import RunSummary, write_report
 from .runner import Log, PlainRunner, Stage, StageRunner
 from .acceptance import ExampleScores, paired_bootstrap_bound
 from .direction import Direction
-from .search import CandidateScores, SearchResult, TargetGuard, greedy_replace, preferred
+from .search import CandidateScores, SearchResult, TargetGuard, greedy_replace, hybrid_name, kinds_in_order
 from .specs import RunSpec, TargetSpec, spec_to_dict
 from .stage_cache import StageCache, code_version, content_key
 from .stages import (
     PreparedTarget,
     RunContext,
     SearchOutcome,
+    StudentChoice,
     TargetEvaluator,
     capture_files,
     candidate_key,
@@ -71,6 +71,9 @@ from .tracking import NoTracking, Tracker
 from .training import CurveLogger, TrainingPlan, distillation_warnings
 
 T = TypeVar("T")
+# A hybrid as the stages after the search name it: its linear layers and, when the run distilled
+# several kinds of student, each one's kind (in the same order).
+Hybrid = tuple[tuple[int, ...], tuple[str, ...] | None]
 # What every run folder holds, from either entry point (the cache may live elsewhere).
 RUN_FOLDER = ("search.json", "hybrid", "report")
 
@@ -150,24 +153,19 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
         files=lambda value: {value["file"]: value["sha256"]}))
         for target in run.targets if target.kind == "classification"}
     targets = [timer("target", prepare_target, ctx, target, probes.get(target.label)) for target in run.targets]
-    kind_choice = None
-    if len(kinds) == 1:
-        records = by_kind[kinds[0]]
-    else:
-        kind_choice = timer("search", _choose_student_kinds, ctx, runner, by_kind, probes, targets, log)
-        by_layer = {kind: {record["layer_idx"]: record for record in kind_records}
-                    for kind, kind_records in by_kind.items()}
-        # A layer the search may not replace keeps the first kind's student (it is never swapped in).
-        records = [by_layer[kind_choice["kinds"].get(str(layer), kinds[0])][layer] for layer in by_layer[kinds[0]]]
+    records = [record for kind in kinds for record in by_kind[kind]]
     students = timer("target", load_students, records, run)
 
     outcome = timer("search", _search, ctx, runner, records, probes, students, targets, log)
     write_json(Path(run.output_dir) / "search.json", outcome.to_json())
     _track_search(tracker, outcome)
     result, selection = outcome.result, outcome.result.selection
-    log(f"search: {len(result.evaluations)} evaluations; M_opt {list(selection.m_opt)}, M_best {list(selection.m_best)}")
+    log(f"search: {len(result.evaluations)} evaluations; M_opt {hybrid_name(selection.m_opt, selection.m_opt_kinds)}, "
+        f"M_best {hybrid_name(selection.m_best, selection.m_best_kinds)}")
 
-    layer_sets = {"full": (), "m_opt": selection.m_opt, "m_best": selection.m_best}
+    # Each hybrid as its layers and, with several kinds of student, their kinds.
+    layer_sets = {"full": ((), None), "m_opt": (selection.m_opt, selection.m_opt_kinds),
+                  "m_best": (selection.m_best, selection.m_best_kinds)}
     tests = {target.name: timer("test", runner.run, Stage(
         "test", f"test scores ({target.name})",
         content_key("test", evaluation_key(ctx, target.spec, records), sorted(layer_sets.items())),
@@ -179,12 +177,13 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
     if run.card.enabled and adapter.causal:
         card = timer("card", _capability_card, ctx, runner, records, students, layer_sets, log)
 
-    chosen = selection.m_opt if run.export.which == "opt" else selection.m_best
-    by_layer = {r["layer_idx"]: r for r in records}
+    chosen, chosen_kinds = layer_sets["m_opt" if run.export.which == "opt" else "m_best"]
+    students.choose(_kinds_map(chosen, chosen_kinds))
+    chosen_students = {i: students[i] for i in chosen}
     export = ExportManifest(**timer("export", runner.run, Stage(
-        "export", "export", export_key(ctx, by_layer, chosen),
+        "export", "export", export_key(ctx, _records_by_layer(records, students.kinds), chosen),
         lambda folder, stage_log: export_hybrid(ctx.teacher.model, adapter, ctx.teacher.tokenizer,
-                                                {i: students[i] for i in chosen}, folder, run.export).to_json(),
+                                                chosen_students, folder, run.export).to_json(),
         files=lambda value: {str(Path(value["directory"]) / name): digest for name, digest in value["files"].items()})))
     hybrid_dir = link_tree(export.directory, Path(run.output_dir) / "hybrid")
 
@@ -199,16 +198,16 @@ def run_dtr(run: RunSpec, runner: StageRunner | None = None, tracker: Tracker | 
         layer_forwards=outcome.layer_forwards, layer_forwards_without_reuse=outcome.layer_forwards_without_reuse,
         stage_seconds=dict(timer.seconds), distillation=list(records), capture_tokens=capture_tokens,
         export_dir=str(hybrid_dir), report_dir=str(report_dir), search=outcome.to_json(), card=card,
-        distillation_warnings=distillation_warnings(records), student_kinds=kind_choice,
+        distillation_warnings=distillation_warnings(records),
+        student_kinds=_student_kinds(result, chosen, chosen_kinds) if len(kinds) > 1 else None,
     )
     runner.run(Stage("report", "report", None, lambda folder, stage_log: str(write_report(summary, report_dir))))
     _track_summary(tracker, summary)
     return summary
 
 
-def _capability_card(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping],
-                     students: Mapping[int, LinearAttentionStudent], layer_sets: Mapping[str, tuple[int, ...]],
-                     log: Log) -> dict:
+def _capability_card(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], students: StudentChoice,
+                     layer_sets: Mapping[str, Hybrid], log: Log) -> dict:
     """Each card capability's test scores for the full model, M_opt and M_best (a cached stage each)."""
     limit = context_limit(ctx.teacher)
     entries = []
@@ -224,11 +223,37 @@ def _capability_card(ctx: RunContext, runner: StageRunner, records: Sequence[Map
     return card
 
 
-def _card_scores(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: TargetSpec,
-                 layer_sets: Mapping[str, tuple[int, ...]], folder: Path | None, log: Log) -> dict:
+def _card_scores(ctx: RunContext, students: StudentChoice, target: TargetSpec, layer_sets: Mapping[str, Hybrid],
+                 folder: Path | None, log: Log) -> dict:
     prepared = prepare_target(ctx, target, None)
     return {"metric": prepared.scorer.metric_name, "direction": prepared.scorer.direction.value,
             "scores": _test_scores(ctx, students, prepared, layer_sets, folder, log)}
+
+
+def _kinds_map(layers: Sequence[int], kinds: Sequence[str] | None) -> dict[int, str] | None:
+    """A hybrid's layer → kind of student (None when the run had one kind)."""
+    return None if kinds is None else dict(zip(layers, kinds))
+
+
+def _records_by_layer(records: Sequence[Mapping], kinds: Mapping[int, str] | None) -> dict[int, Mapping]:
+    """Each layer's record of the kind ``kinds`` gives it (the first kind distilled elsewhere)."""
+    first = records[0]["student_config"]["kind"]
+    return {r["layer_idx"]: r for r in records
+            if r["student_config"]["kind"] == (kinds or {}).get(r["layer_idx"], first)}
+
+
+def _student_kinds(result: SearchResult, layers: Sequence[int], kinds: Sequence[str]) -> dict:
+    """What the report says of a search over several kinds of student: the exported layers' kinds
+    (str keys, as in JSON), every single swap's validation score by kind (the search's first round),
+    and what offering every kind cost: the evaluations made, and those one kind would have needed."""
+    primary = result.targets[0].name
+    alone = {kind: {} for kind in result.kinds}
+    for e in result.evaluations:
+        if e.round == 1:
+            alone[e.kinds[0]][str(e.linear_layers[0])] = e.scores[primary]
+    return {"kinds": {str(layer): kind for layer, kind in zip(layers, kinds)}, "scores": alone,
+            "evaluations": len(result.evaluations),
+            "one_kind_evaluations": 1 + (len(result.evaluations) - 1) // len(result.kinds)}
 
 
 def _describe_target(run: RunSpec, target: PreparedTarget) -> dict:
@@ -301,8 +326,10 @@ def _log_stored_curve(log_curve: CurveLogger, record: Mapping) -> None:
     log_stored_curves(log_curve, [(record["layer_idx"], record)])
 
 
-def _evaluated(evaluator: TargetEvaluator, layers: frozenset[int], folder: Path | None, log: Log) -> dict:
+def _evaluated(evaluator: TargetEvaluator, students: StudentChoice, layers: frozenset[int],
+               kinds: Mapping[int, str] | None, folder: Path | None, log: Log) -> dict:
     """An evaluate stage's value: the score and, where the target gives them, per-example scores."""
+    students.choose(kinds)
     score, examples = evaluator.evaluate(layers)
     return {"score": score, "examples": examples.to_json() if examples is not None else None}
 
@@ -316,38 +343,42 @@ class TargetsEvaluator:
     its workers."""
 
     def __init__(self, ctx: RunContext, runner: StageRunner, evaluators: Mapping[str, TargetEvaluator],
-                 directions: Mapping[str, Direction], records: Sequence[Mapping], probes: Mapping[str, Mapping],
-                 log: Log) -> None:
+                 students: StudentChoice, directions: Mapping[str, Direction], records: Sequence[Mapping],
+                 probes: Mapping[str, Mapping], log: Log) -> None:
         self.ctx, self.runner, self.evaluators, self.directions = ctx, runner, evaluators, directions
+        self.students = students
         self.full_examples: dict[str, ExampleScores] = {}
         self.records, self.probes, self.log = records, probes, log
         self.specs = {target.label: target for target in ctx.run.targets}
-        self.by_layer = {record["layer_idx"]: record for record in records}
         candidates = len(distilled_layers(ctx.run, ctx.teacher.adapter.num_layers))
-        # Every round scores each remaining candidate: this many evaluations when the search runs
-        # to the end, at most that many when it may stop early.
-        self.progress = Progress("search", candidates * (candidates + 1) // 2 + 1, log, unit="evaluations",
-                                 bound=not ctx.run.search.run_to_end)
+        # Every round scores each remaining candidate with each kind of student: this many evaluations
+        # when the search runs to the end, at most that many when it may stop early.
+        self.progress = Progress("search", len(ctx.run.student.kinds) * candidates * (candidates + 1) // 2 + 1, log,
+                                 unit="evaluations", bound=not ctx.run.search.run_to_end)
 
-    def _stage(self, name: str, layers: frozenset[int], compute, describe=None, on_cached=None) -> Stage:
-        return Stage("evaluate", f"evaluate {name} {sorted(layers)}",
-                     candidate_key(self.ctx, self.specs[name], self.by_layer, layers),
+    def _stage(self, name: str, layers: frozenset[int], kinds: Mapping[int, str] | None, compute, describe=None,
+               on_cached=None) -> Stage:
+        return Stage("evaluate", f"evaluate {name} {hybrid_name(sorted(layers), kinds_in_order(layers, kinds))}",
+                     candidate_key(self.ctx, self.specs[name], _records_by_layer(self.records, kinds), layers),
                      compute, quiet=True, describe=describe, on_cached=on_cached)
 
-    def __call__(self, linear_layers: frozenset[int]) -> CandidateScores:
+    def __call__(self, linear_layers: frozenset[int], kinds: Mapping[int, str] | None = None) -> CandidateScores:
         hits: list = []  # a candidate every target had cached took no time: it must not lower the estimate
-        values = {name: self.runner.run(self._stage(name, linear_layers, partial(_evaluated, evaluator, linear_layers),
+        values = {name: self.runner.run(self._stage(name, linear_layers, kinds,
+                                                    partial(_evaluated, evaluator, self.students, linear_layers, kinds),
                                                     on_cached=hits.append))
                   for name, evaluator in self.evaluators.items()}
-        return self._scored(linear_layers, values, worked=len(hits) < len(values))
+        return self._scored(linear_layers, kinds, values, worked=len(hits) < len(values))
 
-    def _scored(self, layers: frozenset[int], values: Mapping[str, Mapping], worked: bool = True) -> CandidateScores:
+    def _scored(self, layers: frozenset[int], kinds: Mapping[int, str] | None, values: Mapping[str, Mapping],
+                worked: bool = True) -> CandidateScores:
         """Each target's score from its evaluate stage's value; under the bootstrap rule also its
         pessimistic bound against the full model (the search's first candidate), for each target
         that gives per-example scores (the others are judged by their score)."""
         scores = {name: value["score"] for name, value in values.items()}
         written = ", ".join(f"{name} {score:.4f}" for name, score in scores.items())
-        self.progress.advance(worked=worked, detail=f"{len(layers)} linear {sorted(layers)} → {written}")
+        named = hybrid_name(sorted(layers), kinds_in_order(layers, kinds))
+        self.progress.advance(worked=worked, detail=f"{len(layers)} linear {named} → {written}")
         search = self.ctx.run.search
         if search.acceptance == "point":
             return CandidateScores(scores)
@@ -366,7 +397,8 @@ class TargetsEvaluator:
                   for name in examples}
         return CandidateScores(scores, bounds)
 
-    def rebase(self, linear_layers: frozenset[int]) -> None:
+    def rebase(self, linear_layers: frozenset[int], kinds: Mapping[int, str] | None = None) -> None:
+        self.students.choose(kinds)
         for evaluator in self.evaluators.values():
             evaluator.rebase(linear_layers)
 
@@ -375,21 +407,25 @@ class RoundTargetsEvaluator(TargetsEvaluator):
     """``TargetsEvaluator`` that hands each round, every target's candidates together, to the
     runner's workers (``search.RoundEvaluator``)."""
 
-    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[dict[str, float], float]]:
+    def evaluate_round(self, layer_sets: Sequence[frozenset[int]], kinds: Sequence[Mapping[int, str]] | None = None
+                       ) -> list[tuple[dict[str, float], float]]:
         started = time.perf_counter()
-        pairs = [(name, layers) for layers in layer_sets for name in self.evaluators]
+        kinds = kinds or [None] * len(layer_sets)
+        triples = [(name, layers, layer_kinds) for layers, layer_kinds in zip(layer_sets, kinds)
+                   for name in self.evaluators]
         flat = self.runner.run_all([
-            self._stage(name, layers, partial(worker_evaluation_stage, self.ctx.run, name, self.records,
-                                              self.probes.get(name), layers), describe=describe_worker_score)
-            for name, layers in pairs])
+            self._stage(name, layers, layer_kinds,
+                        partial(worker_evaluation_stage, self.ctx.run, name, self.records, self.probes.get(name),
+                                layers, layer_kinds), describe=describe_worker_score)
+            for name, layers, layer_kinds in triples])
         # The workers score in parallel: each candidate is credited an equal share of the round's time.
         seconds = (time.perf_counter() - started) / len(layer_sets)
         per_target = len(self.evaluators)
         results = []
-        for index, layers in enumerate(layer_sets):
+        for index, (layers, layer_kinds) in enumerate(zip(layer_sets, kinds)):
             span = slice(index * per_target, (index + 1) * per_target)
-            values = {name: value for (name, _), value in zip(pairs[span], flat[span])}
-            results.append((self._scored(layers, values), seconds))
+            values = {name: value for (name, _, _), value in zip(triples[span], flat[span])}
+            results.append((self._scored(layers, layer_kinds, values), seconds))
         return results
 
 
@@ -398,39 +434,8 @@ def _guards(run: RunSpec, targets: Sequence[PreparedTarget]) -> list[TargetGuard
     return [TargetGuard(target.name, target.scorer.direction, *run.tolerance_of(target.spec)) for target in targets]
 
 
-def _choose_student_kinds(ctx: RunContext, runner: StageRunner, by_kind: Mapping[str, Sequence[Mapping]],
-                          probes: Mapping[str, Mapping], targets: Sequence[PreparedTarget], log: Log) -> dict:
-    """Each layer's kind of student, when the run distilled several: every kind's student of every
-    candidate layer is swapped alone into the full model and scored on validation (cached evaluate
-    stages: the search's first round finds the chosen ones there), and the layer keeps the kind the
-    search's own rule prefers (``search.preferred``). Returns {"kinds": layer → kind (str keys, as
-    in JSON), "scores": kind → layer → primary score, "evaluations": how many the choice cost}."""
-    run = ctx.run
-    guards = _guards(run, targets)
-    directions = {guard.name: guard.direction for guard in guards}
-    layers = distilled_layers(run, ctx.teacher.adapter.num_layers)
-    scored: dict[str, dict[int, CandidateScores]] = {}
-    for kind, records in by_kind.items():
-        students = load_students(records, run)
-        evaluators = {target.name: split_evaluator(ctx, students, target, "validation", run.search.prefix_reuse)
-                      for target in targets}
-        staged = TargetsEvaluator(ctx, runner, evaluators, directions, records, probes, log)
-        full = staged(frozenset())  # cached after the first kind: the same model
-        scored[kind] = {layer: staged(frozenset({layer})) for layer in layers}
-        staged.progress.close()
-    full_scores = dict(full.scores)
-    kinds = list(by_kind)
-    chosen = {str(layer): kinds[preferred(guards, full_scores, [scored[kind][layer] for kind in kinds],
-                                          run.search.acceptance)] for layer in layers}
-    primary = guards[0].name
-    log("student kinds: " + ", ".join(f"layer {layer} {kind}" for layer, kind in chosen.items()))
-    return {"kinds": chosen, "evaluations": 1 + len(kinds) * len(layers),
-            "scores": {kind: {str(layer): scores.scores[primary] for layer, scores in per_layer.items()}
-                       for kind, per_layer in scored.items()}}
-
-
 def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], probes: Mapping[str, Mapping],
-            students: Mapping[int, LinearAttentionStudent], targets: Sequence[PreparedTarget], log: Log) -> SearchOutcome:
+            students: StudentChoice, targets: Sequence[PreparedTarget], log: Log) -> SearchOutcome:
     """The greedy search as one cached stage, its candidates as cached stages inside it."""
     run = ctx.run
     guards = _guards(run, targets)
@@ -440,9 +445,9 @@ def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], pr
         evaluators = {target.name: split_evaluator(ctx, students, target, "validation", run.search.prefix_reuse)
                       for target in targets}
         staged_class = RoundTargetsEvaluator if runner.distributed else TargetsEvaluator
-        staged = staged_class(ctx, runner, evaluators, {guard.name: guard.direction for guard in guards},
+        staged = staged_class(ctx, runner, evaluators, students, {guard.name: guard.direction for guard in guards},
                               records, probes, log)
-        result = greedy_replace(ctx.teacher.adapter.num_layers, staged, run.search, guards)
+        result = greedy_replace(ctx.teacher.adapter.num_layers, staged, run.search, guards, kinds=run.student.kinds)
         staged.progress.close()
         return SearchOutcome(result, sum(e.layer_forwards for e in evaluators.values()),
                              sum(e.layer_forwards_full for e in evaluators.values()),
@@ -453,15 +458,18 @@ def _search(ctx: RunContext, runner: StageRunner, records: Sequence[Mapping], pr
     return SearchOutcome.from_json(runner.run(Stage("search", "search", key, search, composite=True)))
 
 
-def _test_scores(ctx: RunContext, students: Mapping[int, LinearAttentionStudent], target: PreparedTarget,
-                 layer_sets: Mapping[str, tuple[int, ...]], folder: Path | None, log: Log) -> dict[str, float]:
-    """Test-split score of each named layer set on one target (prefix reuse off: each distinct set
+def _test_scores(ctx: RunContext, students: StudentChoice, target: PreparedTarget, layer_sets: Mapping[str, Hybrid],
+                 folder: Path | None, log: Log) -> dict[str, float]:
+    """Test-split score of each named hybrid on one target (prefix reuse off: each distinct hybrid
     is run once)."""
     evaluator = split_evaluator(ctx, students, target, "test", prefix_reuse=False)
     distinct = list(dict.fromkeys(layer_sets.values()))
     progress = Progress(f"test scores ({target.name})", len(distinct), log, unit="layer sets")
-    by_set = {layers: evaluator(frozenset(layers)) for layers in progress.track(distinct)}
-    return {name: by_set[layers] for name, layers in layer_sets.items()}
+    by_set = {}
+    for layers, kinds in progress.track(distinct):
+        students.choose(_kinds_map(layers, kinds))
+        by_set[layers, kinds] = evaluator(frozenset(layers))
+    return {name: by_set[hybrid] for name, hybrid in layer_sets.items()}
 
 
 def _track_search(tracker: Tracker, outcome: SearchOutcome) -> None:
@@ -481,12 +489,15 @@ def _track_search(tracker: Tracker, outcome: SearchOutcome) -> None:
 
 
 def evaluations_table(result: SearchResult) -> str:
-    """One CSV row per evaluation: round, layer count, layer set, each target's score, seconds."""
+    """One CSV row per evaluation: round, layer count, layer set (and their kinds of student, when the
+    search offered several), each target's score, seconds."""
     names = [target.name for target in result.targets]
-    rows = [",".join(["round", "linear_layers", "layer_set", *names, "seconds"])]
+    kinds = ["kinds"] if result.kinds else []
+    rows = [",".join(["round", "linear_layers", "layer_set", *kinds, *names, "seconds"])]
     for e in result.evaluations:
         layer_set = '"' + " ".join(str(i) for i in e.linear_layers) + '"'
-        rows.append(",".join([str(e.round), str(len(e.linear_layers)), layer_set,
+        layer_kinds = ['"' + " ".join(e.kinds) + '"'] if result.kinds else []
+        rows.append(",".join([str(e.round), str(len(e.linear_layers)), layer_set, *layer_kinds,
                               *(f"{e.scores[name]:.6g}" for name in names), f"{e.seconds:.3f}"]))
     return "\n".join(rows) + "\n"
 

@@ -21,12 +21,17 @@ target has a threshold P_min from its own tolerance around the full model's vali
 With one target this is the paper's search: the best swap each round, whatever the tolerance.
 With guards the path depends on their tolerances, so ``read_off`` replays the recorded scores
 under other tolerances and says when the replay needs a candidate the run never scored.
+
+**Kinds of student** (``kinds``, when every layer has students of several kinds): a swap is a layer
+*and* the kind of student put there, so each round scores every remaining layer with each kind, and
+the rule above chooses among all of them (ties to the lowest layer, then the first kind). A kept
+layer keeps its kind; a hybrid is named by its layers and, in the same order, their kinds.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -40,12 +45,14 @@ SINGLE_TARGET = "score"
 @runtime_checkable
 class Evaluator(Protocol):
     """Scores candidate hybrids: ``evaluator(linear_layers) -> {target name: validation score}``
-    (a plain float for a single-target search, see ``greedy_replace``)."""
+    (a plain float for a single-target search, see ``greedy_replace``). Only a search over several
+    kinds of student passes ``kinds`` (layer → kind, for every linear layer)."""
 
-    def __call__(self, linear_layers: frozenset[int]) -> Mapping[str, float] | float:
+    def __call__(self, linear_layers: frozenset[int], kinds: Mapping[int, str] | None = None
+                 ) -> Mapping[str, float] | float:
         """The validation score(s) of the model with ``linear_layers`` replaced by their students."""
 
-    def rebase(self, linear_layers: frozenset[int]) -> None:
+    def rebase(self, linear_layers: frozenset[int], kinds: Mapping[int, str] | None = None) -> None:
         """The search kept ``linear_layers``: later candidates extend it (an evaluator that caches
         the current hybrid's hidden states moves them; others do nothing)."""
 
@@ -54,8 +61,10 @@ class Evaluator(Protocol):
 class RoundEvaluator(Evaluator, Protocol):
     """An evaluator that takes a whole round's candidates at once (e.g. to score them in parallel)."""
 
-    def evaluate_round(self, layer_sets: Sequence[frozenset[int]]) -> list[tuple[Mapping[str, float] | float, float]]:
-        """(score(s), seconds) per candidate, in order."""
+    def evaluate_round(self, layer_sets: Sequence[frozenset[int]], kinds: Sequence[Mapping[int, str]] | None = None
+                       ) -> list[tuple[Mapping[str, float] | float, float]]:
+        """(score(s), seconds) per candidate, in order (with several kinds, ``kinds``: one
+        layer → kind mapping per candidate)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,23 @@ def _primary(scores: Mapping[str, float]) -> float:
     return next(iter(scores.values()))
 
 
+def hybrid_key(linear_layers: Sequence[int], kinds: Sequence[str] | None = None) -> frozenset:
+    """What names a hybrid: its (layer, kind) pairs; the kind is None when the run had one kind."""
+    return frozenset(zip(linear_layers, kinds if kinds is not None else [None] * len(linear_layers)))
+
+
+def kinds_in_order(layers: Iterable[int], kinds: Mapping[int, str | None] | None) -> tuple[str, ...] | None:
+    """The kinds of ``layers`` in layer order, as records name them (None when ``kinds`` is)."""
+    return None if kinds is None else tuple(kinds[layer] for layer in sorted(layers))
+
+
+def hybrid_name(layers: Sequence[int], kinds: Sequence[str] | None) -> str:
+    """A hybrid as logs and messages write it: its layers, each with its kind when the run had several."""
+    if kinds is None:
+        return str(list(layers))
+    return "[" + ", ".join(f"{layer} {kind}" for layer, kind in zip(layers, kinds)) + "]"
+
+
 @dataclass(frozen=True)
 class Evaluation:
     round: int  # 0 = the full model
@@ -96,11 +122,16 @@ class Evaluation:
     scores: dict[str, float]  # per target, the primary first
     seconds: float
     bounds: dict[str, float] | None = None  # pessimistic scores of the targets that have them (bootstrap)
+    kinds: tuple[str, ...] | None = None  # each linear layer's kind of student (None: the run had one)
 
     @property
     def score(self) -> float:
         """The primary target's score."""
         return _primary(self.scores)
+
+    @property
+    def hybrid(self) -> frozenset:
+        return hybrid_key(self.linear_layers, self.kinds)
 
 
 @dataclass(frozen=True)
@@ -112,6 +143,7 @@ class Step:
     linear_layers: tuple[int, ...]
     scores: dict[str, float]
     meets_p_min: bool  # every target met its P_min
+    kinds: tuple[str, ...] | None = None  # as in Evaluation
 
     @property
     def score(self) -> float:
@@ -129,6 +161,8 @@ class Selection:
     m_best: tuple[int, ...]  # best primary score among evaluated hybrids with every guard held
     m_best_scores: dict[str, float]
     evaluations_used: int
+    m_opt_kinds: tuple[str, ...] | None = None  # each M_opt layer's kind of student (None: one kind)
+    m_best_kinds: tuple[str, ...] | None = None
 
     @property
     def primary(self) -> str:
@@ -160,6 +194,7 @@ class SearchResult:
     run_to_end: bool = field(default=False)
     acceptance: str = "point"  # what acceptance judges: the scores, or their bounds ("bootstrap")
     confidence: float | None = None  # the bootstrap bound's confidence (None under "point")
+    kinds: tuple[str, ...] | None = None  # the kinds of student each layer could take (None: one)
 
     @property
     def full_score(self) -> float:
@@ -188,16 +223,21 @@ class SearchResult:
             # JSON written with sorted keys loses the order: the primary target comes first again.
             return {t.name: scores[t.name] for t in targets if t.name in scores}
 
+        def kinds_of(entry: Mapping) -> tuple[str, ...] | None:
+            return None if entry.get("kinds") is None else tuple(entry["kinds"])
+
         return cls(**{
             **fields,
+            "kinds": kinds_of(fields),
             "candidates": tuple(fields["candidates"]),
             "targets": targets,
             "full_scores": in_order(fields["full_scores"]),
             "evaluations": tuple(Evaluation(**{
                 **e, "linear_layers": tuple(e["linear_layers"]), "scores": in_order(e["scores"]),
-                "bounds": in_order(e["bounds"]) if e.get("bounds") is not None else None})
+                "bounds": in_order(e["bounds"]) if e.get("bounds") is not None else None, "kinds": kinds_of(e)})
                 for e in fields["evaluations"]),
-            "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"]), "scores": in_order(s["scores"])})
+            "trajectory": tuple(Step(**{**s, "linear_layers": tuple(s["linear_layers"]), "scores": in_order(s["scores"]),
+                                        "kinds": kinds_of(s)})
                                 for s in fields["trajectory"]),
         })
 
@@ -249,17 +289,6 @@ def _judged(evaluation: Evaluation | CandidateScores, acceptance: str) -> Mappin
     return {**evaluation.scores, **evaluation.bounds}
 
 
-def preferred(targets: Sequence[TargetGuard], full_scores: Mapping[str, float], options: Sequence[CandidateScores],
-              acceptance: str) -> int:
-    """Which of several alternatives for one swap (e.g. a layer's students of different kinds) the
-    search's rule keeps, by index: the same choice a round makes between layers (every target within
-    tolerance, the best primary score; else the least violation; ties to the first)."""
-    p_min = _thresholds(targets, full_scores)
-    index, _, _ = _choose(targets[0], targets, p_min, full_scores,
-                          [(i, option.scores, _judged(option, acceptance)) for i, option in enumerate(options)])
-    return index
-
-
 # --- the search ----------------------------------------------------------------------------------
 
 class _NamedScore:
@@ -268,27 +297,31 @@ class _NamedScore:
     def __init__(self, evaluator: Evaluator, name: str) -> None:
         self.evaluator, self.name = evaluator, name
 
-    def __call__(self, linear_layers: frozenset[int]) -> dict[str, float]:
-        return {self.name: self.evaluator(linear_layers)}
+    # *kinds: passed on only when the search passes them (a search over several kinds of student).
+    def __call__(self, linear_layers: frozenset[int], *kinds) -> dict[str, float]:
+        return {self.name: self.evaluator(linear_layers, *kinds)}
 
-    def rebase(self, linear_layers: frozenset[int]) -> None:
-        self.evaluator.rebase(linear_layers)
+    def rebase(self, linear_layers: frozenset[int], *kinds) -> None:
+        self.evaluator.rebase(linear_layers, *kinds)
 
 
 class _NamedRoundScores(_NamedScore):
-    def evaluate_round(self, layer_sets):
-        return [({self.name: score}, seconds) for score, seconds in self.evaluator.evaluate_round(layer_sets)]
+    def evaluate_round(self, layer_sets, *kinds):
+        return [({self.name: score}, seconds) for score, seconds in self.evaluator.evaluate_round(layer_sets, *kinds)]
 
 
 def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
                    targets: Direction | Sequence[TargetGuard],
-                   clock: Callable[[], float] = time.perf_counter) -> SearchResult:
+                   clock: Callable[[], float] = time.perf_counter,
+                   kinds: Sequence[str] | None = None) -> SearchResult:
     """Run the greedy search; ``evaluator`` is called once per candidate (see ``Evaluator``).
 
     ``targets``: the ``TargetGuard`` of every target, the primary first (the evaluator returns a
     score per target name); or one ``Direction`` for a single target guarded by ``spec``'s
     tolerance, whose evaluator returns a float. ``evaluator.rebase`` is called each time a swap is
     kept. A ``RoundEvaluator`` gets each round's candidates (independent of each other) together.
+    ``kinds``: the kinds of student every layer has, when several (each round then scores every
+    remaining layer with each kind).
     """
     if isinstance(targets, Direction):
         named = _NamedRoundScores if isinstance(evaluator, RoundEvaluator) else _NamedScore
@@ -297,6 +330,7 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
     targets = tuple(targets)
     if not targets:
         raise ValueError("greedy_replace needs at least one target")
+    kinds = tuple(kinds) if kinds is not None and len(kinds) > 1 else None
     candidates = sorted(range(num_layers) if spec.candidate_layers is None else spec.candidate_layers)
     if any(i >= num_layers for i in candidates):
         raise ValueError(f"candidate_layers {candidates} include layers outside 0..{num_layers - 1}")
@@ -309,52 +343,61 @@ def greedy_replace(num_layers: int, evaluator: Evaluator, spec: SearchSpec,
             raise ValueError(f"the evaluator returned no score for target(s) {missing}")
         return {n: float(scores[n]) for n in names}
 
-    def evaluation(round_: int, layers: frozenset[int], returned, seconds: float) -> Evaluation:
+    def evaluation(round_: int, hybrid: Mapping[int, str | None], returned, seconds: float) -> Evaluation:
         returned = returned if isinstance(returned, CandidateScores) else CandidateScores(returned)
         bounds = None if returned.bounds is None else {n: float(returned.bounds[n]) for n in names
                                                        if n in returned.bounds}
-        return Evaluation(round_, tuple(sorted(layers)), in_order(returned.scores), seconds, bounds)
+        layers = tuple(sorted(hybrid))
+        return Evaluation(round_, layers, in_order(returned.scores), seconds, bounds,
+                          kinds_in_order(layers, hybrid if kinds else None))
 
-    def timed(layers: frozenset[int]) -> tuple[Mapping[str, float], float]:
+    def timed(hybrid: Mapping[int, str | None]) -> tuple[Mapping[str, float], float]:
         started = clock()
-        scores = evaluator(layers)
+        scores = evaluator(frozenset(hybrid), dict(hybrid)) if kinds else evaluator(frozenset(hybrid))
         return scores, clock() - started
 
-    def score_round(round_: int, layer_sets: list[frozenset[int]]) -> list[Evaluation]:
+    def score_round(round_: int, hybrids: list[dict[int, str | None]]) -> list[Evaluation]:
         if isinstance(evaluator, RoundEvaluator):
-            results = evaluator.evaluate_round(layer_sets)
+            layer_sets = [frozenset(hybrid) for hybrid in hybrids]
+            results = (evaluator.evaluate_round(layer_sets, hybrids) if kinds
+                       else evaluator.evaluate_round(layer_sets))
         else:
-            results = [timed(s) for s in layer_sets]
-        scored = [evaluation(round_, layers, returned, seconds)
-                  for layers, (returned, seconds) in zip(layer_sets, results, strict=True)]
+            results = [timed(hybrid) for hybrid in hybrids]
+        scored = [evaluation(round_, hybrid, returned, seconds)
+                  for hybrid, (returned, seconds) in zip(hybrids, results, strict=True)]
         evaluations.extend(scored)
         return scored
 
-    (full,) = score_round(0, [frozenset()])
+    (full,) = score_round(0, [{}])
     full_scores = full.scores
     p_min = _thresholds(targets, full_scores)
-    kept: frozenset[int] = frozenset()
+    kept: dict[int, str | None] = {}  # layer → its student's kind
     trajectory: list[Step] = []
     stopped_because = "every candidate layer is linear"
     for round_ in range(1, len(candidates) + 1):
-        remaining = [layer_idx for layer_idx in candidates if layer_idx not in kept]
-        scored = score_round(round_, [kept | {layer_idx} for layer_idx in remaining])
-        layer, chosen, acceptable = _choose(targets[0], targets, p_min, full_scores, [
-            (layer_idx, e.scores, _judged(e, spec.acceptance)) for layer_idx, e in zip(remaining, scored)])
+        options = [(layer_idx, kind) for layer_idx in candidates if layer_idx not in kept for kind in kinds or [None]]
+        scored = score_round(round_, [{**kept, layer_idx: kind} for layer_idx, kind in options])
+        option, chosen, acceptable = _choose(targets[0], targets, p_min, full_scores, [
+            (option, e.scores, _judged(e, spec.acceptance)) for option, e in zip(options, scored)])
         if not acceptable and not spec.run_to_end:
-            judged = _judged(scored[remaining.index(layer)], spec.acceptance)
+            judged = _judged(scored[options.index(option)], spec.acceptance)
             stopped_because = f"round {round_}: {_why_unacceptable(targets, p_min, full_scores, judged)}"
             break
-        kept = kept | {layer}
-        trajectory.append(Step(round_, layer, tuple(sorted(kept)), chosen, acceptable))
+        layer, kind = option
+        kept[layer] = kind
+        layers = tuple(sorted(kept))
+        trajectory.append(Step(round_, layer, layers, chosen, acceptable, kinds_in_order(layers, kept if kinds else None)))
         if round_ < len(candidates):
-            evaluator.rebase(kept)
+            if kinds:
+                evaluator.rebase(frozenset(kept), dict(kept))
+            else:
+                evaluator.rebase(frozenset(kept))
 
     return SearchResult(
         num_layers=num_layers, candidates=tuple(candidates), targets=targets, full_scores=full_scores,
         evaluations=tuple(evaluations), trajectory=tuple(trajectory), stopped_because=stopped_because,
         run_to_end=spec.run_to_end, acceptance=spec.acceptance,
-        confidence=spec.confidence if spec.acceptance == "bootstrap" else None,
+        confidence=spec.confidence if spec.acceptance == "bootstrap" else None, kinds=kinds,
     )
 
 
@@ -397,41 +440,49 @@ def read_off(result: SearchResult, tolerances: Mapping[str, tuple[float, str] | 
         guarded.append(TargetGuard(t.name, t.direction, float(tolerance), mode))
         chosen_tolerances[t.name] = (float(tolerance), mode)
 
-    scored = {frozenset(e.linear_layers): e for e in result.evaluations}
+    scored = {e.hybrid: e for e in result.evaluations}
     full_scores = result.full_scores
     p_min = _thresholds(guarded, full_scores)
-    kept: frozenset[int] = frozenset()
-    m_opt, m_opt_scores = (), dict(full_scores)
-    used: list[tuple[frozenset[int], Mapping[str, float], Mapping[str, float]]] = [
-        (frozenset(), full_scores, full_scores)]
+    kept: dict[int, str | None] = {}
+    m_opt, m_opt_scores = {}, dict(full_scores)
+    used: list[tuple[dict[int, str | None], Mapping[str, float], Mapping[str, float]]] = [
+        ({}, full_scores, full_scores)]
     while len(kept) < len(result.candidates):
         round_scores = []
         for layer in result.candidates:
-            if layer in kept:
-                continue
-            layers = kept | {layer}
-            if layers not in scored:
-                raise ValueError(
-                    f"these tolerances lead the search to {sorted(layers)}, which the recorded run never scored; "
-                    "rerun the search with them (run_to_end=True records more; scores already made are cached)")
-            e = scored[layers]
-            round_scores.append((layer, e.scores, _judged(e, result.acceptance)))
-        used += [(kept | {layer}, s, judged) for layer, s, judged in round_scores]
-        layer, scores, acceptable = _choose(primary, guarded, p_min, full_scores, round_scores)
+            for kind in (() if layer in kept else result.kinds or [None]):
+                hybrid = {**kept, layer: kind}
+                e = scored.get(hybrid_key(list(hybrid), list(hybrid.values())))
+                if e is None:
+                    raise ValueError(
+                        f"these tolerances lead the search to {_hybrid_name(hybrid, result.kinds)}, which the "
+                        "recorded run never scored; rerun the search with them (run_to_end=True records more; "
+                        "scores already made are cached)")
+                round_scores.append(((layer, kind), e.scores, _judged(e, result.acceptance)))
+        used += [({**kept, layer: kind}, s, judged) for (layer, kind), s, judged in round_scores]
+        (layer, kind), scores, acceptable = _choose(primary, guarded, p_min, full_scores, round_scores)
         if not acceptable:
             break
-        kept = kept | {layer}
-        m_opt, m_opt_scores = tuple(sorted(kept)), dict(scores)
+        kept = {**kept, layer: kind}
+        m_opt, m_opt_scores = kept, dict(scores)
 
     others = [t for t in guarded if t.name != primary.name]
-    m_best, m_best_scores = (), dict(full_scores)
-    for layers, scores, judged in used:
-        if not layers or not _acceptable(others, p_min, judged):
+    m_best, m_best_scores = {}, dict(full_scores)
+    for hybrid, scores, judged in used:
+        if not hybrid or not _acceptable(others, p_min, judged):
             continue
-        if (m_best == () or primary.direction.better(scores[primary.name], m_best_scores[primary.name])
-                or (scores[primary.name] == m_best_scores[primary.name] and len(layers) > len(m_best))):
-            m_best, m_best_scores = tuple(sorted(layers)), dict(scores)
+        if (not m_best or primary.direction.better(scores[primary.name], m_best_scores[primary.name])
+                or (scores[primary.name] == m_best_scores[primary.name] and len(hybrid) > len(m_best))):
+            m_best, m_best_scores = hybrid, dict(scores)
+    with_kinds = result.kinds is not None
     return Selection(
-        tolerances=chosen_tolerances, thresholds=p_min, m_opt=m_opt, m_opt_scores=m_opt_scores,
-        m_best=m_best, m_best_scores=m_best_scores, evaluations_used=len(used),
+        tolerances=chosen_tolerances, thresholds=p_min, m_opt=tuple(sorted(m_opt)), m_opt_scores=m_opt_scores,
+        m_best=tuple(sorted(m_best)), m_best_scores=m_best_scores, evaluations_used=len(used),
+        m_opt_kinds=kinds_in_order(m_opt, m_opt if with_kinds else None),
+        m_best_kinds=kinds_in_order(m_best, m_best if with_kinds else None),
     )
+
+
+def _hybrid_name(hybrid: Mapping[int, str | None], kinds: Sequence[str] | None) -> str:
+    layers = sorted(hybrid)
+    return hybrid_name(layers, kinds_in_order(layers, hybrid) if kinds else None)

@@ -72,7 +72,7 @@ class StudentSpec:
     ``kind``: "gla" (Gated Linear Attention, per-channel decay, normalised readout) or
     "gated_deltanet" (delta rule with a per-head decay and a learned write strength); several kinds,
     comma-separated (e.g. "gla,gated_deltanet"), or "auto" (every kind) give every layer a student of
-    each kind, and each layer keeps the kind its single swap scores best with (``kinds``).
+    each kind, and every round of the search offers each layer with each kind (``kinds``).
     ``feature_map``: "hedgehog" (softmax over a learned projection of q/k, initialised to identity:
     mimics the spikiness of softmax attention) or "identity" (raw teacher q/k).
     ``gate_rank``: rank of the low-rank projection producing GLA's per-channel gates.

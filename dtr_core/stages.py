@@ -388,9 +388,40 @@ def load_student(record: Mapping, device: str | torch.device, dtype: str) -> Lin
     return student.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-def load_students(records: Sequence[Mapping], run: RunSpec) -> dict[int, LinearAttentionStudent]:
-    """Every record's student on the run's device, in the teacher's dtype."""
-    return {r["layer_idx"]: load_student(r, run.device, run.model.dtype) for r in records}
+class StudentChoice(Mapping):
+    """Every layer's students, one per kind distilled, read as layer → the student of the kind chosen
+    for that layer (``choose``; the first kind where none is chosen): what the hybrid being scored runs.
+    With one kind, a plain mapping of its students."""
+
+    def __init__(self, by_kind: Mapping[str, Mapping[int, LinearAttentionStudent]]) -> None:
+        self.by_kind, self.first = by_kind, next(iter(by_kind))
+        self.kinds: dict[int, str] = {}
+
+    def choose(self, kinds: Mapping[int, str] | None) -> StudentChoice:
+        """Read layer i as its student of kind ``kinds[i]`` from now on (None: the first kind everywhere)."""
+        unknown = {kind for kind in (kinds or {}).values() if kind not in self.by_kind}
+        if unknown:
+            raise ValueError(f"no students of kind(s) {sorted(unknown)}; distilled: {list(self.by_kind)}")
+        self.kinds = dict(kinds or {})
+        return self
+
+    def __getitem__(self, layer_idx: int) -> LinearAttentionStudent:
+        return self.by_kind[self.kinds.get(layer_idx, self.first)][layer_idx]
+
+    def __iter__(self):
+        return iter(self.by_kind[self.first])
+
+    def __len__(self) -> int:
+        return len(self.by_kind[self.first])
+
+
+def load_students(records: Sequence[Mapping], run: RunSpec) -> StudentChoice:
+    """Every record's student on the run's device, in the teacher's dtype, by kind."""
+    by_kind: dict[str, dict[int, LinearAttentionStudent]] = {}
+    for r in records:
+        by_kind.setdefault(r["student_config"]["kind"], {})[r["layer_idx"]] = load_student(r, run.device,
+                                                                                           run.model.dtype)
+    return StudentChoice(by_kind)
 
 
 # --- the targets ---------------------------------------------------------------------------------
@@ -522,23 +553,28 @@ def split_evaluator(ctx: RunContext, students: Mapping[int, LinearAttentionStude
                                   prefix_reuse=prefix_reuse, device=device)
 
 
-_worker_evaluators: dict[tuple, TargetEvaluator] = {}
+_worker_evaluators: dict[tuple, tuple[StudentChoice, TargetEvaluator]] = {}
 _worker_evaluators_lock = threading.Lock()
 
 
 def worker_evaluation_stage(run: RunSpec, target_name: str, records: Sequence[Mapping], probe: Mapping | None,
-                            linear_layers: frozenset[int], folder: Path, log: Log) -> dict:
+                            linear_layers: frozenset[int], kinds: Mapping[int, str] | None, folder: Path,
+                            log: Log) -> dict:
     """One candidate's validation score on one target with this process's own evaluator, built once
-    from the stage files (no prefix reuse: hidden states are not shared between processes)."""
+    from the stage files (no prefix reuse: hidden states are not shared between processes). ``kinds``:
+    each linear layer's kind of student, when ``records`` hold several per layer."""
     evaluator_key = (run, target_name, tuple(r["weights_sha256"] for r in records), probe and probe["sha256"])
     # One lock for building and scoring: candidates swap modules in the process's one model.
     with _worker_evaluators_lock:
         if evaluator_key not in _worker_evaluators:
             ctx = run_context(run)
             target = prepare_target(ctx, target_named(run, target_name), probe)
-            _worker_evaluators[evaluator_key] = split_evaluator(
-                ctx, load_students(records, run), target, "validation", prefix_reuse=False)
-        score, examples = _worker_evaluators[evaluator_key].evaluate(linear_layers)
+            students = load_students(records, run)
+            _worker_evaluators[evaluator_key] = students, split_evaluator(ctx, students, target, "validation",
+                                                                          prefix_reuse=False)
+        students, evaluator = _worker_evaluators[evaluator_key]
+        students.choose(kinds)
+        score, examples = evaluator.evaluate(linear_layers)
     return {"score": score, "examples": examples.to_json() if examples is not None else None}
 
 

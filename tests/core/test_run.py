@@ -14,7 +14,8 @@ from conftest import save_tiny_model, synthetic_texts, write_jsonl
 from dtr_core.direction import Direction
 from dtr_core.report import format_summary
 from dtr_core.targets.data import DataError
-from dtr_core.run import RUN_FOLDER, run_dtr
+from dtr_core.run import RUN_FOLDER, evaluations_table, run_dtr
+from dtr_core.search import SearchResult
 from dtr_core.specs import (CaptureSpec, CardSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, StudentSpec,
                              TargetSpec)
 
@@ -105,35 +106,84 @@ def test_window_and_convolution_students_run_every_stage(tmp_path, mode, student
 
 
 @pytest.mark.parametrize("mode", ["disk", "stream"])
-def test_every_layer_keeps_the_kind_of_student_its_swap_prefers(tmp_path, mode):
+def test_the_search_offers_every_layer_with_each_kind_of_student(tmp_path, mode):
     """student.kind=auto: every layer gets a GLA and a Gated DeltaNet student (disk mode: from one
-    capture; stream mode: on the same teacher pass); each layer keeps the kind its swap alone scores
-    best with, the search's first round reuses those scores, and the export records the kind per layer."""
+    capture; stream mode: on the same teacher pass); every round of the search scores each remaining
+    layer with each kind, each hybrid is scored once (the cache holds one evaluation per scored
+    hybrid, and a rerun scores nothing), and the export runs the kinds the search kept."""
     from transformers import AutoModelForCausalLM
 
     run = tiny_run(tmp_path, "llama", "perplexity", student=StudentSpec(kind="auto"))
     run = dataclasses.replace(run, capture=dataclasses.replace(run.capture, mode=mode))
-    lines = []
-    summary = run_dtr(run, log=lines.append)
-    kinds = summary.student_kinds
-    assert set(kinds["kinds"]) == {"0", "1", "2"} and set(kinds["kinds"].values()) <= {"gla", "gated_deltanet"}
-    for layer, kind in kinds["kinds"].items():  # the kept kind scores best (lower perplexity) alone
-        assert kinds["scores"][kind][layer] == min(kinds["scores"][k][layer] for k in kinds["scores"])
-    assert [r["student_config"]["kind"] for r in summary.distillation] == [kinds["kinds"][str(i)] for i in range(3)]
+    summary = run_dtr(run, log=lambda line: None)
+    assert sorted((r["layer_idx"], r["student_config"]["kind"]) for r in summary.distillation) == sorted(
+        (layer, kind) for layer in range(3) for kind in ("gla", "gated_deltanet"))
     stages = {stage: len(list((tmp_path / "out" / "cache" / stage).glob("*.json"))) for stage in ("capture", "distill")}
     assert stages == ({"capture": 1, "distill": 2 * 3} if mode == "disk" else {"capture": 0, "distill": 1})
-    # Scored once each: the full model, both kinds' single swaps, then the search's later rounds.
-    evaluated = list((tmp_path / "out" / "cache" / "evaluate").glob("*.json"))
-    assert len(evaluated) == 1 + 2 * 3 + (summary.evaluations - 1 - 3)
+
+    result = SearchResult.from_json(json.loads((tmp_path / "out" / "search.json").read_text())["result"])
+    assert result.kinds == ("gla", "gated_deltanet")
+    per_round = [sum(e.round == r for e in result.evaluations) for r in range(4)]
+    assert per_round == [1, 3 * 2, 2 * 2, 1 * 2]  # run to the end: each remaining layer with each kind
+    assert {(e.linear_layers, e.kinds) for e in result.evaluations if e.round == 1} == {
+        ((layer,), (kind,)) for layer in range(3) for kind in ("gla", "gated_deltanet")}
+    for step in result.trajectory:  # each round keeps its best candidate (lower perplexity), kinds included
+        round_scores = [e.score for e in result.evaluations if e.round == step.round]
+        assert step.score == min(round_scores)
+    for e in result.evaluations[1 + 6:]:  # later rounds build on the kept layers, with their kinds
+        kept = result.trajectory[e.round - 2]
+        assert dict(zip(kept.linear_layers, kept.kinds)).items() <= dict(zip(e.linear_layers, e.kinds)).items()
+    evaluated = tmp_path / "out" / "cache" / "evaluate"
+    assert len(list(evaluated.glob("*.json"))) == len(result.evaluations) == summary.evaluations
+
+    kinds = summary.student_kinds
+    chosen = result.selection.m_opt if run.export.which == "opt" else result.selection.m_best
+    assert summary.linear_layers == chosen
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hybrid", trust_remote_code=True)
     exported = {entry["layer_idx"]: entry["student_config"]["kind"] for entry in model.config.dtr_hybrid["students"]}
-    assert exported == {layer: kinds["kinds"][str(layer)] for layer in summary.linear_layers}
+    assert exported == {int(layer): kind for layer, kind in kinds["kinds"].items()}
+    assert kinds["one_kind_evaluations"] == 1 + 3 + 2 + 1 and kinds["evaluations"] == 13
+    assert kinds["scores"]["gla"].keys() == {"0", "1", "2"}
     prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     cached = model.eval().generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False))
     text = format_summary(summary)
-    assert "student kinds" in text and f"{kinds['evaluations']} evaluations" in text
-    assert "| layer | kind kept |" in (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "student kinds" in text and "13 evaluations, 7 with one kind" in text
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "| layer | exported as |" in report
+    first = result.trajectory[0]
+    assert f"| 1 | {first.added_layer} ({first.kinds[0]}) |" in report  # the trajectory names the kind added
+    assert evaluations_table(result).splitlines()[:2] == [
+        "round,linear_layers,layer_set,kinds,perplexity,seconds",
+        f"0,0,\"\",\"\",{result.full_score:.6g},{result.evaluations[0].seconds:.3f}"]
+
+    # Started again: every stage is found in the cache, the same hybrid comes out.
+    again = run_dtr(run, log=lambda line: None)
+    assert len(list(evaluated.glob("*.json"))) == len(result.evaluations)
+    assert again.linear_layers == summary.linear_layers and again.student_kinds == summary.student_kinds
+
+
+def test_worker_scored_rounds_choose_kinds_as_the_in_process_search_does(tmp_path):
+    """A distributed runner scores each round's (layer, kind) candidates as worker stages (no prefix
+    reuse, each candidate's students chosen by kind in the worker's evaluator): same search."""
+    from dtr_core.runner import PlainRunner
+    from dtr_core.stage_cache import StageCache
+
+    class RoundsRunner(PlainRunner):
+        distributed = True
+
+    results = []
+    for name, runner_class in (("local", PlainRunner), ("rounds", RoundsRunner)):
+        (tmp_path / name).mkdir()
+        run = tiny_run(tmp_path / name, "llama", "perplexity", student=StudentSpec(kind="auto"))
+        summary = run_dtr(run, runner_class(StageCache(tmp_path / name / "cache"), lambda line: None),
+                          log=lambda line: None)
+        results.append(SearchResult.from_json(summary.search["result"]))
+    local, rounds = results
+    assert [(e.linear_layers, e.kinds) for e in rounds.evaluations] == [
+        (e.linear_layers, e.kinds) for e in local.evaluations]
+    assert [e.score for e in rounds.evaluations] == pytest.approx([e.score for e in local.evaluations], rel=1e-5)
+    assert rounds.trajectory[0].kinds == local.trajectory[0].kinds
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,7 +3,7 @@
 import pytest
 
 from dtr_core.direction import Direction
-from dtr_core.search import (CandidateScores, RoundEvaluator, SearchResult, TargetGuard, greedy_replace, preferred,
+from dtr_core.search import (CandidateScores, RoundEvaluator, SearchResult, TargetGuard, greedy_replace,
                              read_off)
 from dtr_core.specs import SearchSpec, SpecError
 
@@ -247,17 +247,84 @@ def test_multi_target_result_round_trips_through_json():
     assert restored.selection.m_opt_score == restored.selection.m_opt_scores["task"]
 
 
-def test_preferred_alternative_follows_the_rounds_rule():
-    """Alternatives for one swap (a layer's students of different kinds) are chosen as a round chooses
-    between layers: acceptable first, then the best primary score, ties to the first; when none is
-    acceptable, the least violation; under "bootstrap" acceptance reads the bounds."""
-    guards = [TargetGuard("ppl", Direction.LOWER, 0.05), TargetGuard("recall", Direction.HIGHER, 0.05, "absolute")]
-    full = {"ppl": 10.0, "recall": 0.9}  # P_min: ppl 10.5, recall 0.85
-    good, better = CandidateScores({"ppl": 10.4, "recall": 0.9}), CandidateScores({"ppl": 10.2, "recall": 0.86})
-    forgetful = CandidateScores({"ppl": 10.0, "recall": 0.5})
-    assert preferred(guards, full, [forgetful, good, better], "point") == 2
-    assert preferred(guards, full, [good, good], "point") == 0
-    assert preferred(guards, full, [CandidateScores({"ppl": 11.0, "recall": 0.9}), forgetful], "point") == 0
-    unsure = CandidateScores({"ppl": 10.2, "recall": 0.86}, bounds={"ppl": 10.6, "recall": 0.8})
-    assert preferred(guards, full, [unsure, good], "bootstrap") == 1
-    assert preferred(guards, full, [unsure, good], "point") == 0
+# --- several kinds of student ---------------------------------------------------------------------
+
+class ScriptedKinds:
+    """Perplexity-like ``ppl`` and a ``recall`` guard per (layer, kind): each swap adds its costs."""
+
+    def __init__(self, ppl, recall):
+        self.ppl, self.recall = ppl, recall  # kind → per-layer cost
+        self.calls, self.rebased = [], []
+
+    def __call__(self, layers, kinds):
+        assert set(kinds) == set(layers)
+        self.calls.append(tuple(sorted(kinds.items())))
+        return {"ppl": 10.0 + sum(self.ppl[kinds[i]][i] for i in layers),
+                "recall": 0.9 - sum(self.recall[kinds[i]][i] for i in layers)}
+
+    def rebase(self, layers, kinds):
+        self.rebased.append(tuple(sorted(kinds.items())))
+
+
+# Perplexity costs per kind and layer: layer 1 is cheapest with GLA, but that student forgets (recall
+# −0.3); layer 2 is cheaper with Gated DeltaNet. P_min: perplexity 10.3, recall 0.85.
+PPL = {"gla": [0.1, 0.05, 0.3], "gdn": [0.2, 0.15, 0.1]}
+FORGETS = {"gla": [0.0, 0.3, 0.0], "gdn": [0.0, 0.0, 0.0]}
+KIND_GUARDS = [TargetGuard("ppl", Direction.LOWER, 0.03), TargetGuard("recall", Direction.HIGHER, 0.05, "absolute")]
+
+
+def test_every_round_offers_each_layer_with_each_kind():
+    """Round 1 scores 3 layers × 2 kinds: GLA at 1 breaks recall, GLA at 0 and Gated DeltaNet at 2 tie
+    at 10.1 (the lower layer wins); round 2 adds Gated DeltaNet at 2 (10.2); round 3 has only layer 1
+    left, whose GLA student breaks recall and whose Gated DeltaNet student passes P_min (10.35)."""
+    evaluator = ScriptedKinds(PPL, FORGETS)
+    result = greedy_replace(3, evaluator, SearchSpec(run_to_end=True), KIND_GUARDS, kinds=["gla", "gdn"])
+    assert evaluator.calls[0] == ()
+    assert len(result.evaluations) == 1 + 6 + 4 + 2  # every remaining layer with each kind, each round
+    assert evaluator.calls[1:7] == [((0, "gla"),), ((0, "gdn"),), ((1, "gla"),), ((1, "gdn"),), ((2, "gla"),),
+                                    ((2, "gdn"),)]
+    assert [(s.added_layer, s.kinds) for s in result.trajectory] == [
+        (0, ("gla",)), (2, ("gla", "gdn")), (1, ("gla", "gdn", "gdn"))]
+    assert [s.meets_p_min for s in result.trajectory] == [True, True, False]  # 10.35 + 0.15 > 10.5
+    # A kept layer keeps its kind: rounds 2 and 3 build on GLA at 0, the rebase says so.
+    assert all(call[0] == (0, "gla") for call in evaluator.calls[7:])
+    assert evaluator.rebased == [((0, "gla"),), ((0, "gla"), (2, "gdn"))]
+    selection = result.selection
+    assert (selection.m_opt, selection.m_opt_kinds) == ((0, 2), ("gla", "gdn"))
+    assert (selection.m_best, selection.m_best_kinds) == ((0,), ("gla",))  # every hybrid's ppl grows: the least
+    assert result.kinds == ("gla", "gdn")
+
+
+def test_a_kind_per_swap_replays_and_round_trips():
+    import json
+
+    result = greedy_replace(3, ScriptedKinds(PPL, FORGETS), SearchSpec(run_to_end=True), KIND_GUARDS,
+                            kinds=["gla", "gdn"])
+    restored = SearchResult.from_json(json.loads(json.dumps(result.to_json(), sort_keys=True)))
+    assert restored == result and restored.selection == result.selection
+    # A wider perplexity tolerance follows the same path one round further, from the recorded scores.
+    wider = read_off(result, {"ppl": (0.05, "relative")})
+    assert (wider.m_opt, wider.m_opt_kinds) == ((0, 1, 2), ("gla", "gdn", "gdn"))
+    # Without the recall guard, GLA at layer 1 comes first: a path the run never took, named by kinds.
+    with pytest.raises(ValueError, match=r"\[0 gdn, 1 gla\], which the recorded run never scored"):
+        read_off(result, {"recall": None})
+
+
+def test_kinds_reach_a_round_evaluator_and_one_kind_changes_nothing():
+    rounds = []
+
+    class ScriptedKindRounds(ScriptedKinds):
+        def evaluate_round(self, layer_sets, kinds):
+            rounds.append(len(layer_sets))
+            assert [frozenset(k) for k in kinds] == list(layer_sets)
+            return [(self(layers, k), 0.5) for layers, k in zip(layer_sets, kinds)]
+
+    batched = greedy_replace(3, ScriptedKindRounds(PPL, FORGETS), SearchSpec(run_to_end=True), KIND_GUARDS,
+                             kinds=["gla", "gdn"])
+    sequential = greedy_replace(3, ScriptedKinds(PPL, FORGETS), SearchSpec(run_to_end=True), KIND_GUARDS,
+                                kinds=["gla", "gdn"])
+    assert rounds == [1, 6, 4, 2] and batched.trajectory == sequential.trajectory
+    # A single kind is the plain search: the evaluator is called without kinds, nothing records them.
+    single = greedy_replace(5, Scripted(COSTS), SearchSpec(tolerance=0.03), Direction.HIGHER, kinds=["gla"])
+    assert single.kinds is None and single.selection.m_opt_kinds is None
+    assert all(e.kinds is None for e in single.evaluations)

@@ -102,12 +102,21 @@ def test_dtr_pass_smoke_measures_and_projects(tmp_path):
     dtr_pass.main(["--smoke", "--out", str(out)])
 
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data["tokens_per_second"] > 0 and data["eval_examples_per_second"] > 0
+    assert data["tokens_per_second"]["gla"] > 0 and data["eval_examples_per_second"] > 0
     with_reuse, without = data["trajectory_layer_forwards"]
     assert with_reuse < without  # the smoke model has 4 layers: 10 candidates + the full model
     hours = data["projected_hours"]
     assert hours["search_with_reuse"] == pytest.approx(hours["search"] * with_reuse / without)
     assert len(table_lines(out.read_text())) == 2 + 6
+
+
+def test_dtr_pass_times_each_kind_of_student_on_its_own_pass(tmp_path):
+    out = tmp_path / "kinds.md"
+    dtr_pass.main(["--smoke", "--student", "gla,gated_deltanet", "--window", "8", "--distill-only", "--out", str(out)])
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["tokens_per_second"].keys() == {"gla", "gated_deltanet"} and min(data["tokens_per_second"].values()) > 0
+    rows = table_lines(out.read_text())[2:]
+    assert len(rows) == 2 and all("window 8, trained on chunked" in row for row in rows)  # CPU: the PyTorch form
 
 
 @pytest.mark.parametrize("cache", hybrid_setup.CACHE_KINDS)
