@@ -298,7 +298,8 @@ def test_cli_help_names_every_default():
         if action.option_strings and action.nargs != 0:  # every option that takes a value
             assert "default" in formatter._get_help_string(action), action.option_strings
     text = parser.format_help()
-    assert "(default: 192000)" in text and "(default: bootstrap)" in text and "(default: none)" in text
+    assert "(default: 128)" in text and "(default: bootstrap)" in text and "(default: none)" in text
+    assert "(default: 1,000,000 with --device cuda, 192,000 elsewhere)" in " ".join(text.split())
 
 
 def test_cli_flags_reach_the_specs():
@@ -314,3 +315,6 @@ def test_cli_flags_reach_the_specs():
     assert run.search.run_to_end and cache_dir is None
     assert (run.student.window, run.student.short_conv) == (64, 4)
     assert parse_args(["--cache-dir", "/shared/cache"])[1] == "/shared/cache"
+    # The budget's default follows the device: a GPU distils a million tokens in about a minute.
+    assert parse_args([])[0].capture.token_budget == 192_000
+    assert parse_args(["--device", "cuda:1"])[0].capture.token_budget == 1_000_000

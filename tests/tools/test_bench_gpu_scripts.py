@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bench import attention, dtr_pass, hybrid_inference, hybrid_setup, hybrid_timing
+from bench import attention, dtr_pass, hybrid_inference, hybrid_setup, hybrid_timing, student_cost
 
 
 @pytest.fixture(autouse=True)
@@ -117,6 +117,15 @@ def test_dtr_pass_times_each_kind_of_student_on_its_own_pass(tmp_path):
     assert data["tokens_per_second"].keys() == {"gla", "gated_deltanet"} and min(data["tokens_per_second"].values()) > 0
     rows = table_lines(out.read_text())[2:]
     assert len(rows) == 2 and all("window 8, trained on chunked" in row for row in rows)  # CPU: the PyTorch form
+
+
+def test_student_cost_times_every_kind_with_and_without_a_window(tmp_path):
+    out = tmp_path / "student_cost.md"
+    student_cost.main(["--smoke", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["row"] for row in rows] == ["teacher attention, forward only", "gla, chunked", "gla, window 8, chunked",
+                                            "gated_deltanet, chunked", "gated_deltanet, window 8, chunked"]
+    assert all(row["ms"] > 0 for row in rows)  # on the CPU every kind trains on the chunked form
 
 
 @pytest.mark.parametrize("cache", hybrid_setup.CACHE_KINDS)
