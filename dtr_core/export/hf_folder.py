@@ -63,7 +63,8 @@ def export_hybrid(model: nn.Module, adapter: ModelAdapter, tokenizer, students: 
                   out_dir: str | Path, spec: ExportSpec) -> ExportManifest:
     """Write the hybrid (``model`` with ``students`` installed) to ``out_dir``, replacing it atomically.
 
-    ``model`` itself is left as it was.
+    ``model`` itself is left as it was. ``tokenizer`` is saved beside it (None: no tokenizer files, as for
+    the benchmarks' random-weight models).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -102,7 +103,8 @@ def export_hybrid(model: nn.Module, adapter: ModelAdapter, tokenizer, students: 
             shutil.copyfile(source_dir / name, staging / name)
         modeling = (source_dir / MODELING_FILE).read_text() + hybrid_class_source(class_name, type(model))
         (staging / MODELING_FILE).write_text(modeling)
-        tokenizer.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

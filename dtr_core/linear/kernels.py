@@ -56,9 +56,11 @@ def gla_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
 
 
 def decode_attention_triton(query: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor,
-                            length: torch.Tensor, scale: float, num_splits: int | None) -> torch.Tensor:
+                            length: torch.Tensor, scale: float, num_splits: int | None,
+                            start: torch.Tensor | None = None) -> torch.Tensor:
     """``decoding.decode_attention`` by ``_split_attention_kernel`` + ``_combine_splits_kernel``; arguments
-    as there (already checked: query [B, Hq, 1, D], buffers [B, Hkv, capacity, D], D a power of two).
+    as there (already checked: query [B, Hq, 1, D], buffers [B, Hkv, capacity, D], D a power of two,
+    ``start`` None or int64 [B]).
 
     Returns:
         [B, 1, Hq, D] in the query's dtype.
@@ -75,11 +77,13 @@ def decode_attention_triton(query: torch.Tensor, key_buffer: torch.Tensor, value
     parts = torch.empty(batch, query_heads, num_splits, dim, dtype=torch.float32, device=query.device)
     part_lse = torch.empty(batch, query_heads, num_splits, dtype=torch.float32, device=query.device)
     query = query if query.stride(-1) == 1 else query.contiguous()
+    # Without a start the kernel never reads its pointer: ``length`` stands in for it.
     _split_attention_kernel[(batch, kv_heads, num_splits)](
-        query, key_buffer, value_buffer, length, parts, part_lse, scale,
+        query, key_buffer, value_buffer, length, length if start is None else start, parts, part_lse, scale,
         query.stride(0), query.stride(1), *key_buffer.stride()[:3], *value_buffer.stride()[:3],
         QUERY_HEADS=query_heads, GROUP=group, BLOCK_GROUP=max(16, triton.next_power_of_2(group)), DIM=dim,
-        BLOCK_KEYS=_KEY_BLOCK, SPLIT=split, NUM_SPLITS=num_splits, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        BLOCK_KEYS=_KEY_BLOCK, SPLIT=split, NUM_SPLITS=num_splits, HAS_START=start is not None,
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     out = torch.empty(batch, 1, query_heads, dim, dtype=query.dtype, device=query.device)
     _combine_splits_kernel[(batch * query_heads,)](
@@ -117,18 +121,23 @@ if triton is not None:
         tl.store(o + i_bh * V + channels, tl.sum(b_s * b_q[None, :], axis=1).to(o.dtype.element_ty), mask=channel_ok)
 
     @triton.jit
-    def _split_attention_kernel(query, keys, values, length, parts, part_lse, scale,
+    def _split_attention_kernel(query, keys, values, length, start, parts, part_lse, scale,
                                 query_stride_b, query_stride_h, key_stride_b, key_stride_h, key_stride_n,
                                 value_stride_b, value_stride_h, value_stride_n,
                                 QUERY_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_GROUP: tl.constexpr,
                                 DIM: tl.constexpr, BLOCK_KEYS: tl.constexpr, SPLIT: tl.constexpr,
-                                NUM_SPLITS: tl.constexpr):
+                                NUM_SPLITS: tl.constexpr, HAS_START: tl.constexpr):
         # One sequence, one key/value head, one split of its keys: the GROUP query heads that share the head
-        # attend to keys [start, end) with an online softmax; writes their normalised partial outputs and
-        # log-sum-exps (-inf for a split past the length) for _combine_splits_kernel.
+        # attend to keys [first, end) with an online softmax; writes their normalised partial outputs and
+        # log-sum-exps (-inf for a split without keys: past the length, or all before the sequence's start,
+        # i.e. left padding) for _combine_splits_kernel.
         i_b, i_kv, i_split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-        start = i_split * SPLIT
-        end = tl.minimum(start + SPLIT, tl.load(length))
+        split_start = i_split * SPLIT
+        end = tl.minimum(split_start + SPLIT, tl.load(length))
+        if HAS_START:
+            first = tl.load(start + i_b)
+        else:
+            first = 0
         rows, dims = tl.arange(0, BLOCK_GROUP), tl.arange(0, DIM)
         row_ok = rows < GROUP
         heads = i_kv * GROUP + rows
@@ -142,8 +151,8 @@ if triton is not None:
         # A fixed trip count (blocks past ``end`` are masked: no memory traffic) keeps the loop bounds
         # compile-time constants, which Triton's CPU interpreter needs too.
         for offset in range(0, SPLIT, BLOCK_KEYS):
-            positions = start + offset + tl.arange(0, BLOCK_KEYS)
-            key_ok = positions < end
+            positions = split_start + offset + tl.arange(0, BLOCK_KEYS)
+            key_ok = (positions < end) & (positions >= first)
             b_k = tl.load(key_base + positions[:, None] * key_stride_n + dims[None, :], mask=key_ok[:, None], other=0)
             scores = tl.dot(b_q, tl.trans(b_k)) * scale
             scores = tl.where(key_ok[None, :], scores, float("-inf"))

@@ -11,14 +11,17 @@ Needs only torch and transformers (fla, if installed, speeds the students up on 
 
 import copy
 import importlib.util
+import logging
 
 import torch
 import transformers  # noqa: F401  (the class export appends subclasses transformers.<base class>)
 from transformers.cache_utils import DynamicCache
 
 from .cache import attends_globally, preallocated_cache
-from .decoding import cache_keyword, static_generate
+from .decoding import cache_keyword, sample_static, static_generate, static_sampling_refusal
 from .students import build_student
+
+logger = logging.getLogger(__name__)
 
 
 def _base_view(config):
@@ -88,10 +91,21 @@ class DtrHybridMixin:
 
 
 class DtrHybridGenerationMixin(DtrHybridMixin):
-    """DtrHybridMixin for base classes that generate: generate() on a cache the students can use, and
-    generate_static()."""
+    """DtrHybridMixin for base classes that generate: generate() on a cache the students can use, its greedy
+    and sampling loop on static, graph-replayed steps by default, and generate_static()."""
 
-    def generate(self, *args, **kwargs):
+    def __init__(self, config):
+        super().__init__(config)
+        self._static_decoding = True  # generate(static_decoding=...) for the call under way
+        self._explained_fallbacks: set[str] = set()
+
+    def generate(self, *args, static_decoding: bool = True, **kwargs):
+        """transformers' generate(). Greedy decoding and sampling (any logits processors and stopping
+        criteria, left-padded batches, streamers, scores and logits in a returned dict) run every step after
+        the prompt as one replayed CUDA graph on CUDA (decoding.sample_static: the same tokens as
+        transformers' loop). Everything else (beam search, assisted decoding, sliding-window models, a cache
+        passed in, attentions or hidden states asked for, ...), and ``static_decoding=False``, takes
+        transformers' own loop; the first time a reason comes up a warning says which."""
         # transformers would build the cache from config.layer_types and then fail to find a
         # sequence length when every layer is linear; our own cache lets each student put its
         # recurrent-state layer in (cache.RecurrentStateLayer), and the full-attention layers
@@ -100,13 +114,44 @@ class DtrHybridGenerationMixin(DtrHybridMixin):
         cache_arg = cache_keyword(self)
         if kwargs.get(cache_arg) is None and kwargs.get("use_cache", True):
             kwargs[cache_arg] = _generation_cache(self.config, self.generation_config, args, kwargs)
-        return super().generate(*args, **kwargs)
+        self._static_decoding = static_decoding
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._static_decoding = True
 
-    def generate_static(self, input_ids, max_new_tokens, **kwargs):
-        """Generation for unpadded, equal-length prompts whose every decoding step, on CUDA, replays one
-        captured CUDA graph (much faster at long context; decoding.static_generate has the options:
-        do_sample, temperature, eos_token_id, pad_token_id, which default to the generation config's).
-        Returns prompts + new tokens."""
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        # generate() dispatches greedy decoding and sampling here, every argument prepared.
+        if self._static_decoding:
+            refusal = static_sampling_refusal(self, generation_config, model_kwargs, synced_gpus)
+            if refusal is None:
+                return sample_static(self, input_ids, logits_processor, stopping_criteria, generation_config,
+                                     model_kwargs, streamer)
+            self._explain_fallback(refusal)
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+
+    def _beam_search(self, *args, **kwargs):
+        self._explain_fallback("beam search")
+        return super()._beam_search(*args, **kwargs)
+
+    def _assisted_decoding(self, *args, **kwargs):
+        self._explain_fallback("assisted decoding")
+        return super()._assisted_decoding(*args, **kwargs)
+
+    def _explain_fallback(self, reason: str) -> None:
+        """Say once per model and reason that generate() decodes eagerly, step by step, and why."""
+        if self._static_decoding and reason not in self._explained_fallbacks:
+            self._explained_fallbacks.add(reason)
+            logger.warning("%s.generate() decodes with transformers' step-by-step loop, not static graph-replayed "
+                           "steps, because of %s (said once per model and reason)", type(self).__name__, reason)
+
+    def generate_static(self, input_ids, max_new_tokens, attention_mask=None, **kwargs):
+        """The leanest static loop (decoding.static_generate, whose every decoding step, on CUDA, replays one
+        captured CUDA graph): greedy or plain sampling for prompts left-padded by ``attention_mask``, with the
+        options do_sample, temperature, eos_token_id, pad_token_id (the last two default to the generation
+        config's). Returns prompts + new tokens."""
         for name in ("eos_token_id", "pad_token_id"):
             kwargs.setdefault(name, getattr(self.generation_config, name, None))
-        return static_generate(self, input_ids, max_new_tokens, **kwargs)
+        return static_generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, **kwargs)

@@ -17,47 +17,65 @@ from test_generation import PROMPTS, exported_hybrid, perturbed_students
 from dtr_core.adapters import adapter_for
 from dtr_core.hybrid import hybrid_view
 from dtr_core.linear.cache import PreallocatedLayer, RecurrentStateLayer, preallocated_cache
-from dtr_core.linear.decoding import StaticDecoder, cache_keyword, decode_attention, static_generate
+from dtr_core.linear.decoding import (
+    StaticDecoder,
+    cache_keyword,
+    decode_attention,
+    left_padding,
+    prompt_positions,
+    static_generate,
+)
 from dtr_core.linear.gla import gla_recurrent, gla_step_
 
 STEPS = 5
 
 
-def greedy_steps(model, cache, first_logits, steps, decoder=None, fed=None):
+def greedy_steps(model, cache, first_logits, steps, decoder=None, fed=None, attention_mask=None):
     """Logits of ``steps`` steps after the prompt, by plain cached calls or by ``decoder``; each step feeds
-    the previous step's argmax, or the given tokens ``fed`` [B, steps]."""
+    the previous step's argmax, or the given tokens ``fed`` [B, steps]. ``attention_mask``: the prompt's left
+    padding, which plain calls extend and count positions from, as generate() does."""
     logits, last = [], first_logits
     with torch.no_grad():
         for step in range(steps):
             tokens = last.argmax(-1, keepdim=True) if fed is None else fed[:, step:step + 1]
             if decoder is None:
-                last = model(tokens, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+                padding = {}
+                if attention_mask is not None:
+                    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(tokens), 1)], dim=1)
+                    padding = dict(attention_mask=attention_mask, position_ids=prompt_positions(attention_mask)[:, -1:])
+                last = model(tokens, use_cache=True, **padding, **{cache_keyword(model): cache}).logits[:, -1]
             else:
                 last = decoder.step(tokens)[:, -1].clone()
             logits.append(last)
     return torch.stack(logits, dim=1)
 
 
-def prefill(model, prompt, capacity):
+def prefill(model, prompt, capacity, attention_mask=None):
     cache = preallocated_cache(model.config.num_hidden_layers, capacity)
+    positions = None if attention_mask is None else prompt_positions(attention_mask)
     with torch.no_grad():
-        logits = model(prompt, use_cache=True, **{cache_keyword(model): cache}).logits[:, -1]
+        logits = model(prompt, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                       **{cache_keyword(model): cache}).logits[:, -1]
     return cache, logits
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
 @pytest.mark.parametrize("family, options", [("llama", {}), ("qwen2", {}), ("llama", dict(window=3, short_conv=4))])
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
-def test_static_steps_decode_like_cached_decoding(family, kind, options):
+def test_static_steps_decode_like_cached_decoding(family, kind, options, padded):
     model = tiny_model(family, num_layers=3)
     adapter = adapter_for(model)
     students = perturbed_students(model, adapter, kind, (1,), **options)
-    prompt = PROMPTS[:1].repeat(2, 1)
+    # Left-padded: the second prompt's padding must stay out of its attention, and its positions count
+    # from its first token.
+    prompt = PROMPTS if padded else PROMPTS[:1].repeat(2, 1)
+    mask = (prompt != 0).long() if padded else None
     capacity = prompt.shape[1] + STEPS + 3  # spare room: positions past the length must not be attended
     with hybrid_view(model, adapter, students, (1,)):
-        cache, first = prefill(model, prompt, capacity)
-        expected = greedy_steps(model, cache, first, STEPS)
-        cache, first = prefill(model, prompt, capacity)
-        decoder = StaticDecoder(model, cache, max_steps=STEPS + 1)
+        cache, first = prefill(model, prompt, capacity, mask)
+        expected = greedy_steps(model, cache, first, STEPS, attention_mask=mask)
+        cache, first = prefill(model, prompt, capacity, mask)
+        decoder = StaticDecoder(model, cache, max_steps=STEPS + 1, attention_mask=mask)
         assert not decoder.graph  # CPU tensors: the steps run eagerly
         got = greedy_steps(model, cache, first, STEPS, decoder)
         assert (got - expected).abs().max() <= 1e-5
@@ -67,7 +85,8 @@ def test_static_steps_decode_like_cached_decoding(family, kind, options):
         assert all(layer.get_seq_length() == length for layer in cache.layers)
         assert isinstance(cache.layers[1], RecurrentStateLayer) and isinstance(cache.layers[0], PreallocatedLayer)
         assert cache.layers[0].keys.shape[-2] == length
-        more = greedy_steps(model, cache, got[:, -1], 2)
+        cached_mask = None if mask is None else torch.cat([mask, mask.new_ones(len(mask), STEPS)], dim=1)
+        more = greedy_steps(model, cache, got[:, -1], 2, attention_mask=cached_mask)
         assert torch.isfinite(more).all()
     # The attention implementation was switched only while steps ran.
     assert model.config._attn_implementation == "sdpa"
@@ -103,6 +122,17 @@ def test_static_decoder_refuses_caches_it_cannot_decode():
         dynamic = model(prompt, use_cache=True, **{cache_keyword(model): DynamicCache()}).past_key_values
     with pytest.raises(ValueError, match="preallocated_cache"):
         StaticDecoder(model, dynamic, max_steps=4)
+    right_padded = torch.ones_like(prompt).index_fill(1, torch.tensor([prompt.shape[1] - 1]), 0)
+    with pytest.raises(ValueError, match="not left padding"):
+        StaticDecoder(model, cache, attention_mask=right_padded)
+    with pytest.raises(ValueError, match=r"\[batch, 8\]"):
+        StaticDecoder(model, cache, attention_mask=right_padded[:, 1:])
+
+
+def test_left_padding_counts_each_rows_padding():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]])
+    assert left_padding(mask, 4).tolist() == [0, 2, 4] and left_padding(None, 4) is None
+    assert prompt_positions(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 0, 0]]
 
 
 def test_decode_attention_torch_matches_sdpa_over_the_length():
@@ -119,6 +149,20 @@ def test_decode_attention_torch_matches_sdpa_over_the_length():
         assert (got - expected).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="one query token"):
         decode_attention(torch.randn(3, 6, 2, 16), keys, values, torch.tensor([3]))
+
+
+def test_decode_attention_torch_skips_each_sequences_left_padding():
+    torch.manual_seed(0)
+    query, keys, values = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    start, length = torch.tensor([0, 5, 29]), 30
+    got = decode_attention(query, keys, values, torch.tensor([length]), 0.3, backend="torch", start=start)
+    for row, first in enumerate(start.tolist()):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query[row:row + 1], keys[row:row + 1, :, first:length], values[row:row + 1, :, first:length],
+            enable_gqa=True, scale=0.3).transpose(1, 2)
+        assert (got[row:row + 1] - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="one position per sequence"):
+        decode_attention(query, keys, values, torch.tensor([length]), start=start[:2])
 
 
 def test_gla_step_in_place_matches_the_recurrence():
@@ -151,6 +195,14 @@ INTERPRETED_KERNELS = textwrap.dedent("""
         for splits in (1, 2, 3):
             got = decode_attention(query, unwritten_keys, unwritten_values, torch.tensor([length]), 0.3,
                                    backend="triton", num_splits=splits)
+            worst = max(worst, (got - reference).abs().max().item())
+    # Left padding: per-sequence starts inside the first key block, on its edge and in a later split.
+    for start in ([0, 37], [64, 99]):
+        start = torch.tensor(start)
+        reference = decode_attention(query, keys, values, torch.tensor([100]), 0.3, backend="torch", start=start)
+        for splits in (1, 2, 3):
+            got = decode_attention(query, keys, values, torch.tensor([100]), 0.3, backend="triton",
+                                   num_splits=splits, start=start)
             worst = max(worst, (got - reference).abs().max().item())
     assert worst <= 1e-5, worst
 

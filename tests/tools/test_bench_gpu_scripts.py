@@ -192,3 +192,21 @@ def test_warm_up_runs_until_step_time_is_steady():
     assert warm_until_steady(lambda: time.sleep(next(durations)), "cpu", window=1, tolerance=0.3) == 6
     always_changing = iter([0.001 * 2**i for i in range(40)])
     assert warm_until_steady(lambda: time.sleep(next(always_changing)), "cpu", window=1, max_windows=5) == 5
+
+
+def test_exported_generate_smoke_times_generate_beside_generate_static(tmp_path):
+    from bench import exported_generate
+
+    out = tmp_path / "exported_generate.md"
+    exported_generate.main(["--smoke", "--model", "qwen-1.5b", "--eager", "--out", str(out)])
+
+    (model,) = json.loads(out.with_suffix(".json").read_text())["models"]
+    rows = model["rows"]
+    assert [row["k"] for row in rows] == [0, 1, 2, 3]  # the smoke model's 4 layers: 0, L/4, L/2, 3L/4 linear
+    assert model["meta"]["linear_layers"] == {"0": [], "1": [3], "2": [1, 3], "3": [1, 2, 3]}
+    # fp32 on the CPU: generate() took the static steps and chose what generate_static chose.
+    assert all(row["fallbacks"] == [] and row["same_tokens"] == 1.0 for row in rows)
+    assert all(row[f"{call}_tokens_per_s"] > 0 for row in rows for call in exported_generate.CALLS)
+    table = table_lines(out.read_text())
+    assert table[0].startswith("| linear | export + load s | prompt s | generate tokens/s | generate decode tokens/s |")
+    assert len(table) == 2 + 4
