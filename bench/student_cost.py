@@ -4,8 +4,9 @@ One training step of one layer's student as distillation runs it (fp32 weights, 
 CUDA): forward on [batch, length] hidden states, a mean-square loss, backward. Rows: each kind
 (GLA, Gated DeltaNet) with and without a softmax window, on each backend that can train it here:
 fla's Triton kernels ("fla": for Gated DeltaNet only where fla can differentiate it, Triton >= 3.7.1
-on Hopper) and the PyTorch chunked form ("chunked"), eager and under ``torch.compile`` ("chunked
-compiled", the measure of how much of the chunked form's cost is kernel launches). The teacher's own
+on Hopper), the PyTorch chunked form eager ("chunked") and under torch.compile ("compiled", what
+"auto" trains with on CUDA where fla cannot), and the whole student module under torch.compile
+("module compiled": projections, feature maps and gates fused too). The teacher's own
 attention forward (SDPA) is the reference row. Each row's time is the median of ``--repeats`` steps
 after warming up until steady (fla autotunes its kernels on first use).
 
@@ -46,7 +47,7 @@ def backends(kind: str, device) -> list[tuple[str, str | None]]:
         fla_reason = "fla refuses this backward here (Hopper with Triton < 3.7.1, fla issue #640)"
     else:
         fla_reason = None
-    return [("fla", fla_reason), ("chunked", None), ("chunked compiled", None)]
+    return [("fla", fla_reason), ("chunked", None), ("compiled", None), ("module compiled", None)]
 
 
 def training_step(student, hidden, device):
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--window", type=int, default=64, help="the window rows' softmax window")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--backends", default="fla,chunked,chunked compiled",
+    parser.add_argument("--backends", default="fla,chunked,compiled,module compiled",
                         help="which backends' rows to time (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, CPU, seconds")
     parser.add_argument("--out", help="write the markdown table here (and .json beside it)")
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
         record("teacher attention, forward only", median_ms(forward, args.repeats, device), attention)
 
     for kind in ("gla", "gated_deltanet"):
-        for window in (0, args.window):
+        for window in dict.fromkeys((0, args.window)):  # --window 0: the plain rows only
             spec = StudentSpec(kind=kind, window=window)
             for backend, skipped in backends(kind, device):
                 if backend not in args.backends.split(","):
@@ -111,8 +112,9 @@ def main(argv=None) -> None:
                 if skipped:
                     record(label, None, skipped)
                     continue
-                student = student_from_teacher(spec, weights, causal=True, backend=backend.split()[0]).to(device)
-                if backend.endswith("compiled"):
+                operator = "chunked" if backend == "module compiled" else backend
+                student = student_from_teacher(spec, weights, causal=True, backend=operator).to(device)
+                if backend == "module compiled":
                     student = torch.compile(student)
                 step = training_step(student, hidden, device)
                 try:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .backends import Output, resolve_backend
+from .backends import Output, needs_grad, resolve_backend
 from .cache import state_layer
 from .feature_maps import FEATURE_MAPS, feature_dim, hedgehog, initial_hedgehog_weight
 from .short_conv import causal_conv, identity_kernel
@@ -177,8 +177,8 @@ class LinearAttentionStudent(nn.Module):
         raise NotImplementedError
 
     def _resolve_backend(self, q, k, v, gates) -> str:
-        """The backend a scan on these inputs runs."""
-        return resolve_backend(self.backend, q)
+        """The backend a scan on these inputs runs (training may take another than inference)."""
+        return resolve_backend(self.backend, q, differentiated=needs_grad(q, k, v, *gates))
 
     def _step_in_place(self, q, k, v, gates, state: torch.Tensor) -> torch.Tensor:
         """One decoding token whose new state overwrites ``state`` (a cache layer in static mode, see

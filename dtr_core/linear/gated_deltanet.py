@@ -24,6 +24,7 @@ from .backends import (
     Output,
     check_chunk_size,
     check_qkv,
+    compiled,
     from_chunks,
     heads_first,
     masked_exp,
@@ -178,7 +179,8 @@ def gated_delta(
     backend:
         "auto": on CUDA with fla installed, "fla" (or "fla_recurrent" for one token); otherwise
             "chunked" (or "recurrent" for one token).
-        "recurrent" / "chunked": the pure-PyTorch implementations in this file.
+        "recurrent" / "chunked": the pure-PyTorch implementations in this file; "compiled": the
+            chunked one under torch.compile ("auto"'s choice for training where fla cannot serve).
         "fla": `fla.ops.gated_delta_rule.chunk_gated_delta_rule` (CUDA, differentiable).
         "fla_recurrent": `fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`
             (CUDA, forward only: for decoding).
@@ -187,10 +189,9 @@ def gated_delta(
     backend = resolve_backend(backend, q, gated_delta_backward=needs_grad(q, k, v, g, beta, initial_state))
     if backend == "recurrent":
         return gated_delta_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if backend == "chunked":
-        return gated_delta_chunked(
-            q, k, v, g, beta, scale, chunk_size, initial_state, output_final_state
-        )
+    if backend in ("chunked", "compiled"):
+        form = gated_delta_chunked if backend == "chunked" else compiled(gated_delta_chunked)
+        return form(q, k, v, g, beta, scale, chunk_size, initial_state, output_final_state)
     _check_inputs(q, k, v, g, beta, initial_state)
     if initial_state is not None:
         initial_state = initial_state.float()  # fla keeps the recurrent state in fp32
@@ -241,4 +242,5 @@ class GatedDeltaNetStudent(LinearAttentionStudent):
     def _resolve_backend(self, q, k, v, gates) -> str:
         # fla cannot differentiate the gated delta rule everywhere: a call that will be differentiated
         # may have to stay on PyTorch (backends.fla_gated_delta_backward_supported).
-        return resolve_backend(self.backend, q, needs_grad(q, k, v, *gates))
+        differentiated = needs_grad(q, k, v, *gates)
+        return resolve_backend(self.backend, q, differentiated, differentiated)

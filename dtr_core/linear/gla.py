@@ -23,10 +23,12 @@ from torch import nn
 from .backends import (
     Output,
     check_chunk_size,
+    compiled,
     check_qkv,
     from_chunks,
     heads_first,
     masked_exp,
+    needs_grad,
     resolve_backend,
     resolve_step_backend,
     starting_state,
@@ -198,11 +200,12 @@ def gla(
         "fla_recurrent": `fla.ops.gla.fused_recurrent_gla` (CUDA; meant for decoding).
     chunk_size only affects "chunked"; fla picks its own.
     """
-    backend = resolve_backend(backend, q)
+    backend = resolve_backend(backend, q, differentiated=needs_grad(q, k, v, g, initial_state))
     if backend == "recurrent":
         return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
-    if backend == "chunked":
-        return gla_chunked(q, k, v, g, scale, chunk_size, initial_state, output_final_state)
+    if backend in ("chunked", "compiled"):
+        form = gla_chunked if backend == "chunked" else compiled(gla_chunked)
+        return form(q, k, v, g, scale, chunk_size, initial_state, output_final_state)
     _check_inputs(q, k, v, g, initial_state)
     if initial_state is not None:
         initial_state = initial_state.float()  # fla's kernels keep (and assert) an fp32 state

@@ -177,6 +177,41 @@ def test_dispatcher_cpu_backends(mechanism):
 
 
 @mechanisms
+def test_compiled_backend_is_the_chunked_form_with_its_gradients(mechanism):
+    """"compiled" (what "auto" trains with on CUDA where fla cannot) runs the chunked form under
+    torch.compile: the same outputs, final states and gradients (fp32, tiny sizes: compiling takes
+    seconds per mechanism on the CPU)."""
+    m = MECHANISMS[mechanism]
+    results = []
+    for backend in ("chunked", "compiled"):
+        inputs = [x if x is None else x.clone().requires_grad_(x.is_floating_point()) for x in m.make(t=40)]
+        o, s = m.run(m.dispatch, inputs, backend=backend, chunk_size=16)
+        (o.square().sum() + s.square().sum()).backward()
+        results.append((o, s, [x.grad for x in inputs if x is not None]))
+    (o_ref, s_ref, grads_ref), (o, s, grads) = results
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_trains_on_the_compiled_form_only_on_cuda_without_fla(monkeypatch):
+    """Where "auto" sends a call: fla on CUDA when it can serve it; a differentiated call it cannot
+    serve takes "compiled" on CUDA; the CPU and calls without gradients stay eager."""
+    cpu, cuda = torch.empty(1, 8, 1, 4), torch.empty(1, 8, 1, 4, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type == "meta"))
+    monkeypatch.setattr(backends, "_FLA_IMPORT_ERROR", "ImportError: no fla here")
+    assert backends.resolve_backend("auto", cpu, differentiated=True) == "chunked"
+    assert backends.resolve_backend("auto", cuda, differentiated=True) == "compiled"
+    assert backends.resolve_backend("auto", cuda) == "chunked"
+    assert backends.resolve_backend("auto", cuda[:, :1]) == "recurrent"
+    monkeypatch.setattr(backends, "_FLA_IMPORT_ERROR", None)
+    monkeypatch.setattr(backends, "_FLA_GATED_DELTA_BACKWARD", False, raising=False)  # Hopper, Triton < 3.7.1
+    assert backends.resolve_backend("auto", cuda, differentiated=True) == "fla"
+    assert backends.resolve_backend("auto", cuda, gated_delta_backward=True, differentiated=True) == "compiled"
+
+
+@mechanisms
 def test_dispatcher_auto_decodes_one_token_step_by_step(mechanism):
     # A decoding step (one token) takes the step-by-step form, not a one-token chunk.
     m = MECHANISMS[mechanism]
@@ -190,7 +225,7 @@ def test_dispatcher_auto_decodes_one_token_step_by_step(mechanism):
 @mechanisms
 def test_dispatcher_unknown_backend(mechanism):
     m = MECHANISMS[mechanism]
-    with pytest.raises(ValueError, match="valid backends: auto, recurrent, chunked, fla"):
+    with pytest.raises(ValueError, match="valid backends: auto, recurrent, chunked, compiled, fla"):
         m.run(m.dispatch, m.make(), backend="triton")
 
 
