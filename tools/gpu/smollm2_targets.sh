@@ -16,7 +16,7 @@
 set -o pipefail
 EPOCHS=${EPOCHS-2}  # unset: issue 4's 2 passes; set empty: the token budget decides
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DTR_MODEL_CACHE=/var/tmp/models
-export PYTHONPATH=/tmp/site_quality:$PWD
+export PYTHONPATH=/tmp/site_quality:$PWD${PYTHONPATH:+:$PYTHONPATH}  # keeps fla (and Triton 3.7.1) when device_env.sh was sourced
 MODE=${1:?perplexity | guarded LENGTH | headlines}
 COMMON=(--model smollm2-135m --model-dtype "${MODEL_DTYPE:-bfloat16}" --mode stream
         --token-budget "${TOKENS:-1000000}" ${EPOCHS:+--epochs "$EPOCHS"} --max-length 512 --batch-size 32
