@@ -17,6 +17,7 @@ after warming up until steady (fla autotunes its kernels on first use).
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -28,6 +29,7 @@ from bench.common import (
     full_attention_implementations,
     markdown_table,
     median_ms,
+    synchronize,
     warm_until_steady,
     write_results,
 )
@@ -66,6 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--window", type=int, default=64, help="the window rows' softmax window")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--kinds", default="gla,gated_deltanet", help="which kinds of student to time")
     parser.add_argument("--backends", default="fla,chunked,compiled,module compiled",
                         help="which backends' rows to time (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, CPU, seconds")
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
         warm_until_steady(forward, device)
         record("teacher attention, forward only", median_ms(forward, args.repeats, device), attention)
 
-    for kind in ("gla", "gated_deltanet"):
+    for kind in args.kinds.split(","):
         for window in dict.fromkeys((0, args.window)):  # --window 0: the plain rows only
             spec = StudentSpec(kind=kind, window=window)
             for backend, skipped in backends(kind, device):
@@ -118,8 +121,14 @@ def main(argv=None) -> None:
                     student = torch.compile(student)
                 step = training_step(student, hidden, device)
                 try:
+                    # The first step pays for compiling (torch.compile) or autotuning (fla): said apart.
+                    synchronize(device)
+                    started = time.perf_counter()
+                    step()
+                    synchronize(device)
+                    first = time.perf_counter() - started
                     warm_until_steady(step, device, max_windows=6)
-                    record(label, median_ms(step, args.repeats, device))
+                    record(label, median_ms(step, args.repeats, device), f"first step {first:.1f} s")
                 except Exception as error:  # a backend failing here is a result to report, not a crash
                     record(label, None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
                 del student, step
