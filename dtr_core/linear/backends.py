@@ -59,8 +59,9 @@ def resolve_backend(backend: str, q: torch.Tensor, gated_delta_backward: bool = 
     ``gated_delta_backward``: the call is a gated delta rule that will be differentiated.
     ``differentiated``: the call will be differentiated (training). On CUDA where fla cannot serve it,
     "auto" then takes "compiled": the chunked form's many small kernels, fused by torch.compile, trained
-    a student layer 2.3x (GLA) and 4.6x (Gated DeltaNet) faster than eager on an H200 (BENCHMARKS.md,
-    "Issue 14"). Calls that are not differentiated stay eager: no compile latency while generating.
+    a student layer 2.0x (GLA) and 2.8x (Gated DeltaNet) faster than eager on an H200, after a first step
+    that compiles (2 min for Gated DeltaNet; BENCHMARKS.md, "Issue 14"). Calls that are not
+    differentiated stay eager: no compile latency while generating.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
