@@ -8,7 +8,7 @@ layers the attention is swapped for a random-init student (``student_from_teache
 floor(i * L / (L - k)), so layer 0 keeps full attention while k < L, and k = L/2 makes every odd layer
 linear. Layers swapped out wait on the CPU, so peak memory counts only what the hybrid holds.
 
-Prefill: batch 1, ``use_cache=True`` (the cache counts in peak memory), ``logits_to_keep=1`` (no
+Prefill: batch 1 (``--prefill-batch``), ``use_cache=True`` (the cache counts in peak memory), ``logits_to_keep=1`` (no
 vocabulary-sized logits at 128K); tokens/s and peak ``torch.cuda.max_memory_allocated`` (weights
 included), reset per measurement.
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="prefill tokens (default 2K 8K 32K 128K; none given: no prefill)")
     parser.add_argument("--contexts", type=int, nargs="*",
                         help="decode contexts (default 8K 32K 64K; none given: no decode)")
+    parser.add_argument("--prefill-batch", type=int, default=1, help="sequences per prefill (default 1)")
     parser.add_argument("--decode-steps", type=int, help="timed decode steps (default 8; smoke 2)")
     parser.add_argument("--cache", choices=CACHE_KINDS, default="static",
                         help="decoding: static (preallocated buffers, CUDA-graph steps), preallocated (the "
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             setup = build_setup(name, spec, device, dtype, args.smoke, decode_steps, max_batch, args.linear_counts,
                                 args.cache, args.linear_layers)
+            setup.prefill_batch = args.prefill_batch
             config = setup.model.config
             meta = {
                 "model": name, "command": command, "environment": environment(device),
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 "cache": (f"{CACHE_DESCRIPTIONS[args.cache]} through `{setup.cache_arg}=`, students' recurrent "
                           "states in it"),
                 "linear_layers": {k: setup.linear_layers(k) for k in setup.counts},
-                "decode_steps": decode_steps, "max_batch": max_batch,
+                "decode_steps": decode_steps, "max_batch": max_batch, "prefill_batch": args.prefill_batch,
             }
             sections[name] = (meta, [])
             run_model(setup, prefill_lengths, decode_contexts, on_row)

@@ -60,6 +60,7 @@ class Setup:
     counts: list[int]  # the numbers of linear layers measured (0 first: the reference)
     cache: str  # one of CACHE_KINDS
     chosen: list[int]  # a given set of linear layers (e.g. a search's M_opt), measured as k = len(chosen)
+    prefill_batch: int = 1  # sequences per prefill
 
     def linear_layers(self, k: int) -> list[int]:
         return self.chosen if self.chosen and k == len(self.chosen) else linear_layers(self.num_layers, k)

@@ -78,7 +78,8 @@ def ran_on(probes: dict) -> dict:
 
 
 def measure_prefill(setup: Setup, length: int, layers: list[int]) -> dict:
-    ids = random_tokens(setup, 1, length)
+    batch = setup.prefill_batch
+    ids = random_tokens(setup, batch, length)
     repeats = prefill_repeats(length, setup.smoke)
 
     def prefill():
@@ -94,7 +95,7 @@ def measure_prefill(setup: Setup, length: int, layers: list[int]) -> dict:
     del calls  # before the peak is reset: the recorded inputs are not part of a prefill's memory
     reset_peak_memory(setup.device)
     ms = median_ms(prefill, repeats, setup.device, warmup=0)
-    return {"batch": 1, "ms": ms, "tokens_per_s": length / ms * 1e3, "peak_gib": peak_memory_gib(setup.device),
+    return {"batch": batch, "ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(setup.device),
             **layer_times}
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,17 @@ if os.environ.get("DTR_TRITON_FIRST_CONFIG") == "1":
     _benchmark_one_triton_config()
 
 FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+
+
+def run_in_triton_interpreter(script: str, done_line: str) -> None:
+    """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (read at Triton's import: hence the subprocess), from
+    the repository root, and require that it prints ``done_line``."""
+    pytest.importorskip("triton")
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))  # the script may import test modules
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
+                          capture_output=True, text=True, timeout=300, cwd=tests.parent)
+    assert done.returncode == 0 and done_line in done.stdout, done.stderr[-3000:]
 
 
 def tiny_config(family: str, num_layers: int = 2):

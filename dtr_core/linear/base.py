@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .backends import Output, needs_grad, resolve_backend
 from .cache import state_layer
 from .feature_maps import FEATURE_MAPS, feature_dim, hedgehog, initial_hedgehog_weight
@@ -94,6 +96,12 @@ class LinearAttentionStudent(nn.Module):
     # Whether the state is a decayed sum of k^T v writes (no delta-rule corrections): only then does an
     # all-ones value column accumulate the normaliser sum_s w_ts of a softmax-like readout.
     state_sums_writes: bool
+    # Whether the scan reads L2-normalised features (the delta rule needs unit keys).
+    normalised_features: bool = False
+    # Where the feature map, log-decays and readout run as fused Triton kernels (``kernels.py``): "auto" on
+    # CUDA when no gradient is recorded (inference: prefill and decoding), "triton" always (the tests run
+    # them in Triton's CPU interpreter), "torch" never. Not part of the config: it changes no result.
+    prefill_kernels: str = "auto"
 
     def __init__(
         self,
@@ -165,9 +173,9 @@ class LinearAttentionStudent(nn.Module):
         """Create the mechanism's own parameters (``self.key_dim`` and the projections exist)."""
         raise NotImplementedError
 
-    def _gates(self, hidden_states: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """hidden_states [B, T, hidden], q/k features [B, T, H, key_dim] → (q, k, gates): q and k as
-        the scan reads them and the tuple of per-token gate tensors ``_operator`` takes after v."""
+    def _gates(self, hidden_states: torch.Tensor, fused: bool) -> tuple:
+        """hidden_states [B, T, hidden] → the tuple of per-token gate tensors ``_operator`` takes after v;
+        ``fused``: log-decays by ``_log_decays``' kernel."""
         raise NotImplementedError
 
     @staticmethod
@@ -267,11 +275,29 @@ class LinearAttentionStudent(nn.Module):
         self.window_offset.copy_(torch.where(usable, log_far_mass - linear_mass.clamp_min(1e-30).log(),
                                              self.window_offset))
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, H, D] → [B, T, H, key_dim]."""
-        if self.feature_map == "identity":
-            return x
-        return hedgehog(x, self.feature_weight)
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the fused kernels (see ``prefill_kernels``)."""
+        if self.prefill_kernels == "torch" or not kernels.prefill_kernels_fit(self.head_dim):
+            return False
+        return self.prefill_kernels == "triton" or (x.is_cuda and not torch.is_grad_enabled())
+
+    def _features(self, x: torch.Tensor, fused: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, H, D] → [B, T, H, key_dim]: the feature map, L2-normalised if ``normalised_features``, and
+        zero where ``valid`` [B, T] is False (a zero key writes nothing, so padding never reaches real tokens)."""
+        if fused and self.feature_map == "hedgehog":
+            return kernels.hedgehog_triton(x, self.feature_weight, valid, self.normalised_features)
+        features = x if self.feature_map == "identity" else hedgehog(x, self.feature_weight)
+        if self.normalised_features:
+            features = F.normalize(features, dim=-1)
+        return features if valid is None else features * valid[:, :, None, None].to(features.dtype)
+
+    @staticmethod
+    def _log_decays(logits: torch.Tensor, fused: bool) -> torch.Tensor:
+        """Per-token log-decays log(sigmoid(logits)) >= LOG_DECAY_FLOOR: fp32, or in the logits' dtype by one
+        kernel when ``fused`` (the scan reads them in v's dtype either way)."""
+        if fused:
+            return kernels.log_decay_triton(logits, LOG_DECAY_FLOOR)
+        return F.logsigmoid(logits.float()).clamp_min(LOG_DECAY_FLOOR)
 
     def _scan(self, q, k, v, gates, reverse: bool = False, initial_state=None, output_final_state=False):
         """``_operator`` on the backend this call resolves to (recorded in ``last_backend``); ``reverse``
@@ -314,14 +340,21 @@ class LinearAttentionStudent(nn.Module):
             out = self._causal_scan(q, k, v, gates, layer)
             if not self.causal:
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
-            if self.normalised_readout:
-                out = out[..., :self.head_dim] / (out[..., self.head_dim:] + 1e-6)
-            else:
-                out = self._normalised(out)
+            out = self._readout(out, self._fused(hidden_states))
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         if self.o_proj is not None:
             out = self.o_proj(out)
         return out, None
+
+    def _readout(self, out: torch.Tensor, fused: bool) -> torch.Tensor:
+        """A scan's output [B, T, H, V] → [B, T, H * D]: the softmax-like or the RMS-normalised readout."""
+        if self.normalised_readout:
+            if fused:
+                return kernels.normalised_readout_triton(out)
+            return out[..., :self.head_dim] / (out[..., self.head_dim:] + 1e-6)
+        if fused:
+            return kernels.rms_readout_triton(out, self.out_norm_weight)
+        return self._normalised(out)
 
     def _normalised(self, out: torch.Tensor) -> torch.Tensor:
         """The RMS-normalised readout of a scan's output [B, T, H, D]."""
@@ -337,17 +370,15 @@ class LinearAttentionStudent(nn.Module):
         column for the normalised readout."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
+        fused = self._fused(hidden_states)
         q, k, v = projections
         if self.short_conv:
             if valid is not None:  # padding's projections must not leak into real tokens' convolutions
                 q, k, v = (x * valid[:, :, None].to(x.dtype) for x in (q, k, v))
             q, k, v = (self._convolved(x, name, layer) for x, name in ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
-        q, k = self._features(q.view(shape)), self._features(k.view(shape))
+        q, k = self._features(q.view(shape), fused), self._features(k.view(shape), fused, valid)
         v = v.view(shape)
-        if valid is not None:
-            # A zero key writes nothing into the state, so padding never reaches real tokens.
-            k = k * valid[:, :, None, None].to(k.dtype)
-        q, k, gates = self._gates(hidden_states, q, k)
+        gates = self._gates(hidden_states, fused)
         # One dtype for every kernel input: under autocast the projections come out in bf16 but
         # softmax features, normalised q/k and gates in fp32, and fla's kernels need them to agree.
         q, k = q.to(v.dtype), k.to(v.dtype)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backends import (
@@ -33,7 +32,7 @@ from .backends import (
     starting_state,
     to_chunks,
 )
-from .base import LOG_DECAY_FLOOR, LinearAttentionStudent, retention_logits
+from .base import LinearAttentionStudent, retention_logits
 
 try:  # optional: backends.resolve_backend refuses the fla backends when fla could not be imported
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -218,6 +217,7 @@ class GatedDeltaNetStudent(LinearAttentionStudent):
 
     kind = "gated_deltanet"
     state_sums_writes = False
+    normalised_features = True
 
     def _build_gates(self, hidden_size: int, gate_rank: int) -> None:
         self.decay_proj = nn.Linear(hidden_size, self.num_heads)
@@ -229,11 +229,9 @@ class GatedDeltaNetStudent(LinearAttentionStudent):
             self.decay_proj.bias.copy_(retention_logits(self.num_heads))
             self.beta_proj.bias.fill_(INITIAL_BETA_LOGIT)
 
-    def _gates(self, hidden_states, q, k):
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        g = F.logsigmoid(self.decay_proj(hidden_states).float()).clamp_min(LOG_DECAY_FLOOR)
+    def _gates(self, hidden_states, fused):
         beta = torch.sigmoid(self.beta_proj(hidden_states).float())
-        return q, k, (g, beta)
+        return self._log_decays(self.decay_proj(hidden_states), fused), beta
 
     @staticmethod
     def _operator(q, k, v, gates, **kwargs) -> Output:

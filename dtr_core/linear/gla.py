@@ -17,7 +17,6 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backends import (
@@ -34,7 +33,7 @@ from .backends import (
     starting_state,
     to_chunks,
 )
-from .base import LOG_DECAY_FLOOR, LinearAttentionStudent, retention_logits
+from .base import LinearAttentionStudent, retention_logits
 from .kernels import gla_step_triton
 
 try:  # optional: backends.resolve_backend refuses the fla backends when fla could not be imported
@@ -269,11 +268,10 @@ class GLAStudent(LinearAttentionStudent):
         with torch.no_grad():
             self.gate_up.bias.copy_(retention_logits(self.key_dim).repeat(self.num_heads))
 
-    def _gates(self, hidden_states, q, k):
+    def _gates(self, hidden_states, fused):
         batch, length, _ = hidden_states.shape
-        g = F.logsigmoid(self.gate_up(self.gate_down(hidden_states)).float())
-        g = g.view(batch, length, self.num_heads, self.key_dim).clamp_min(LOG_DECAY_FLOOR)
-        return q, k, (g,)
+        g = self._log_decays(self.gate_up(self.gate_down(hidden_states)), fused)
+        return (g.view(batch, length, self.num_heads, self.key_dim),)
 
     @staticmethod
     def _operator(q, k, v, gates, **kwargs) -> Output:

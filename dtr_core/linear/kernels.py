@@ -1,9 +1,16 @@
-"""The Triton kernels of decoding, with their launchers: GLA's in-place state step and the split-key
-attention of one new token over preallocated key/value buffers.
+"""The Triton kernels of inference, with their launchers.
 
-Both read lengths and states on the device and never move memory, so a captured CUDA graph replays them
-(see ``decoding.py``). The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``,
-``decoding.decode_attention``), which also choose between the two.
+Decoding: GLA's in-place state step and the split-key attention of one new token over preallocated
+key/value buffers. Both read lengths and states on the device and never move memory, so a captured CUDA
+graph replays them (see ``decoding.py``).
+
+A student's prefill (issue 15): its feature map, its log-decays and its readout, each one kernel where
+PyTorch ran 3-7 (a GLA student layer at 2K-8K tokens spent more GPU time in ~30 small PyTorch kernels
+than in its scan; BENCHMARKS.md). ``base.LinearAttentionStudent`` calls them on inference calls.
+
+The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``,
+``decoding.decode_attention``, ``feature_maps.hedgehog``, ``base.LinearAttentionStudent``), which also
+choose between the two.
 
 Copied next to exported hybrids: imports only torch and (inside try) Triton.
 """
@@ -90,6 +97,73 @@ def decode_attention_triton(query: torch.Tensor, key_buffer: torch.Tensor, value
         parts, part_lse, out, QUERY_HEADS=query_heads, DIM=dim, NUM_SPLITS=num_splits,
         BLOCK_SPLITS=triton.next_power_of_2(num_splits),
     )
+    return out
+
+
+def prefill_kernels_fit(head_dim: int) -> bool:
+    """Whether the prefill kernels serve heads this wide: Triton present, a power of two >= 16 (tile sizes)."""
+    return triton is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+_FEATURE_ROWS = 64  # tokens per program of the feature-map kernel
+_READOUT_ROWS = 32  # (token, head) rows per program of the readout kernels
+_ELEMENTS = 2048  # elements per program of the log-decay kernel
+
+
+def hedgehog_triton(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor | None = None,
+                    l2_normalise: bool = False) -> torch.Tensor:
+    """``feature_maps.hedgehog(x, weight)`` in one kernel, then optionally L2-normalised per head (as
+    ``F.normalize``) and zeroed where ``valid`` is False.
+
+    Args:
+        x: [B, T, H, D], each token's H*D values contiguous. weight: [H, D, D]. valid: bool [B, T] or None.
+
+    Returns:
+        [B, T, H, 2D] in x's dtype (computed in fp32).
+    """
+    batch, length, heads, dim = x.shape
+    rows = x.reshape(batch * length, heads * dim)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(batch, length, heads, 2 * dim, dtype=x.dtype, device=x.device)
+    keep = rows if valid is None else valid.reshape(-1).to(torch.uint8)  # without a mask the pointer is unread
+    _hedgehog_kernel[(triton.cdiv(batch * length, _FEATURE_ROWS), heads)](
+        rows, weight.to(x.dtype).contiguous(), keep, out, batch * length, rows.stride(0),
+        H=heads, D=dim, BLOCK_T=_FEATURE_ROWS, HAS_VALID=valid is not None, L2=l2_normalise,
+        IEEE=x.dtype == torch.float32,
+    )
+    return out
+
+
+def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
+    """``F.logsigmoid(logits.float()).clamp_min(floor)`` in one kernel, returned in the logits' dtype."""
+    flat = logits.contiguous().view(-1)
+    out = torch.empty_like(flat)
+    _log_decay_kernel[(triton.cdiv(flat.numel(), _ELEMENTS),)](flat, out, flat.numel(), floor, BLOCK=_ELEMENTS)
+    return out.view(logits.shape)
+
+
+def normalised_readout_triton(scan: torch.Tensor) -> torch.Tensor:
+    """A softmax-like readout: ``scan[..., :D] / (scan[..., D] + 1e-6)`` for a scan output [B, T, H, D + 1]
+    whose last value column accumulated the normaliser; returns [B, T, H * D] in the scan's dtype."""
+    batch, length, heads, width = scan.shape
+    dim = width - 1
+    scan = scan.contiguous()
+    out = torch.empty(batch, length, heads * dim, dtype=scan.dtype, device=scan.device)
+    rows = batch * length * heads
+    _normalised_readout_kernel[(triton.cdiv(rows, _READOUT_ROWS),)](scan, out, rows, D=dim, BLOCK_R=_READOUT_ROWS)
+    return out
+
+
+def rms_readout_triton(scan: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """An RMS-normalised readout ``scan * rsqrt(mean(scan^2) + 1e-6) * weight`` per head, for a scan output
+    [B, T, H, D] and weight [H, D]; returns [B, T, H * D] in the scan's dtype."""
+    batch, length, heads, dim = scan.shape
+    scan = scan.contiguous()
+    out = torch.empty(batch, length, heads * dim, dtype=scan.dtype, device=scan.device)
+    rows = batch * length * heads
+    _rms_readout_kernel[(triton.cdiv(rows, _READOUT_ROWS),)](scan, weight.contiguous(), out, rows, H=heads, D=dim,
+                                                             BLOCK_R=_READOUT_ROWS)
     return out
 
 
@@ -186,3 +260,63 @@ if triton is not None:
         result = tl.sum(b_parts * weights[:, None], 0) / tl.sum(weights, 0)
         # out is [B, 1, Hq, D] contiguous: (sequence, head) rows are consecutive
         tl.store(out + i_bh * DIM + dims, result.to(out.dtype.element_ty))
+
+    @triton.jit
+    def _hedgehog_kernel(x, w, valid, out, n_rows, x_row_stride, H: tl.constexpr, D: tl.constexpr,
+                         BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, L2: tl.constexpr, IEEE: tl.constexpr):
+        # BLOCK_T tokens of one head: p = x W, features [softmax(p), softmax(-p)] (2D wide), all in fp32.
+        i_t, i_h = tl.program_id(0), tl.program_id(1)
+        rows = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        dims = tl.arange(0, D)
+        row_ok = rows < n_rows
+        b_x = tl.load(x + rows[:, None].to(tl.int64) * x_row_stride + i_h * D + dims[None, :],
+                      mask=row_ok[:, None], other=0)
+        b_w = tl.load(w + i_h * D * D + dims[:, None] * D + dims[None, :])
+        if IEEE:  # fp32 inputs: no TF32 rounding, so the kernel agrees with PyTorch's fp32 einsum
+            p = tl.dot(b_x, b_w, input_precision="ieee")
+        else:
+            p = tl.dot(b_x, b_w)
+        positive = tl.exp(p - tl.max(p, axis=1)[:, None])
+        positive = positive / tl.sum(positive, axis=1)[:, None]
+        negative = tl.exp(tl.min(p, axis=1)[:, None] - p)
+        negative = negative / tl.sum(negative, axis=1)[:, None]
+        if L2:
+            norm = tl.sqrt(tl.sum(positive * positive, axis=1) + tl.sum(negative * negative, axis=1))
+            inverse = 1.0 / tl.maximum(norm, 1e-12)
+            positive, negative = positive * inverse[:, None], negative * inverse[:, None]
+        if HAS_VALID:
+            keep = tl.load(valid + rows, mask=row_ok, other=0).to(tl.float32)
+            positive, negative = positive * keep[:, None], negative * keep[:, None]
+        p_out = out + rows[:, None].to(tl.int64) * (H * 2 * D) + i_h * 2 * D + dims[None, :]
+        tl.store(p_out, positive.to(out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(p_out + D, negative.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _log_decay_kernel(logits, out, n, floor, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offsets < n
+        x = tl.load(logits + offsets, mask=ok, other=0).to(tl.float32)
+        log_sigmoid = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+        tl.store(out + offsets, tl.maximum(log_sigmoid, floor).to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _normalised_readout_kernel(scan, out, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Rows are (token, head) pairs: D numerator columns and the normaliser after them.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        dims = tl.arange(0, D)
+        ok = rows < n_rows
+        numerator = tl.load(scan + rows[:, None] * (D + 1) + dims[None, :], mask=ok[:, None], other=0).to(tl.float32)
+        normaliser = tl.load(scan + rows * (D + 1) + D, mask=ok, other=1).to(tl.float32)
+        tl.store(out + rows[:, None] * D + dims[None, :],
+                 (numerator / (normaliser[:, None] + 1e-6)).to(out.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _rms_readout_kernel(scan, weight, out, n_rows, H: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        dims = tl.arange(0, D)
+        ok = rows < n_rows
+        x = tl.load(scan + rows[:, None] * D + dims[None, :], mask=ok[:, None], other=0).to(tl.float32)
+        scale = tl.rsqrt(tl.sum(x * x, axis=1) / D + 1e-6)
+        w = tl.load(weight + (rows % H)[:, None] * D + dims[None, :], mask=ok[:, None], other=0).to(tl.float32)
+        tl.store(out + rows[:, None] * D + dims[None, :], (x * scale[:, None] * w).to(out.dtype.element_ty),
+                 mask=ok[:, None])

@@ -3,15 +3,11 @@ replay them. On the CPU the same steps run eagerly; they must give what ordinary
 The Triton kernels run here in Triton's CPU interpreter (a subprocess: TRITON_INTERPRET is read at import).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_in_triton_interpreter, tiny_model
 from test_generation import PROMPTS, exported_hybrid, perturbed_students
 
 from dtr_core.adapters import adapter_for
@@ -219,11 +215,7 @@ INTERPRETED_KERNELS = textwrap.dedent("""
 
 @pytest.mark.integration
 def test_triton_kernels_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_KERNELS], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[2])
-    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-3000:]
+    run_in_triton_interpreter(INTERPRETED_KERNELS, "kernels ok")
 
 
 @pytest.mark.parametrize("options", [{}, dict(window=3, short_conv=4)])

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from bench import attention, dtr_pass, hybrid_inference, hybrid_setup, hybrid_timing, student_cost
+from bench import attention, dtr_pass, hybrid_inference, hybrid_setup, hybrid_timing, student_cost, student_prefill
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +126,28 @@ def test_student_cost_times_every_kind_with_and_without_a_window(tmp_path):
     assert [row["row"] for row in rows] == ["teacher attention, forward only", "gla, chunked", "gla, window 8, chunked",
                                             "gated_deltanet, chunked", "gated_deltanet, window 8, chunked"]
     assert all(row["ms"] > 0 for row in rows)  # on the CPU every kind trains on the chunked form
+
+
+def test_student_prefill_times_each_kind_fused_and_unfused(tmp_path):
+    out = tmp_path / "student_prefill.md"
+    student_prefill.main(["--smoke", "--kinds", "gla", "gated_deltanet", "--batches", "1", "2", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(row["batch"], row["tokens"]) for row in rows] == [(1, 64), (2, 64)]
+    for row in rows:
+        for kind in ("gla", "gated_deltanet"):
+            assert all(row["ms"][name] > 0 for name in (kind, f"{kind} unfused", f"{kind} host", f"{kind} scan"))
+            assert row["ms"][f"{kind} graph"] is None  # no CUDA graphs on the CPU
+    assert "| 2 | 64 |" in out.read_text()
+
+
+def test_hybrid_inference_prefills_a_batch(tmp_path):
+    out = tmp_path / "hybrid.md"
+    hybrid_inference.main(["--smoke", "--model", "llama-1b", "--lengths", "16", "--contexts", "--linear-counts", "0", "2",
+                           "--prefill-batch", "3", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["models"][0]["rows"]
+    assert [(row["k"], row["batch"]) for row in rows] == [(0, 3), (2, 3)]
+    assert all(row["tokens_per_s"] == pytest.approx(3 * 16 / row["ms"] * 1e3) for row in rows)
+    assert "Prefill, batch 3" in out.read_text()
 
 
 @pytest.mark.parametrize("cache", hybrid_setup.CACHE_KINDS)

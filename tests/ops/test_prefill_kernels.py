@@ -1,0 +1,125 @@
+"""The fused inference kernels of a student's prefill (``kernels.py``: feature map, log-decays, readouts).
+
+On the CPU they run in Triton's interpreter (a subprocess: TRITON_INTERPRET is read at import) and must give
+what the PyTorch forms give in fp32, kernel by kernel and through whole students of every kind and option.
+The ``gpu`` test checks them in bf16 on CUDA, where "auto" picks them by itself.
+"""
+
+import textwrap
+
+import pytest
+import torch
+from conftest import run_in_triton_interpreter
+
+from dtr_core.linear import kernels
+from dtr_core.linear.students import build_student
+
+STUDENT_OPTIONS = [
+    dict(kind="gla"),
+    dict(kind="gated_deltanet"),
+    dict(kind="gla", causal=False),
+    dict(kind="gated_deltanet", causal=False),
+    dict(kind="gla", window=3, short_conv=4),
+    dict(kind="gated_deltanet", window=3, short_conv=4),
+    dict(kind="gla", feature_map="identity"),
+]
+
+
+def perturbed_student(options: dict, hidden_size=48, num_heads=3, head_dim=16, seed=0):
+    """A student whose gates, feature map and readout weights are off their initial values, so every
+    part the kernels fuse does something."""
+    torch.manual_seed(seed)
+    config = dict(hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim, causal=True) | options
+    student = build_student(config, backend="chunked")
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return student.eval()
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from dtr_core.linear import kernels
+    from dtr_core.linear.feature_maps import hedgehog
+    from ops.test_prefill_kernels import STUDENT_OPTIONS, perturbed_student
+
+    def worst(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 70, 3, 16), torch.randn(3, 16, 16) * 0.5
+    valid = torch.rand(2, 70) > 0.3
+    expected = hedgehog(x, weight)
+    assert worst(kernels.hedgehog_triton(x, weight), expected) <= 1e-6
+    masked = F.normalize(expected, dim=-1) * valid[:, :, None, None]
+    assert worst(kernels.hedgehog_triton(x, weight, valid, l2_normalise=True), masked) <= 1e-6
+
+    logits = torch.randn(3, 50, 7) * 6
+    assert worst(kernels.log_decay_triton(logits, -8.0), F.logsigmoid(logits).clamp_min(-8.0)) <= 1e-6
+
+    scan = torch.randn(2, 37, 3, 17)
+    scan[..., -1] = scan[..., -1].abs() + 0.5
+    assert worst(kernels.normalised_readout_triton(scan),
+                 (scan[..., :16] / (scan[..., 16:] + 1e-6)).reshape(2, 37, 48)) <= 1e-6
+    out_weight = torch.rand(3, 16)
+    rms = scan[..., :16] * torch.rsqrt(scan[..., :16].pow(2).mean(-1, keepdim=True) + 1e-6) * out_weight
+    assert worst(kernels.rms_readout_triton(scan[..., :16], out_weight), rms.reshape(2, 37, 48)) <= 1e-5
+
+    hidden = torch.randn(2, 41, 48)
+    mask = torch.ones(2, 41)
+    mask[1, :9] = 0  # left padding
+    for options in STUDENT_OPTIONS:
+        student = perturbed_student(options)
+        with torch.no_grad():
+            results = {}
+            for mode in ("torch", "triton"):
+                student.prefill_kernels = mode
+                results[mode] = student(hidden, attention_mask=mask)[0]
+        error = worst(results["triton"], results["torch"])
+        assert error <= 2e-5, (options, error)
+    print("prefill kernels ok")
+""")
+
+
+@pytest.mark.integration
+def test_prefill_kernels_match_pytorch_in_the_interpreter():
+    run_in_triton_interpreter(INTERPRETED, "prefill kernels ok")
+
+
+def test_prefill_kernels_are_chosen_for_inference_on_cuda_only():
+    student = perturbed_student(dict(kind="gla"))
+    hidden = torch.randn(1, 4, 48)
+    with torch.no_grad():
+        assert student._fused(hidden) is False  # CPU tensors: PyTorch unless forced
+        student.prefill_kernels = "triton"
+        assert student._fused(hidden) is kernels.prefill_kernels_fit(16)
+    student.prefill_kernels = "auto"
+    cuda_like = torch.empty(1, 4, 48, device="meta")
+    assert student._fused(cuda_like) is False
+    odd = perturbed_student(dict(kind="gla"), hidden_size=30, head_dim=10)
+    odd.prefill_kernels = "triton"
+    assert odd._fused(torch.randn(1, 4, 30)) is False  # heads not a power of two: the PyTorch forms
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("options", STUDENT_OPTIONS[:6], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_prefill_kernels_on_cuda_match_pytorch_in_bf16(options):
+    """bf16 on CUDA, both paths against the fp32 PyTorch result: the fused path must be no further from it
+    than the unfused bf16 path (1.5x, or 1e-2)."""
+    student = perturbed_student(options, hidden_size=256, num_heads=4, head_dim=64).cuda()
+    hidden = torch.randn(2, 300, 256, device="cuda")
+    mask = torch.ones(2, 300, device="cuda")
+    mask[1, :40] = 0
+
+    def run(mode, dtype):
+        student.prefill_kernels = mode
+        with torch.inference_mode():
+            return student.to(dtype)(hidden.to(dtype), attention_mask=mask)[0].float()
+
+    exact = run("torch", torch.float32)
+    assert student._fused(hidden) is False  # grad mode on: never the fused path
+    unfused, fused = run("torch", torch.bfloat16), run("auto", torch.bfloat16)
+    error = lambda got: ((got - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert error(fused) <= max(1e-2, 1.5 * error(unfused)), (error(fused), error(unfused))

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 15 on the lent GPU: the fused prefill kernels' `gpu` tests, one student layer against the attention it
+# replaces (bench.student_prefill, with each row's kernels), and the hybrids' prefill at batch 1 and 8
+# (bench.hybrid_inference, prefill only), both shapes. Results land in $OUT; the Triton autotune choices
+# come back as $OUT/triton.tgz (carry them next time as .gpu_cache/triton.tgz).
+# Usage, from the repository root on the device (carry .whl): bash tools/gpu/prefill.sh
+# STAGES="tests layer hybrid" (default all three), SHAPES, STUDENTS and BATCHES (prefill batches) pick what runs;
+# LIMIT_S (default 560) stops starting new runs. Everything takes about 20 minutes: split it over calls.
+source tools/gpu/device_env.sh
+LIMIT_S=${LIMIT_S:-560}
+STAGES=${STAGES:-"tests layer hybrid"}
+SHAPES=${SHAPES:-"llama-1b qwen-1.5b"}
+STUDENTS=${STUDENTS:-"gla gated_deltanet"}
+BATCHES=${BATCHES:-"1 8"}
+time_left() { (( SECONDS < LIMIT_S )); }
+run() { echo "== $* (at ${SECONDS}s)"; "$@"; }
+
+if [[ $STAGES == *tests* ]]; then
+    # First-config autotuning (tests/conftest.py) in a cache of its own, so the benchmarks' choices stay honest.
+    TRITON_CACHE_DIR=/tmp/triton-tests DTR_TRITON_FIRST_CONFIG=1 TRITON_F32_DEFAULT=ieee run python3 -m pytest -m gpu \
+        -n 4 -p no:benchmark -q --tb=short tests/ops/test_prefill_kernels.py tests/ops/test_gpu_static_decoding.py \
+        2>&1 | tail -15
+fi
+if [[ $STAGES == *layer* ]]; then
+    for shape in $SHAPES; do
+        time_left && run python3 -m bench.student_prefill --shape "$shape" --kinds $STUDENTS --profile 12 \
+            --out "$OUT/layer_$shape.md" > "$OUT/layer_$shape.log" 2>&1
+    done
+fi
+if [[ $STAGES == *hybrid* ]]; then
+    for student in $STUDENTS; do
+        for shape in $SHAPES; do
+            half=$([[ $shape == llama-1b ]] && echo 8 || echo 14)
+            for batch in $BATCHES; do
+                lengths="2048 8192"
+                [[ $batch == 1 ]] && lengths="2048 8192 131072"
+                time_left && run python3 -m bench.hybrid_inference --model "$shape" --student "$student" --contexts \
+                    --lengths $lengths --linear-counts 0 "$half" --prefill-batch "$batch" \
+                    --out "$OUT/prefill${batch}_${student}_$shape.md" > /dev/null
+            done
+        done
+    done
+fi
+(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton.tgz" -T -)
+tail -n 4 "$OUT"/*.log; rm -f "$OUT"/*.log
+(cd "$OUT" && ls ./*.json > /dev/null 2>&1 && tar czf results_json.tgz ./*.json && rm -f ./*.json)
+echo "== done after ${SECONDS}s"
