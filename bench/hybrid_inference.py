@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="one given set of linear layers (e.g. the M_opt a DtR search found), measured "
                              "besides the evenly spread ones as k = its size")
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
+    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
     parser.add_argument("--lengths", type=int, nargs="*",
                         help="prefill tokens (default 2K 8K 32K 128K; none given: no prefill)")
     parser.add_argument("--contexts", type=int, nargs="*",
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     max_batch = args.max_batch or (8 if args.smoke else 1024)
     command = command_line("bench.hybrid_inference", argv)
     names = sorted(ARCHITECTURES) if args.model == "both" else [args.model]
-    spec = StudentSpec(kind=args.student)
+    spec = StudentSpec(kind=args.student, window=args.window)
 
     sections: dict[str, tuple[dict, list[dict]]] = {}
 
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                 "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, intermediate "
                                 f"{config.intermediate_size}, vocab {config.vocab_size}",
                 "num_layers": setup.num_layers, "attention": setup.attention,
-                "student": f"{spec.kind} ({spec.feature_map} feature map)",
+                "student": f"{spec.kind} ({spec.feature_map} feature map"
+                           + (f", window {spec.window})" if spec.window else ")"),
                 "dtype": str(dtype).removeprefix("torch."),
                 "cache": (f"{CACHE_DESCRIPTIONS[args.cache]} through `{setup.cache_arg}=`, students' recurrent "
                           "states in it"),

@@ -27,7 +27,17 @@ from .backends import Output, needs_grad, resolve_backend
 from .cache import state_layer
 from .feature_maps import FEATURE_MAPS, feature_dim, hedgehog, initial_hedgehog_weight
 from .short_conv import causal_conv, identity_kernel
-from .window import combine_normalised, lagged_queries, rotary_tables, rotate, window_softmax
+from .window import (
+    combine_normalised,
+    history_or_zeros,
+    lagged_queries,
+    lagged_sequence,
+    last_window,
+    rotary_tables,
+    rotate,
+    window_softmax,
+    with_history,
+)
 
 # Per-step log-decay floor: keeps the chunked kernels in their stable range; a retention of
 # exp(-8) ≈ 3e-4 per token already means "forget everything", so nothing useful is lost.
@@ -327,13 +337,10 @@ class LinearAttentionStudent(nn.Module):
             raise RuntimeError(f"a state updated in place advances one token per call; got {hidden_states.shape[1]}")
         batch, length, _ = hidden_states.shape
         if self.window:
-            window_parts, linear = self._window_halves(hidden_states, attention_mask, layer, position_embeddings)
-            if self.normalised_readout:
-                out = combine_normalised(window_parts, linear, self.window_offset).to(linear.dtype)
-            else:
-                numerator, denominator, _ = window_parts
-                windowed = numerator / (denominator + 1e-6)
-                out = (windowed + self._normalised(linear).float()).to(linear.dtype)
+            fused = self._fused_window(hidden_states)
+            window_inputs, linear = self._window_halves(hidden_states, attention_mask, layer, position_embeddings,
+                                                        fused)
+            out = self._window_readout(window_inputs, linear, fused)
         else:
             valid = key_padding_mask(attention_mask, length)
             q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
@@ -345,6 +352,29 @@ class LinearAttentionStudent(nn.Module):
         if self.o_proj is not None:
             out = self.o_proj(out)
         return out, None
+
+    def _fused_window(self, x: torch.Tensor) -> bool:
+        """Whether a sliding-window student's own steps (lagged queries, window attention and readout) run
+        as fused kernels on this call: as ``_fused``, for causal students whose window the kernels serve."""
+        return self.causal and self._fused(x) and kernels.window_kernels_fit(self.window)
+
+    def _window_readout(self, window_inputs, linear: torch.Tensor, fused: bool) -> torch.Tensor:
+        """A sliding-window student's output [B, T, H, D] from ``_window_halves``' window inputs and lagged
+        scan: the softmax-like readout over both halves, or the window's softmax plus the scan's RMS readout."""
+        q, keys, values, valid = window_inputs  # (history, new) pairs but q
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if fused:
+            if self.normalised_readout:
+                return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
+                                                     offset=self.window_offset)
+            return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
+                                                 norm_weight=self.out_norm_weight)
+        keys, values, valid = (with_history(history, new, self.window) for history, new in (keys, values, valid))
+        parts = window_softmax(q.float() * scale, keys, values, valid, self.window, self.causal)
+        if self.normalised_readout:
+            return combine_normalised(parts, linear, self.window_offset).to(linear.dtype)
+        numerator, denominator, _ = parts
+        return (numerator / (denominator + 1e-6) + self._normalised(linear).float()).to(linear.dtype)
 
     def _readout(self, out: torch.Tensor, fused: bool) -> torch.Tensor:
         """A scan's output [B, T, H, V] → [B, T, H * D]: the softmax-like or the RMS-normalised readout."""
@@ -406,9 +436,9 @@ class LinearAttentionStudent(nn.Module):
             layer.advance(state, q.shape[1])
         return out
 
-    def _window_queries_keys(self, projections, position_embeddings, layer):
+    def _window_queries_keys(self, projections, position_embeddings, layer, fused: bool = False):
         """The window's queries and keys [B, T, H, D]: the raw ``projections``, rotated like the
-        teacher's when ``rope`` (positions continue a cache's count)."""
+        teacher's when ``rope`` (positions continue a cache's count; ``fused``: by ``kernels.rotary_triton``)."""
         batch, length, _ = projections[0].shape
         shape = (batch, length, self.num_heads, self.head_dim)
         q, k = projections[0].view(shape), projections[1].view(shape)
@@ -418,50 +448,51 @@ class LinearAttentionStudent(nn.Module):
             start = 0 if layer is None else layer.seen_tokens
             position_embeddings = rotary_tables(self.rotary_inv_freq, start, length, self.rope_scaling, q.dtype)
         cos, sin = position_embeddings
+        if fused:
+            return kernels.rotary_triton(q, cos, sin), kernels.rotary_triton(k, cos, sin)
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
-    def _window_halves(self, hidden_states, attention_mask, layer, position_embeddings):
-        """A sliding-window student's two halves before their readout: ``window.window_softmax``'s parts
-        and the lagged scan's output [B, T, H, V(+1)] (both directions summed when bidirectional).
+    def _window_halves(self, hidden_states, attention_mask, layer, position_embeddings, fused: bool = False):
+        """A sliding-window student's two halves before their readout: the window's inputs and the lagged
+        scan's output [B, T, H, V(+1)] (both directions summed when bidirectional); ``fused``: the lagged
+        queries by ``kernels.lagged_queries_triton``.
 
-        The W tokens before this call (a cache's history, or none yet: zeros) come first in the combined
-        sequence; a cache keeps the combined sequence's last W tokens for the next call.
+        The window's inputs are its queries [B, T, H, D] and, as (history, new tokens) pairs, its keys and
+        values ([B, W, H, D], [B, T, H, D]) and their validity ([B, W], [B, T]). The history is the W tokens
+        before this call that the scan's state does not hold yet: a cache's, or None at the start of a
+        sequence (zeros: no keys). History then new tokens form the "combined" sequence (``window.py``); a
+        cache keeps its last W tokens for the next call.
         """
         length = hidden_states.shape[1]
         window = self.window
         projections = self._projections(hidden_states)
         valid = key_padding_mask(attention_mask, length)
         q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer)
-        q_window, k_window = self._window_queries_keys(projections, position_embeddings, layer)
+        q_window, k_window = self._window_queries_keys(projections, position_embeddings, layer, fused)
         valid = torch.ones_like(k[..., 0, 0]) if valid is None else valid.to(k.dtype)
         v_window = projections[2].view(q_window.shape)
         new = dict(window_k=k_window, window_v=v_window, window_valid=valid, scan_k=k, scan_v=v,
                    **{f"scan_gate{i}": gate for i, gate in enumerate(gates)})
-        stored = {} if layer is None else layer.histories
-
-        def combined(name):
-            tensor = new[name]
-            history = stored.get(name)
-            if history is None:
-                history = tensor.new_zeros(tensor.shape[0], window, *tensor.shape[2:])
-            return torch.cat([history, tensor], dim=1)
-
-        sequences = {name: combined(name) for name in new}
+        histories = {name: None if layer is None else layer.histories.get(name) for name in new}
+        if fused:
+            lagged_q = kernels.lagged_queries_triton(q, gates[0], histories["scan_gate0"], window)
+        else:
+            lagged_q = lagged_queries(q, gates[0], history_or_zeros(histories["scan_gate0"], gates[0], window), window)
+        late = {name: lagged_sequence(histories[name], new[name], window)
+                for name in new if name.startswith("scan_")}
+        pairs = {name: (histories[name], new[name]) for name in ("window_k", "window_v", "window_valid")}
         if layer is not None:
-            for name, sequence in sequences.items():
-                layer.keep(name, sequence[:, -window:].clone())  # not a view: the rest may be long
-        scan_gates = tuple(sequences[f"scan_gate{i}"] for i in range(len(gates)))
-        lagged_q = lagged_queries(q, gates[0], scan_gates[0][:, :window], window)
-        linear = self._causal_scan(lagged_q, sequences["scan_k"][:, :length], sequences["scan_v"][:, :length],
-                                   tuple(gate[:, :length] for gate in scan_gates), layer)
+            if layer.in_place:  # keeping overwrites the history buffers, which the window still reads
+                pairs = {name: (None if history is None else history.clone(), tensor)
+                         for name, (history, tensor) in pairs.items()}
+            for name, tensor in new.items():
+                layer.keep(name, last_window(histories[name], tensor, window))
+        linear = self._causal_scan(lagged_q, late["scan_k"], late["scan_v"],
+                                   tuple(late[f"scan_gate{i}"] for i in range(len(gates))), layer)
         if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
             flipped = [x.flip(1) for x in (q, k, v, *gates)]
-            backward_q = lagged_queries(flipped[0], flipped[3], torch.zeros_like(flipped[3][:, :window]), window)
-            backward_inputs = [torch.cat([x.new_zeros(x.shape[0], window, *x.shape[2:]), x], 1)[:, :length]
-                               for x in flipped[1:]]
+            backward_q = lagged_queries(flipped[0], flipped[3], history_or_zeros(None, flipped[3], window), window)
+            backward_inputs = [lagged_sequence(None, x, window) for x in flipped[1:]]
             linear = linear + self._scan(backward_q, backward_inputs[0], backward_inputs[1],
                                          tuple(backward_inputs[2:]))[0].flip(1)
-        scale = 1.0 / math.sqrt(self.head_dim)
-        parts = window_softmax(q_window.float() * scale, sequences["window_k"], sequences["window_v"],
-                               sequences["window_valid"], window, self.causal)
-        return parts, linear
+        return (q_window, pairs["window_k"], pairs["window_v"], pairs["window_valid"]), linear

@@ -167,6 +167,99 @@ def rms_readout_triton(scan: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return out
 
 
+def window_kernels_fit(window: int) -> bool:
+    """Whether the sliding-window kernels serve this window: a power of two >= 16 (their tiles are W tokens)."""
+    return triton is not None and window >= 16 and window & (window - 1) == 0
+
+
+def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``window.rotate`` (rotary embedding, halves rotated as Llama does) in one kernel.
+
+    Args:
+        x: [B, T, H, D], each token's H*D values contiguous. cos, sin: [B or 1, T, D].
+
+    Returns [B, T, H, D] in x's dtype (computed in fp32).
+    """
+    batch, length, heads, dim = x.shape
+    rows = x.reshape(batch * length, heads * dim)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(batch, length, heads, dim, dtype=x.dtype, device=x.device)
+    _rotary_kernel[(triton.cdiv(batch * length, _FEATURE_ROWS), heads)](
+        rows, cos, sin, out, batch * length, rows.stride(0), length, H=heads, D=dim, BLOCK_T=_FEATURE_ROWS,
+        PER_SEQUENCE=cos.shape[0] > 1,
+    )
+    return out
+
+
+def lagged_queries_triton(q: torch.Tensor, log_decay: torch.Tensor, history_log_decay: torch.Tensor | None,
+                          window: int) -> torch.Tensor:
+    """``window.lagged_queries`` in one kernel: new token i's query scaled by the decay of combined tokens
+    i+1 .. i+W (the combined sequence is the W history tokens, then the new ones).
+
+    Args:
+        q: [B, T, H, K]. log_decay: the new tokens' [B, T, H, K] (GLA) or [B, T, H] (Gated DeltaNet).
+        history_log_decay: the W history tokens' (same layout), or None (the start of a sequence: zeros).
+        window: W, a power of two >= 16 (``window_kernels_fit``).
+
+    Returns [B, T, H, K] in q's dtype.
+
+    Tokens are taken W at a time: the W gates before new token nW + a end a tokens into combined block
+    n + 1, so their sum is (block n's total - its running sum at a) + block n+1's running sum at a, two
+    sums of aligned rows of one program's tiles.
+    """
+    batch, length, heads, key_dim = q.shape
+    q, log_decay = q.contiguous(), log_decay.contiguous()
+    history = log_decay if history_log_decay is None else history_log_decay.contiguous()  # unread without one
+    out = torch.empty_like(q)
+    block_k = min(64, triton.next_power_of_2(key_dim))
+    per_channel = log_decay.dim() == 4
+    _lagged_queries_kernel[(triton.cdiv(length, window), batch * heads, triton.cdiv(key_dim, block_k))](
+        q, log_decay, history, out, length, H=heads, K=key_dim, W=window, BLOCK_K=block_k, PER_CHANNEL=per_channel,
+        DECAY_WIDTH=key_dim if per_channel else 1, HAS_HISTORY=history_log_decay is not None,
+    )
+    return out
+
+
+def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Tensor, window: int, scale: float,
+                          offset: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """A causal sliding-window student's output in one kernel: softmax attention of each new token over the
+    last W combined keys (``window.window_softmax``), joined with the lagged scan's output ``linear`` by the
+    softmax-like readout (``window.combine_normalised``, given ``offset``) or added to its RMS-normalised
+    readout (given ``norm_weight``).
+
+    Args:
+        q: [B, T, H, D] the window's (rotated, unscaled) queries.
+        keys, values: (history [B, W, H, D] or None, new [B, T, H, D]); valid: (history [B, W] or None, new
+            [B, T]), nonzero for real tokens. A missing history is the start of a sequence: no keys there.
+        linear: [B, T, H, D + 1] (normalised) or [B, T, H, D].
+        window: W (``window_kernels_fit``). scale: multiplies the scores. offset: [H]. norm_weight: [H, D].
+
+    Returns [B, T, H, D] in linear's dtype.
+    """
+    batch, length, heads, dim = q.shape
+    (history_keys, new_keys), (history_values, new_values), (history_valid, new_valid) = keys, values, valid
+    has_history = history_keys is not None
+    q, new_keys, new_values, linear = (x.contiguous() for x in (q, new_keys, new_values, linear))
+    new_valid = new_valid.to(torch.float32).contiguous()
+    if has_history:
+        history_keys, history_values = history_keys.contiguous(), history_values.contiguous()
+        history_valid = history_valid.to(torch.float32).contiguous()
+    else:  # never read
+        history_keys, history_values, history_valid = new_keys, new_values, new_valid
+    normalised = offset is not None
+    weights = (offset if normalised else norm_weight).float().contiguous()
+    out = torch.empty(batch, length, heads, dim, dtype=linear.dtype, device=q.device)
+    block = min(window, 64)
+    _window_readout_kernel[(triton.cdiv(length, block), batch * heads)](
+        q, history_keys, new_keys, history_values, new_values, history_valid, new_valid, linear, weights, out,
+        length, scale, H=heads, D=dim, W=window, LINEAR_WIDTH=linear.shape[-1], BLOCK=block,
+        HAS_HISTORY=has_history, NORMALISED=normalised, IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -320,3 +413,127 @@ if triton is not None:
         w = tl.load(weight + (rows % H)[:, None] * D + dims[None, :], mask=ok[:, None], other=0).to(tl.float32)
         tl.store(out + rows[:, None] * D + dims[None, :], (x * scale[:, None] * w).to(out.dtype.element_ty),
                  mask=ok[:, None])
+
+    @triton.jit
+    def _rotary_kernel(x, cos, sin, out, n_rows, x_row_stride, T, H: tl.constexpr, D: tl.constexpr,
+                       BLOCK_T: tl.constexpr, PER_SEQUENCE: tl.constexpr):
+        # BLOCK_T tokens of one head: out = x * cos + [-x_hi, x_lo] * sin, the halves loaded apart.
+        i_t, i_h = tl.program_id(0), tl.program_id(1)
+        rows = (i_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        half = tl.arange(0, D // 2)
+        row_ok = (rows < n_rows)[:, None]
+        table_rows = rows if PER_SEQUENCE else rows % T  # cos/sin of one sequence serve the whole batch
+        p_x = x + rows[:, None] * x_row_stride + i_h * D + half[None, :]
+        x_lo = tl.load(p_x, mask=row_ok, other=0).to(tl.float32)
+        x_hi = tl.load(p_x + D // 2, mask=row_ok, other=0).to(tl.float32)
+        p_table = table_rows[:, None] * D + half[None, :]
+        cos_lo = tl.load(cos + p_table, mask=row_ok, other=0).to(tl.float32)
+        cos_hi = tl.load(cos + p_table + D // 2, mask=row_ok, other=0).to(tl.float32)
+        sin_lo = tl.load(sin + p_table, mask=row_ok, other=0).to(tl.float32)
+        sin_hi = tl.load(sin + p_table + D // 2, mask=row_ok, other=0).to(tl.float32)
+        p_out = out + rows[:, None] * (H * D) + i_h * D + half[None, :]
+        tl.store(p_out, (x_lo * cos_lo - x_hi * sin_lo).to(out.dtype.element_ty), mask=row_ok)
+        tl.store(p_out + D // 2, (x_hi * cos_hi + x_lo * sin_hi).to(out.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _lagged_queries_kernel(q, decay, history, out, T, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
+                               BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, DECAY_WIDTH: tl.constexpr,
+                               HAS_HISTORY: tl.constexpr):
+        # New tokens nW .. nW+W-1 of one (sequence, head), BLOCK_K key channels. Combined block 0 is the
+        # history, block m >= 1 the new tokens (m-1)W .. mW-1. A decay row is DECAY_WIDTH wide: K (one per
+        # channel) or 1 (one per head: a [W, 1] tile that broadcasts over the channels).
+        i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        i_b, i_h = i_bh // H, i_bh % H
+        rows = tl.arange(0, W)
+        channels = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        channel_ok = channels < K
+        if PER_CHANNEL:
+            columns = channels[None, :]
+            column_ok = channel_ok[None, :]
+        else:
+            columns = tl.zeros([1, 1], tl.int32)
+            column_ok = tl.full([1, 1], 1, tl.int1)
+        previous = (i_n - 1) * W + rows  # block n as new tokens (when n >= 1)
+        this_block = tl.load(decay + ((i_b * T + previous[:, None]) * H + i_h) * DECAY_WIDTH + columns,
+                             mask=column_ok & (previous[:, None] >= 0) & (previous[:, None] < T), other=0)
+        if HAS_HISTORY:
+            from_history = tl.load(history + ((i_b * W + rows[:, None]) * H + i_h) * DECAY_WIDTH + columns,
+                                   mask=column_ok & (i_n == 0), other=0)
+            this_block = tl.where(i_n == 0, from_history, this_block)
+        this_block = this_block.to(tl.float32)
+        tokens = i_n * W + rows  # block n + 1: this program's own new tokens
+        next_block = tl.load(decay + ((i_b * T + tokens[:, None]) * H + i_h) * DECAY_WIDTH + columns,
+                             mask=column_ok & (tokens[:, None] < T), other=0).to(tl.float32)
+        lag = tl.sum(this_block, axis=0)[None, :] - tl.cumsum(this_block, axis=0) + tl.cumsum(next_block, axis=0)
+        token_ok = (tokens < T)[:, None] & channel_ok[None, :]
+        p_q = ((i_b * T + tokens[:, None]) * H + i_h) * K + channels[None, :]
+        b_q = tl.load(q + p_q, mask=token_ok, other=0).to(tl.float32)
+        tl.store(out + p_q, (b_q * tl.exp(lag)).to(out.dtype.element_ty), mask=token_ok)
+
+    @triton.jit
+    def _window_readout_kernel(q, history_keys, keys, history_values, values, history_valid, valid, linear, weights,
+                               out, T, scale, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                               LINEAR_WIDTH: tl.constexpr, BLOCK: tl.constexpr, HAS_HISTORY: tl.constexpr,
+                               NORMALISED: tl.constexpr, IEEE: tl.constexpr):
+        # BLOCK new tokens of one (sequence, head). New token t sits at combined index t + W (the history's W
+        # tokens come first) and sees combined keys t+1 .. t+W; an online softmax runs over the key blocks
+        # the BLOCK queries reach.
+        i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        tokens = i_t * BLOCK + tl.arange(0, BLOCK)
+        dims = tl.arange(0, D)
+        token_ok = tokens < T
+        b_q = tl.load(q + ((i_b * T + tokens[:, None]) * H + i_h) * D + dims[None, :], mask=token_ok[:, None], other=0)
+        row_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        denominator = tl.zeros([BLOCK], tl.float32)
+        numerator = tl.zeros([BLOCK, D], tl.float32)
+        for start in range(0, BLOCK + W - 1, BLOCK):
+            combined = i_t * BLOCK + 1 + start + tl.arange(0, BLOCK)
+            new = combined - W
+            is_new = (new >= 0) & (new < T)
+            p_new = ((i_b * T + new[:, None]) * H + i_h) * D + dims[None, :]
+            b_k = tl.load(keys + p_new, mask=is_new[:, None], other=0)
+            b_v = tl.load(values + p_new, mask=is_new[:, None], other=0)
+            real = tl.load(valid + i_b * T + new, mask=is_new, other=0) != 0
+            if HAS_HISTORY:
+                is_old = combined < W
+                p_old = ((i_b * W + combined[:, None]) * H + i_h) * D + dims[None, :]
+                # Selected, not added: a sum could come out in another dtype than the dot product takes.
+                b_k = tl.where(is_old[:, None], tl.load(history_keys + p_old, mask=is_old[:, None], other=0), b_k)
+                b_v = tl.where(is_old[:, None], tl.load(history_values + p_old, mask=is_old[:, None], other=0), b_v)
+                real = real | (tl.load(history_valid + i_b * W + combined, mask=is_old, other=0) != 0)
+            if IEEE:
+                scores = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(b_q, tl.trans(b_k)) * scale
+            reach = combined[None, :] - tokens[:, None]  # 1 .. W inside the window
+            allowed = (reach >= 1) & (reach <= W) & real[None, :]
+            scores = tl.where(allowed, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp(tl.where(row_max == float("-inf"), float("-inf"), row_max - safe_max))
+            probabilities = tl.exp(scores - safe_max[:, None])  # 0 where not allowed
+            denominator = denominator * rescale + tl.sum(probabilities, axis=1)
+            if IEEE:
+                update = tl.dot(probabilities, b_v.to(tl.float32), input_precision="ieee")
+            else:
+                update = tl.dot(probabilities.to(b_v.dtype), b_v)
+            numerator = numerator * rescale[:, None] + update
+            row_max = new_max
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # a query without keys: as window_softmax
+        p_linear = linear + ((i_b * T + tokens[:, None]) * H + i_h) * LINEAR_WIDTH + dims[None, :]
+        b_linear = tl.load(p_linear, mask=token_ok[:, None], other=0).to(tl.float32)
+        if NORMALISED:
+            linear_mass = tl.load(linear + ((i_b * T + tokens) * H + i_h) * LINEAR_WIDTH + D, mask=token_ok,
+                                  other=0).to(tl.float32)
+            log_ratio = row_max - tl.load(weights + i_h)
+            window_scale = tl.exp(tl.minimum(log_ratio, 0.0))
+            linear_scale = tl.exp(tl.minimum(-log_ratio, 0.0))
+            result = (window_scale[:, None] * numerator + linear_scale[:, None] * b_linear) / (
+                window_scale * denominator + linear_scale * linear_mass + 1e-6)[:, None]
+        else:
+            norm = tl.rsqrt(tl.sum(b_linear * b_linear, axis=1) / D + 1e-6)
+            b_weight = tl.load(weights + i_h * D + dims).to(tl.float32)
+            result = numerator / (denominator + 1e-6)[:, None] + b_linear * norm[:, None] * b_weight[None, :]
+        tl.store(out + ((i_b * T + tokens[:, None]) * H + i_h) * D + dims[None, :], result.to(out.dtype.element_ty),
+                 mask=token_ok[:, None])

@@ -37,6 +37,32 @@ def rotary_tables(inv_freq: torch.Tensor, start: int, length: int, scaling: floa
     return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
 
 
+def history_or_zeros(history: torch.Tensor | None, new: torch.Tensor, window: int) -> torch.Tensor:
+    """The W history tokens before ``new`` [B, T, ...]; zeros (no key, no decay) at the start of a sequence."""
+    return new.new_zeros(new.shape[0], window, *new.shape[2:]) if history is None else history
+
+
+def with_history(history: torch.Tensor | None, new: torch.Tensor, window: int) -> torch.Tensor:
+    """The combined sequence [B, W + T, ...]: the history (``history_or_zeros``), then the new tokens."""
+    return torch.cat([history_or_zeros(history, new, window), new], dim=1)
+
+
+def lagged_sequence(history: torch.Tensor | None, new: torch.Tensor, window: int) -> torch.Tensor:
+    """The combined sequence's first T tokens, a contiguous copy: what a scan running W tokens late reads."""
+    length = new.shape[1]
+    history = history_or_zeros(history, new, window)
+    if length <= window:
+        return history[:, :length].clone(memory_format=torch.contiguous_format)
+    return torch.cat([history, new[:, :length - window]], dim=1)
+
+
+def last_window(history: torch.Tensor | None, new: torch.Tensor, window: int) -> torch.Tensor:
+    """The combined sequence's last W tokens, a copy: the history a cache keeps for the next call."""
+    if new.shape[1] >= window:
+        return new[:, -window:].clone()
+    return with_history(history, new, window)[:, -window:].clone()
+
+
 def lagged_queries(q: torch.Tensor, log_decay: torch.Tensor, history_log_decay: torch.Tensor,
                    window: int) -> torch.Tensor:
     """Queries that make a scan read the state ``window`` tokens late.

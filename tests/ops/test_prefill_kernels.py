@@ -22,6 +22,9 @@ STUDENT_OPTIONS = [
     dict(kind="gla", window=3, short_conv=4),
     dict(kind="gated_deltanet", window=3, short_conv=4),
     dict(kind="gla", feature_map="identity"),
+    # Windows the window kernels serve (a power of two >= 16), with rotary positions and convolutions.
+    dict(kind="gla", window=16, rope=True),
+    dict(kind="gated_deltanet", window=16, short_conv=4),
 ]
 
 
@@ -34,6 +37,8 @@ def perturbed_student(options: dict, hidden_size=48, num_heads=3, head_dim=16, s
     with torch.no_grad():
         for parameter in student.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
+        if student.window and student.rope:  # the teacher's rotary frequencies (zeros until a teacher sets them)
+            student.rotary_inv_freq.copy_(10000.0 ** -(torch.arange(0, head_dim, 2) / head_dim))
     return student.eval()
 
 
@@ -41,7 +46,9 @@ INTERPRETED = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from dtr_core.linear import kernels
+    from transformers import DynamicCache
     from dtr_core.linear.feature_maps import hedgehog
+    from dtr_core.linear.window import combine_normalised, lagged_queries, rotary_tables, rotate, window_softmax
     from ops.test_prefill_kernels import STUDENT_OPTIONS, perturbed_student
 
     def worst(a, b):
@@ -55,6 +62,10 @@ INTERPRETED = textwrap.dedent("""
     masked = F.normalize(expected, dim=-1) * valid[:, :, None, None]
     assert worst(kernels.hedgehog_triton(x, weight, valid, l2_normalise=True), masked) <= 1e-6
 
+    cos, sin = torch.randn(2, 70, 16), torch.randn(2, 70, 16)
+    assert worst(kernels.rotary_triton(x, cos, sin), rotate(x, cos, sin)) <= 1e-6
+    assert worst(kernels.rotary_triton(x, cos[:1], sin[:1]), rotate(x, cos[:1], sin[:1])) <= 1e-6
+
     logits = torch.randn(3, 50, 7) * 6
     assert worst(kernels.log_decay_triton(logits, -8.0), F.logsigmoid(logits).clamp_min(-8.0)) <= 1e-6
 
@@ -65,6 +76,28 @@ INTERPRETED = textwrap.dedent("""
     out_weight = torch.rand(3, 16)
     rms = scan[..., :16] * torch.rsqrt(scan[..., :16].pow(2).mean(-1, keepdim=True) + 1e-6) * out_weight
     assert worst(kernels.rms_readout_triton(scan[..., :16], out_weight), rms.reshape(2, 37, 48)) <= 1e-5
+
+    q = torch.randn(2, 37, 3, 16)
+    for decay in (-torch.rand(2, 16 + 37, 3, 16), -torch.rand(2, 16 + 37, 3)):  # per channel (GLA), per head
+        history, new = decay[:, :16], decay[:, 16:]
+        assert worst(kernels.lagged_queries_triton(q, new, history, 16), lagged_queries(q, new, history, 16)) <= 1e-5
+        assert worst(kernels.lagged_queries_triton(q, new, None, 16),
+                     lagged_queries(q, new, torch.zeros_like(history), 16)) <= 1e-5
+
+    keys, values = torch.randn(2, 16 + 37, 3, 16), torch.randn(2, 16 + 37, 3, 16)
+    key_valid = (torch.rand(2, 16 + 37) > 0.2).float()
+    key_valid[0, :30] = 0  # queries whose whole window is padding
+    linear, offset, norm_weight = torch.rand(2, 37, 3, 17), torch.randn(3), torch.rand(3, 16)
+    rms = linear[..., :16] * torch.rsqrt(linear[..., :16].pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight
+    for has_history in (True, False):
+        if not has_history:  # the start of a sequence: no keys before the new tokens
+            keys[:, :16], values[:, :16], key_valid[:, :16] = 0, 0, 0
+        pairs = [(x[:, :16] if has_history else None, x[:, 16:]) for x in (keys, values, key_valid)]
+        parts = window_softmax(q * 0.25, keys, values, key_valid, 16, True)
+        got = kernels.window_readout_triton(q, *pairs, linear, 16, 0.25, offset=offset)
+        assert worst(got, combine_normalised(parts, linear, offset)) <= 1e-5
+        got = kernels.window_readout_triton(q, *pairs, linear[..., :16], 16, 0.25, norm_weight=norm_weight)
+        assert worst(got, parts[0] / (parts[1] + 1e-6) + rms) <= 1e-5
 
     hidden = torch.randn(2, 41, 48)
     mask = torch.ones(2, 41)
@@ -78,6 +111,34 @@ INTERPRETED = textwrap.dedent("""
                 results[mode] = student(hidden, attention_mask=mask)[0]
         error = worst(results["triton"], results["torch"])
         assert error <= 2e-5, (options, error)
+
+    # Cached calls of any size (a prompt, single steps, a longer piece) continue like one forward.
+    for options in STUDENT_OPTIONS[-2:]:
+        student = perturbed_student(options)
+        student.layer_idx, student.prefill_kernels = 0, "triton"
+        with torch.no_grad():
+            whole = student(hidden, attention_mask=mask)[0]
+            cache, pieces, start = DynamicCache(), [], 0
+            for size in (20, 1, 1, 19):
+                pieces.append(student(hidden[:, start:start + size], attention_mask=mask[:, :start + size],
+                                      cache=cache)[0])
+                start += size
+        real = mask.bool()
+        error = worst(torch.cat(pieces, dim=1)[real], whole[real])
+        assert error <= 2e-5, (options, error)
+
+        # Static decoding's steps (states and histories overwritten in place) continue the same way.
+        with torch.no_grad():
+            cache = DynamicCache()
+            student(hidden[:, :38], attention_mask=mask[:, :38], cache=cache)
+            cache.layers[0].begin_static()
+            steps = []
+            for t in range(38, 41):  # in static mode positions come from the caller (the cache's count stays)
+                rope = rotary_tables(student.rotary_inv_freq, t, 1, 1.0, hidden.dtype) if student.rope else None
+                steps.append(student(hidden[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache,
+                                     position_embeddings=rope)[0])
+        error = worst(torch.cat(steps, dim=1), whole[:, 38:])
+        assert error <= 2e-5, (options, "static", error)
     print("prefill kernels ok")
 """)
 
@@ -104,7 +165,7 @@ def test_prefill_kernels_are_chosen_for_inference_on_cuda_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("options", STUDENT_OPTIONS[:6], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", [o for o in STUDENT_OPTIONS if o.get("feature_map") != "identity"], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_prefill_kernels_on_cuda_match_pytorch_in_bf16(options):
     """bf16 on CUDA, both paths against the fp32 PyTorch result: the fused path must be no further from it
     than the unfused bf16 path (1.5x, or 1e-2)."""
