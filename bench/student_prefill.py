@@ -5,7 +5,9 @@ forward without a cache (inference). Per row: the teacher's attention module und
 eager (as a hybrid's prefill runs it: fused feature map, log-decays and readout, ``kernels.py``), the same
 student on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran before issue 15), the student replayed as a CUDA graph (its GPU time alone: eager
 minus graph is what the host adds), the student's scan operator alone on its prepared inputs, and the
-host time of one eager student call (Python and launches, before the GPU finishes). ``--profile`` adds
+host time of one eager student call (Python and launches, before the GPU finishes), and how many calls in
+it made the host wait for the GPU (torch's sync debug mode; a wait stops the host from running ahead of the
+GPU in a whole model, so its time adds to the GPU's). ``--profile`` adds
 each row's kernels by GPU time (torch.profiler), to see which of the student's parts to fuse.
 
     python -m bench.student_prefill --out $OUT/student_prefill.md     # on the GPU
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -86,6 +89,21 @@ def graph_ms(fn, repeats: int, device) -> float | None:
     return median_ms(graph.replay, repeats, device, warmup=2)
 
 
+def host_waits(fn, device) -> int | None:
+    """How many times one call of ``fn`` made the host wait for the GPU, by torch's sync debug mode (None off
+    CUDA). It sees waits torch causes (``.item()``, copies to the host, ...), not those inside other libraries."""
+    if not is_cuda(device):
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
 def scan_inputs(student, hidden):
     """The student's scan inputs (q, k, v, gates) for ``hidden``, as its forward prepares them."""
     return student._scan_inputs(hidden, student._projections(hidden), None, None)
@@ -132,6 +150,7 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             student.prefill_kernels = "auto"
             row["ms"][f"{kind} graph"] = graph_ms(student_call, repeats, device)
             row["ms"][f"{kind} host"] = host_ms(student_call, repeats, device)
+            row[f"{kind} host waits"] = host_waits(student_call, device)
             row["ms"][f"{kind} scan"] = median_ms(lambda: student._scan(q, k, v, gates), repeats, device)
             row["backend"] = student.last_backend
             if profile_top:
@@ -142,7 +161,8 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
 def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
     headers = ["batch", "tokens", "attention ms", "attention graph ms"]
     for kind in kinds:
-        headers += [f"{kind} ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms", f"{kind} scan ms", f"{kind} / attention"]
+        headers += [f"{kind} ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms", f"{kind} host waits",
+                    f"{kind} scan ms", f"{kind} / attention"]
     table = []
     for row in rows:
         ms = row["ms"]
@@ -151,7 +171,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
         for kind in kinds:
             ratio = ms[kind] / ms["attention"] if isinstance(ms.get(kind), float) else None
             line += [cell(ms.get(kind), ".3f"), cell(ms.get(f"{kind} unfused"), ".3f"), cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
-                     cell(ms.get(f"{kind} scan"), ".3f"), cell(ratio, ".2f")]
+                     cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"), cell(ratio, ".2f")]
         table.append(line)
     lines = [
         "## One student layer's prefill against the attention it replaces",
