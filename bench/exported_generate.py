@@ -3,7 +3,9 @@ left-padded prompts of mixed lengths, end to end, beside generate_static on the 
 
 Models: Llama-3.2-1B- and Qwen2.5-1.5B-shaped causal LMs (bench/common.py: random weights, bf16 on CUDA)
 with k = 0, L/4, L/2 and 3L/4 of their layers linear (random-init students, spread evenly as in
-bench/hybrid_inference.py). Each hybrid is exported (``dtr_core.export.export_hybrid``) and loaded back
+bench/hybrid_inference.py); or a model with its real weights (``--model smollm2-135m`` or a local folder) and
+the layer set a DtR search found (``--linear-layers``: benchmark 5's "found hybrid"; its students start from
+the teacher's projections, and their values do not change the speed). Each hybrid is exported (``dtr_core.export.export_hybrid``) and loaded back
 with ``trust_remote_code``, as a user would load it; then, on the same prompts:
 
 * generate: ``model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
@@ -62,7 +64,7 @@ from .common import (
     tokens_label,
     write_results,
 )
-from .hybrid_setup import Setup, build_setup, hybrid, linear_layer_counts
+from .hybrid_setup import LINEAR_LAYERS_HELP, MODEL_HELP, Setup, build_setup, hybrid, linear_layer_counts
 
 PAD = 0
 TARGET_RATIO = 0.8  # issue 15: exported generate() >= 0.8x generate_static's tokens/s
@@ -202,7 +204,8 @@ def document(sections: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="both", choices=[*sorted(ARCHITECTURES), "both"])
+    parser.add_argument("--model", default="both", help=MODEL_HELP)
+    parser.add_argument("--linear-layers", type=int, nargs="+", help=LINEAR_LAYERS_HELP)
     parser.add_argument("--linear-counts", type=int, nargs="+", help="default 0, L/4, L/2, 3L/4")
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
     parser.add_argument("--batch", type=int, help="prompts per call (default 64; smoke 4)")
@@ -243,15 +246,18 @@ def main(argv: list[str] | None = None) -> None:
         if time.perf_counter() > deadline:
             break
         setup = build_setup(name, StudentSpec(kind=args.student), device, dtype, args.smoke, args.new_tokens,
-                            args.batch)
+                            args.batch, chosen=args.linear_layers)
         counts = args.linear_counts or [k for k in linear_layer_counts(setup.num_layers) if k < setup.num_layers]
+        if setup.chosen:
+            counts = sorted({*counts, len(setup.chosen)})
         config = setup.model.config
         sections[name] = ({
             "model": name, "command": command, "environment": environment(device), "num_layers": setup.num_layers,
             "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, vocab {config.vocab_size}",
             "prompts": (f"{args.batch} prompts of {tokens_label(args.lengths[0])}-{tokens_label(args.lengths[1])} "
                         f"tokens (evenly spread, left-padded), {args.new_tokens} new tokens each, greedy"),
-            "student": f"{args.student}, random init from the teacher's projections",
+            "student": f"{args.student}, random init from the teacher's projections (speed does not depend on "
+                       "their values)",
             "dtype": str(dtype).removeprefix("torch."),
             "linear_layers": {k: setup.linear_layers(k) for k in counts},
         }, [])

@@ -62,7 +62,7 @@ from .common import (
     release_memory,
     write_results,
 )
-from .hybrid_setup import CACHE_DESCRIPTIONS, CACHE_KINDS, build_setup
+from .hybrid_setup import CACHE_DESCRIPTIONS, CACHE_KINDS, LINEAR_LAYERS_HELP, MODEL_HELP, build_setup
 from .hybrid_tables import document, progress_line, render_saved, results
 from .hybrid_timing import compare_all, run_model
 
@@ -74,15 +74,11 @@ SMOKE_DECODE_CONTEXTS = (16, 32)
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="both",
-                        help=f"{', '.join(sorted(ARCHITECTURES))} (random weights), both, or a model dtr_core "
-                             "loads with its real weights: smollm2-135m or a local Hugging Face folder")
+    parser.add_argument("--model", default="both", help=MODEL_HELP)
     parser.add_argument("--linear-counts", type=int, nargs="+",
                         help="numbers of linear layers to measure, e.g. the k of a hybrid DtR found "
                              "(default 0, L/4, L/2, 3L/4, L)")
-    parser.add_argument("--linear-layers", type=int, nargs="+",
-                        help="one given set of linear layers (e.g. the M_opt a DtR search found), measured "
-                             "besides the evenly spread ones as k = its size")
+    parser.add_argument("--linear-layers", type=int, nargs="+", help=LINEAR_LAYERS_HELP)
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
     parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
     parser.add_argument("--lengths", type=int, nargs="*",

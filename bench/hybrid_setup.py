@@ -70,6 +70,12 @@ class Setup:
         return self.adapter.num_layers
 
 
+MODEL_HELP = (f"{', '.join(sorted(ARCHITECTURES))} (random weights), both, or a model dtr_core loads with its real "
+              "weights: smollm2-135m or a local Hugging Face folder")
+LINEAR_LAYERS_HELP = ("one given set of linear layers (e.g. the M_opt a DtR search found), measured besides the "
+                      "evenly spread ones as k = its size")
+
+
 def load_model(name: str, device, dtype, attention: str, smoke: bool) -> nn.Module:
     """A random-weight architecture of ARCHITECTURES, or a teacher dtr_core can load (a built-in name such
     as smollm2-135m, or a local Hugging Face folder) with its real weights."""

@@ -232,3 +232,21 @@ def test_exported_generate_smoke_times_generate_beside_generate_static(tmp_path)
     table = table_lines(out.read_text())
     assert table[0].startswith("| linear | export + load s | prompt s | generate tokens/s | generate decode tokens/s |")
     assert len(table) == 2 + 4
+
+
+def test_exported_generate_times_a_real_model_folder_with_the_found_layers(tmp_path):
+    # Benchmark 5's "found hybrid": a model dtr_core loads with its weights (here a tiny saved llama) and the
+    # layers a search chose, beside the full model.
+    from conftest import save_tiny_model
+
+    from bench import exported_generate
+
+    save_tiny_model("llama", tmp_path / "model", num_layers=4)
+    out = tmp_path / "exported_generate.md"
+    exported_generate.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--batch", "2", "--lengths", "6", "12",
+                            "--new-tokens", "3", "--linear-counts", "0", "--linear-layers", "3", "1", "--out", str(out)])
+
+    (model,) = json.loads(out.with_suffix(".json").read_text())["models"]
+    assert [row["k"] for row in model["rows"]] == [0, 2]
+    assert model["meta"]["linear_layers"] == {"0": [], "2": [1, 3]}
+    assert all(row["same_tokens"] == 1.0 and row["generate_tokens_per_s"] > 0 for row in model["rows"])
