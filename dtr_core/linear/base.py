@@ -454,8 +454,8 @@ class LinearAttentionStudent(nn.Module):
 
     def _window_halves(self, hidden_states, attention_mask, layer, position_embeddings, fused: bool = False):
         """A sliding-window student's two halves before their readout: the window's inputs and the lagged
-        scan's output [B, T, H, V(+1)] (both directions summed when bidirectional); ``fused``: the lagged
-        queries by ``kernels.lagged_queries_triton``.
+        scan's output [B, T, H, V(+1)] (both directions summed when bidirectional); ``fused``: rotary
+        positions and lagged queries by their kernels.
 
         The window's inputs are its queries [B, T, H, D] and, as (history, new tokens) pairs, its keys and
         values ([B, W, H, D], [B, T, H, D]) and their validity ([B, W], [B, T]). The history is the W tokens
