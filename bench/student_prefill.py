@@ -7,7 +7,9 @@ student on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran befo
 minus graph is what the host adds), the student's scan operator alone on its prepared inputs, and the
 host time of one eager student call (Python and launches, before the GPU finishes), and how many calls in
 it made the host wait for the GPU (torch's sync debug mode; a wait stops the host from running ahead of the
-GPU in a whole model, so its time adds to the GPU's). ``--profile`` adds
+GPU in a whole model, so its time adds to the GPU's). For a softmax-like readout the scan is also timed without
+the all-ones value column that accumulates its normaliser (V = D instead of D + 1), to size what that column
+costs. ``--profile`` adds
 each row's kernels by GPU time (torch.profiler), to see which of the student's parts to fuse.
 
     python -m bench.student_prefill --out $OUT/student_prefill.md     # on the GPU
@@ -151,7 +153,14 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["ms"][f"{kind} graph"] = graph_ms(student_call, repeats, device)
             row["ms"][f"{kind} host"] = host_ms(student_call, repeats, device)
             row[f"{kind} host waits"] = host_waits(student_call, device)
-            row["ms"][f"{kind} scan"] = median_ms(lambda: student._scan(q, k, v, gates), repeats, device)
+            def scan(v=v):
+                return student._scan(q, k, v, gates)
+
+            row["ms"][f"{kind} scan"] = median_ms(scan, repeats, device)
+            row["ms"][f"{kind} scan host"] = host_ms(scan, repeats, device)
+            if student.normalised_readout:  # the same scan without the normaliser's all-ones value column
+                values = v[..., :-1].contiguous()
+                row["ms"][f"{kind} scan without normaliser"] = median_ms(lambda: scan(values), repeats, device)
             row["backend"] = student.last_backend
             if profile_top:
                 row["profiles"][kind] = kernel_table(student_call, device, profile_top)
@@ -162,7 +171,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
     headers = ["batch", "tokens", "attention ms", "attention graph ms"]
     for kind in kinds:
         headers += [f"{kind} ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms", f"{kind} host waits",
-                    f"{kind} scan ms", f"{kind} / attention"]
+                    f"{kind} scan ms", f"{kind} scan host ms", f"{kind} scan without normaliser ms", f"{kind} / attention"]
     table = []
     for row in rows:
         ms = row["ms"]
@@ -171,7 +180,9 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
         for kind in kinds:
             ratio = ms[kind] / ms["attention"] if isinstance(ms.get(kind), float) else None
             line += [cell(ms.get(kind), ".3f"), cell(ms.get(f"{kind} unfused"), ".3f"), cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
-                     cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"), cell(ratio, ".2f")]
+                     cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"),
+                     cell(ms.get(f"{kind} scan host"), ".3f"), cell(ms.get(f"{kind} scan without normaliser"), ".3f"),
+                     cell(ratio, ".2f")]
         table.append(line)
     lines = [
         "## One student layer's prefill against the attention it replaces",
