@@ -3,10 +3,11 @@ left-padded prompts of mixed lengths, end to end, beside generate_static on the 
 
 Models: Llama-3.2-1B- and Qwen2.5-1.5B-shaped causal LMs (bench/common.py: random weights, bf16 on CUDA)
 with k = 0, L/4, L/2 and 3L/4 of their layers linear (random-init students, spread evenly as in
-bench/hybrid_inference.py); or a model with its real weights (``--model smollm2-135m`` or a local folder) and
-the layer set a DtR search found (``--linear-layers``: benchmark 5's "found hybrid"; its students start from
-the teacher's projections, and their values do not change the speed). Each hybrid is exported (``dtr_core.export.export_hybrid``) and loaded back
-with ``trust_remote_code``, as a user would load it; then, on the same prompts:
+bench/hybrid_inference.py); or a model with its real weights (``--model smollm2-135m`` or a local folder)
+and the layer set a DtR search found (``--linear-layers``: benchmark 5's "found hybrid"; its students start
+from the teacher's projections, and their values do not change the speed). Each hybrid is exported
+(``dtr_core.export.export_hybrid``) and loaded back with ``trust_remote_code``, as a user would load it;
+then, on the same prompts:
 
 * generate: ``model.generate(ids, attention_mask=mask, max_new_tokens=N, do_sample=False,
   eos_token_id=None)``, greedy, on the static, graph-replayed steps it takes by default

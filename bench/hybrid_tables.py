@@ -73,7 +73,8 @@ def render_model(meta: dict, rows: list[dict]) -> str:
         "Linear layers (evenly spread unless given): "
         + "; ".join(f"k={k}: {', '.join(map(str, layers)) or '-'}" for k, layers in meta["linear_layers"].items()),
         "",
-        f"Prefill, batch {meta.get('prefill_batch', 1)} (speedup and Amdahl ceiling against the full model at the same length):",
+        f"Prefill, batch {meta.get('prefill_batch', 1)} (speedup and Amdahl ceiling against the full model at the "
+        "same length):",
         "",
         markdown_table(["tokens", "linear", "ms", "tokens/s", "peak GiB", "speedup", "Amdahl ceiling",
                         "of ceiling", "attention layer ms", "attention ms in ceiling", "student layer ms"], prefill),

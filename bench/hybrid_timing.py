@@ -95,7 +95,8 @@ def measure_prefill(setup: Setup, length: int, layers: list[int]) -> dict:
     del calls  # before the peak is reset: the recorded inputs are not part of a prefill's memory
     reset_peak_memory(setup.device)
     ms = median_ms(prefill, repeats, setup.device, warmup=0)
-    return {"batch": batch, "ms": ms, "tokens_per_s": batch * length / ms * 1e3, "peak_gib": peak_memory_gib(setup.device),
+    return {"batch": batch, "ms": ms, "tokens_per_s": batch * length / ms * 1e3,
+            "peak_gib": peak_memory_gib(setup.device),
             **layer_times}
 
 

@@ -1,15 +1,15 @@
 """Issue 15: one student layer's prefill against the attention it replaces, and where the student's time goes.
 
 Shape: an architecture's attention (``--shape``, random weights, bf16), batch x length hidden states, one
-forward without a cache (inference). Per row: the teacher's attention module under SDPA, the student
-eager (as a hybrid's prefill runs it: fused feature map, log-decays and readout, ``kernels.py``), the same
-student on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran before issue 15), the student replayed as a CUDA graph (its GPU time alone: eager
-minus graph is what the host adds), the student's scan operator alone on its prepared inputs, and the
-host time of one eager student call (Python and launches, before the GPU finishes), and how many calls in
-it made the host wait for the GPU (torch's sync debug mode; a wait stops the host from running ahead of the
-GPU in a whole model, so its time adds to the GPU's). For a softmax-like readout the scan is also timed without
-the all-ones value column that accumulates its normaliser (V = D instead of D + 1), to size what that column
-costs. ``--profile`` adds
+forward without a cache (inference). Per row: the teacher's attention module under SDPA; the student eager,
+as a hybrid's prefill runs it (fused feature map, log-decays and readout, ``kernels.py``); the same student
+on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran before issue 15); the student replayed as
+a CUDA graph (its GPU time alone: eager minus graph is what the host adds); the student's scan operator
+alone on its prepared inputs, and the host's share of it; the host time of one eager student call (Python
+and launches, before the GPU finishes), and how many calls in it made the host wait for the GPU (torch's
+sync debug mode; a wait stops the host from running ahead of the GPU in a whole model, so its time adds to
+the GPU's). For a softmax-like readout the scan is also timed without the all-ones value column that
+accumulates its normaliser (V = D instead of D + 1), to size what that column costs. ``--profile`` adds
 each row's kernels by GPU time (torch.profiler), to see which of the student's parts to fuse.
 
     python -m bench.student_prefill --out $OUT/student_prefill.md     # on the GPU
@@ -171,7 +171,8 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
     headers = ["batch", "tokens", "attention ms", "attention graph ms"]
     for kind in kinds:
         headers += [f"{kind} ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms", f"{kind} host waits",
-                    f"{kind} scan ms", f"{kind} scan host ms", f"{kind} scan without normaliser ms", f"{kind} / attention"]
+                    f"{kind} scan ms", f"{kind} scan host ms", f"{kind} scan without normaliser ms",
+                    f"{kind} / attention"]
     table = []
     for row in rows:
         ms = row["ms"]
@@ -179,7 +180,8 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
                 cell(ms.get("attention graph"), ".3f")]
         for kind in kinds:
             ratio = ms[kind] / ms["attention"] if isinstance(ms.get(kind), float) else None
-            line += [cell(ms.get(kind), ".3f"), cell(ms.get(f"{kind} unfused"), ".3f"), cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
+            line += [cell(ms.get(kind), ".3f"), cell(ms.get(f"{kind} unfused"), ".3f"),
+                     cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
                      cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"),
                      cell(ms.get(f"{kind} scan host"), ".3f"), cell(ms.get(f"{kind} scan without normaliser"), ".3f"),
                      cell(ratio, ".2f")]
@@ -198,7 +200,8 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
         for kind, kernels in row["profiles"].items():
             if not kernels:
                 continue
-            lines += ["", f"Kernels of one {kind} call, batch {row['batch']}, {tokens_label(row['tokens'])} tokens:", "",
+            label = f"batch {row['batch']}, {tokens_label(row['tokens'])} tokens"
+            lines += ["", f"Kernels of one {kind} call, {label}:", "",
                       markdown_table(["kernel", "GPU ms", "launches"],
                                      [[k["kernel"].replace("|", "/"), f"{k['ms']:.3f}", str(k["launches"])]
                                       for k in kernels])]
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     repeats = 2 if args.smoke else args.repeats
     teacher, rotary, students = teacher_and_students(args.shape, args.kinds, args.window, device, dtype, args.smoke)
     meta = {"command": command_line("bench.student_prefill", argv), "environment": environment(device),
-            "shape": args.shape, "attention": describe_attention(teacher.config), "dtype": str(dtype).removeprefix("torch."),
+            "shape": args.shape, "attention": describe_attention(teacher.config),
+            "dtype": str(dtype).removeprefix("torch."),
             "window": args.window, "repeats": repeats}
     rows: list[dict] = []
     for batch in args.batches:

@@ -37,9 +37,11 @@ def run_in_triton_interpreter(script: str, done_line: str) -> None:
     the repository root, and require that it prints ``done_line``."""
     pytest.importorskip("triton")
     tests = Path(__file__).resolve().parent
-    path = os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))  # the script may import test modules
-    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path},
-                          capture_output=True, text=True, timeout=300, cwd=tests.parent)
+    # The script may import test modules: tests/ goes on its path.
+    path = os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tests.parent)
     assert done.returncode == 0 and done_line in done.stdout, done.stderr[-3000:]
 
 

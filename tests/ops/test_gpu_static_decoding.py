@@ -57,9 +57,10 @@ def test_triton_gla_step_matches_torch():
     assert rel_err(got, expected) <= 1e-2 and rel_err(state, expected_state) <= 1e-4
 
 
+@pytest.mark.parametrize("window", [0, 16], ids=["plain", "window"])  # window 16: the fused window kernels
 @pytest.mark.parametrize("padded", [False, True], ids=["equal", "left-padded"])
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
-def test_graph_replayed_hybrid_decodes_like_eager_decoding(kind, padded):
+def test_graph_replayed_hybrid_decodes_like_eager_decoding(kind, padded, window):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(42)
@@ -68,7 +69,7 @@ def test_graph_replayed_hybrid_decodes_like_eager_decoding(kind, padded):
                          attn_implementation="sdpa")
     model = AutoModelForCausalLM.from_config(config).cuda().bfloat16().eval()
     adapter = adapter_for(model)
-    students = {i: student_from_teacher(StudentSpec(kind=kind), adapter.read_attention_weights(model, i),
+    students = {i: student_from_teacher(StudentSpec(kind=kind, window=window), adapter.read_attention_weights(model, i),
                                         causal=True, seed=i).cuda().bfloat16().eval() for i in (0, 2)}
     prompt = torch.randint(3, 100, (4, 300), device="cuda")
     mask = None

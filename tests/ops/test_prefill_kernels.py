@@ -165,7 +165,8 @@ def test_prefill_kernels_are_chosen_for_inference_on_cuda_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and Triton")
-@pytest.mark.parametrize("options", [o for o in STUDENT_OPTIONS if o.get("feature_map") != "identity"], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", [o for o in STUDENT_OPTIONS if o.get("feature_map") != "identity"],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_prefill_kernels_on_cuda_match_pytorch_in_bf16(options):
     """bf16 on CUDA, both paths against the fp32 PyTorch result: the fused path must be no further from it
     than the unfused bf16 path (1.5x, or 1e-2)."""

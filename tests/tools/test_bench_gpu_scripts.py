@@ -243,8 +243,9 @@ def test_exported_generate_times_a_real_model_folder_with_the_found_layers(tmp_p
 
     save_tiny_model("llama", tmp_path / "model", num_layers=4)
     out = tmp_path / "exported_generate.md"
-    exported_generate.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--batch", "2", "--lengths", "6", "12",
-                            "--new-tokens", "3", "--linear-counts", "0", "--linear-layers", "3", "1", "--out", str(out)])
+    exported_generate.main(["--model", str(tmp_path / "model"), "--device", "cpu", "--batch", "2", "--lengths", "6",
+                            "12", "--new-tokens", "3", "--linear-counts", "0", "--linear-layers", "3", "1",
+                            "--out", str(out)])
 
     (model,) = json.loads(out.with_suffix(".json").read_text())["models"]
     assert [row["k"] for row in model["rows"]] == [0, 2]
