@@ -47,6 +47,7 @@ from bench.common import (
 )
 from dtr_core.adapters import adapter_for
 from dtr_core.linear.build import student_from_teacher
+from dtr_core.linear.decoding import capture_graph
 from dtr_core.specs import StudentSpec
 
 KINDS = ("gla", "gated_deltanet")
@@ -79,16 +80,7 @@ def graph_ms(fn, repeats: int, device) -> float | None:
     """``fn`` captured as one CUDA graph and replayed: its GPU time without the host's (None off CUDA)."""
     if not is_cuda(device):
         return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay, repeats, device, warmup=2)
+    return median_ms(capture_graph(fn, device).replay, repeats, device, warmup=2)
 
 
 def host_waits(fn, device) -> int | None:

@@ -100,9 +100,20 @@ def decode_attention_triton(query: torch.Tensor, key_buffer: torch.Tensor, value
     return out
 
 
+def _tile_fits(size: int) -> bool:
+    """Triton present and ``size`` a power of two >= 16: a tile side the inference kernels (and tl.dot) take."""
+    return triton is not None and size >= 16 and size & (size - 1) == 0
+
+
 def prefill_kernels_fit(head_dim: int) -> bool:
-    """Whether the prefill kernels serve heads this wide: Triton present, a power of two >= 16 (tile sizes)."""
-    return triton is not None and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    """Whether the prefill kernels serve heads this wide (their tiles are a head wide)."""
+    return _tile_fits(head_dim)
+
+
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] as rows of one token's H*D values [B*T, H*D] (a view when each row is contiguous)."""
+    rows = x.reshape(x.shape[0] * x.shape[1], x.shape[2] * x.shape[3])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 _FEATURE_ROWS = 64  # tokens per program of the feature-map kernel
@@ -122,9 +133,7 @@ def hedgehog_triton(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor |
         [B, T, H, 2D] in x's dtype (computed in fp32).
     """
     batch, length, heads, dim = x.shape
-    rows = x.reshape(batch * length, heads * dim)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _token_rows(x)
     out = torch.empty(batch, length, heads, 2 * dim, dtype=x.dtype, device=x.device)
     keep = rows if valid is None else valid.reshape(-1).to(torch.uint8)  # without a mask the pointer is unread
     _hedgehog_kernel[(triton.cdiv(batch * length, _FEATURE_ROWS), heads)](
@@ -168,8 +177,8 @@ def rms_readout_triton(scan: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 
 def window_kernels_fit(window: int) -> bool:
-    """Whether the sliding-window kernels serve this window: a power of two >= 16 (their tiles are W tokens)."""
-    return triton is not None and window >= 16 and window & (window - 1) == 0
+    """Whether the sliding-window kernels serve this window (their tiles are W tokens)."""
+    return _tile_fits(window)
 
 
 def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,9 +190,7 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     Returns [B, T, H, D] in x's dtype (computed in fp32).
     """
     batch, length, heads, dim = x.shape
-    rows = x.reshape(batch * length, heads * dim)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _token_rows(x)
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(batch, length, heads, dim, dtype=x.dtype, device=x.device)
     _rotary_kernel[(triton.cdiv(batch * length, _FEATURE_ROWS), heads)](
