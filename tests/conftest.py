@@ -35,11 +35,17 @@ FAMILIES = ("llama", "qwen2", "gpt2", "bert")
 def run_in_triton_interpreter(script: str, done_line: str) -> None:
     """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (read at Triton's import: hence the subprocess), from
     the repository root, and require that it prints ``done_line``."""
+    run_triton_script(script, done_line, {"TRITON_INTERPRET": "1"})
+
+
+def run_triton_script(script: str, done_line: str, env: dict[str, str]) -> None:
+    """Run ``script`` in a fresh Python with ``env`` added (Triton reads its settings at import), from the
+    repository root, and require that it prints ``done_line``."""
     pytest.importorskip("triton")
     tests = Path(__file__).resolve().parent
     # The script may import test modules: tests/ goes on its path.
     path = os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    env = {**os.environ, **env, "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                           cwd=tests.parent)
     assert done.returncode == 0 and done_line in done.stdout, done.stderr[-3000:]

@@ -448,30 +448,33 @@ if triton is not None:
                                HAS_HISTORY: tl.constexpr):
         # New tokens nW .. nW+W-1 of one (sequence, head), BLOCK_K key channels. Combined block 0 is the
         # history, block m >= 1 the new tokens (m-1)W .. mW-1. A decay row is DECAY_WIDTH wide: K (one per
-        # channel) or 1 (one per head: a [W, 1] tile that broadcasts over the channels).
+        # channel, [W, BLOCK_K] tiles) or 1 (one per head, [W] tiles: a scan over a [W, 1] tile of aligned
+        # pointers fails Triton 3.6's lowering to LLVM for the GPU).
         i_n, i_bh, i_k = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
         i_b, i_h = i_bh // H, i_bh % H
         rows = tl.arange(0, W)
         channels = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
         channel_ok = channels < K
-        if PER_CHANNEL:
-            columns = channels[None, :]
-            column_ok = channel_ok[None, :]
-        else:
-            columns = tl.zeros([1, 1], tl.int32)
-            column_ok = tl.full([1, 1], 1, tl.int1)
         previous = (i_n - 1) * W + rows  # block n as new tokens (when n >= 1)
-        this_block = tl.load(decay + ((i_b * T + previous[:, None]) * H + i_h) * DECAY_WIDTH + columns,
-                             mask=column_ok & (previous[:, None] >= 0) & (previous[:, None] < T), other=0)
+        tokens = i_n * W + rows  # block n + 1: this program's own new tokens
+        if PER_CHANNEL:
+            previous_rows, token_rows, history_rows = previous[:, None], tokens[:, None], rows[:, None]
+            columns, column_ok = channels[None, :], channel_ok[None, :]
+        else:
+            previous_rows, token_rows, history_rows = previous, tokens, rows
+            columns, column_ok = 0, rows >= 0
+        this_block = tl.load(decay + ((i_b * T + previous_rows) * H + i_h) * DECAY_WIDTH + columns,
+                             mask=column_ok & (previous_rows >= 0) & (previous_rows < T), other=0)
         if HAS_HISTORY:
-            from_history = tl.load(history + ((i_b * W + rows[:, None]) * H + i_h) * DECAY_WIDTH + columns,
+            from_history = tl.load(history + ((i_b * W + history_rows) * H + i_h) * DECAY_WIDTH + columns,
                                    mask=column_ok & (i_n == 0), other=0)
             this_block = tl.where(i_n == 0, from_history, this_block)
         this_block = this_block.to(tl.float32)
-        tokens = i_n * W + rows  # block n + 1: this program's own new tokens
-        next_block = tl.load(decay + ((i_b * T + tokens[:, None]) * H + i_h) * DECAY_WIDTH + columns,
-                             mask=column_ok & (tokens[:, None] < T), other=0).to(tl.float32)
-        lag = tl.sum(this_block, axis=0)[None, :] - tl.cumsum(this_block, axis=0) + tl.cumsum(next_block, axis=0)
+        next_block = tl.load(decay + ((i_b * T + token_rows) * H + i_h) * DECAY_WIDTH + columns,
+                             mask=column_ok & (token_rows < T), other=0).to(tl.float32)
+        lag = tl.sum(this_block, axis=0, keep_dims=True) - tl.cumsum(this_block, axis=0) + tl.cumsum(next_block, axis=0)
+        if not PER_CHANNEL:
+            lag = lag[:, None]
         token_ok = (tokens < T)[:, None] & channel_ok[None, :]
         p_q = ((i_b * T + tokens[:, None]) * H + i_h) * K + channels[None, :]
         b_q = tl.load(q + p_q, mask=token_ok, other=0).to(tl.float32)
