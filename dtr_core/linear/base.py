@@ -278,7 +278,7 @@ class LinearAttentionStudent(nn.Module):
     def _calibrate_window_offset(self, hidden_states, attention_mask, valid, log_far_mass) -> None:
         """Set ``window_offset`` so that, over the batch, sum exp(score - offset) beyond the window equals
         the scan's sum of feature products there (per head): the teacher's split, in the scan's units."""
-        _, linear = self._window_halves(hidden_states, attention_mask, None, None)
+        _, linear, _ = self._window_halves(hidden_states, attention_mask, None, None)  # unfused: not early
         linear_mass = linear[..., -1] if valid is None else linear[..., -1][valid]
         linear_mass = linear_mass.float().reshape(-1, self.num_heads).sum(0)
         usable = torch.isfinite(log_far_mass) & (linear_mass > 0)
@@ -338,9 +338,9 @@ class LinearAttentionStudent(nn.Module):
         batch, length, _ = hidden_states.shape
         if self.window:
             fused = self._fused_window(hidden_states)
-            window_inputs, linear = self._window_halves(hidden_states, attention_mask, layer, position_embeddings,
-                                                        fused)
-            out = self._window_readout(window_inputs, linear, fused)
+            window_inputs, linear, early = self._window_halves(hidden_states, attention_mask, layer,
+                                                               position_embeddings, fused)
+            out = self._window_readout(window_inputs, linear, fused, early)
         else:
             valid = key_padding_mask(attention_mask, length)
             q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
@@ -358,17 +358,18 @@ class LinearAttentionStudent(nn.Module):
         as fused kernels on this call: as ``_fused``, for causal students whose window the kernels serve."""
         return self.causal and self._fused(x) and kernels.window_kernels_fit(self.window)
 
-    def _window_readout(self, window_inputs, linear: torch.Tensor, fused: bool) -> torch.Tensor:
+    def _window_readout(self, window_inputs, linear: torch.Tensor, fused: bool, early: bool) -> torch.Tensor:
         """A sliding-window student's output [B, T, H, D] from ``_window_halves``' window inputs and lagged
-        scan: the softmax-like readout over both halves, or the window's softmax plus the scan's RMS readout."""
+        scan (``early``: its rows W early): the softmax-like readout over both halves, or the window's softmax
+        plus the scan's RMS readout."""
         q, keys, values, valid = window_inputs  # (history, new) pairs but q
         scale = 1.0 / math.sqrt(self.head_dim)
         if fused:
             if self.normalised_readout:
                 return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
-                                                     offset=self.window_offset)
+                                                     offset=self.window_offset, early_linear=early)
             return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
-                                                 norm_weight=self.out_norm_weight)
+                                                 norm_weight=self.out_norm_weight, early_linear=early)
         keys, values, valid = (with_history(history, new, self.window) for history, new in (keys, values, valid))
         parts = window_softmax(q.float() * scale, keys, values, valid, self.window, self.causal)
         if self.normalised_readout:
@@ -462,6 +463,9 @@ class LinearAttentionStudent(nn.Module):
         before this call that the scan's state does not hold yet: a cache's, or None at the start of a
         sequence (zeros: no keys). History then new tokens form the "combined" sequence (``window.py``); a
         cache keeps its last W tokens for the next call.
+
+        Returns (window inputs, scan output, early): ``early`` when the scan output's row t - W is token t's
+        (a fused call that starts a sequence; see below).
         """
         length = hidden_states.shape[1]
         window = self.window
@@ -474,12 +478,19 @@ class LinearAttentionStudent(nn.Module):
         new = dict(window_k=k_window, window_v=v_window, window_valid=valid, scan_k=k, scan_v=v,
                    **{f"scan_gate{i}": gate for i, gate in enumerate(gates)})
         histories = {name: None if layer is None else layer.histories.get(name) for name in new}
-        if fused:
+        # A fused call that starts a sequence scans the new tokens as they are, its queries W rows early (the
+        # zero history a late scan would read first adds nothing): no shifted copies of k, v and the gates.
+        early = fused and length > window and histories["scan_k"] is None
+        if early:
+            lagged_q = kernels.lagged_queries_triton(q, gates[0], None, window, early=True)
+        elif fused:
             lagged_q = kernels.lagged_queries_triton(q, gates[0], histories["scan_gate0"], window)
         else:
             lagged_q = lagged_queries(q, gates[0], history_or_zeros(histories["scan_gate0"], gates[0], window), window)
-        late = {name: lagged_sequence(histories[name], new[name], window)
-                for name in new if name.startswith("scan_")}
+        if not early:  # read before keeping: an in-place cache overwrites its history buffers
+            late = {name: lagged_sequence(histories[name], new[name], window)
+                    for name in new if name.startswith("scan_")}
+            scan_inputs = (late["scan_k"], late["scan_v"], tuple(late[f"scan_gate{i}"] for i in range(len(gates))))
         pairs = {name: (histories[name], new[name]) for name in ("window_k", "window_v", "window_valid")}
         if layer is not None:
             if layer.in_place:  # keeping overwrites the history buffers, which the window still reads
@@ -487,12 +498,20 @@ class LinearAttentionStudent(nn.Module):
                          for name, (history, tensor) in pairs.items()}
             for name, tensor in new.items():
                 layer.keep(name, last_window(histories[name], tensor, window))
-        linear = self._causal_scan(lagged_q, late["scan_k"], late["scan_v"],
-                                   tuple(late[f"scan_gate{i}"] for i in range(len(gates))), layer)
+        if early:
+            if layer is not None:
+                # The cached state must stop W tokens short of the end, as a late scan's does: the last W
+                # keys (kept above as history) write nothing and their decays are 1 (log 0).
+                if k._base is not None:  # a view of the window's own keys (identity features): not in place
+                    k = k.clone()
+                k[:, length - window:] = 0
+                gates[0][:, length - window:] = 0
+            scan_inputs = (k, v, gates)
+        linear = self._causal_scan(lagged_q, *scan_inputs, layer)
         if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
             flipped = [x.flip(1) for x in (q, k, v, *gates)]
             backward_q = lagged_queries(flipped[0], flipped[3], history_or_zeros(None, flipped[3], window), window)
             backward_inputs = [lagged_sequence(None, x, window) for x in flipped[1:]]
             linear = linear + self._scan(backward_q, backward_inputs[0], backward_inputs[1],
                                          tuple(backward_inputs[2:]))[0].flip(1)
-        return (q_window, pairs["window_k"], pairs["window_v"], pairs["window_valid"]), linear
+        return (q_window, pairs["window_k"], pairs["window_v"], pairs["window_valid"]), linear, early

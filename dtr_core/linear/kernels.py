@@ -201,7 +201,7 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 def lagged_queries_triton(q: torch.Tensor, log_decay: torch.Tensor, history_log_decay: torch.Tensor | None,
-                          window: int) -> torch.Tensor:
+                          window: int, early: bool = False) -> torch.Tensor:
     """``window.lagged_queries`` in one kernel: new token i's query scaled by the decay of combined tokens
     i+1 .. i+W (the combined sequence is the W history tokens, then the new ones).
 
@@ -209,6 +209,8 @@ def lagged_queries_triton(q: torch.Tensor, log_decay: torch.Tensor, history_log_
         q: [B, T, H, K]. log_decay: the new tokens' [B, T, H, K] (GLA) or [B, T, H] (Gated DeltaNet).
         history_log_decay: the W history tokens' (same layout), or None (the start of a sequence: zeros).
         window: W, a power of two >= 16 (``window_kernels_fit``).
+        early: write new token t's query at row t - W (rows T - W .. T - 1: zeros), for a scan over the new
+            tokens themselves rather than the combined sequence: its output row s then serves token s + W.
 
     Returns [B, T, H, K] in q's dtype.
 
@@ -220,17 +222,20 @@ def lagged_queries_triton(q: torch.Tensor, log_decay: torch.Tensor, history_log_
     q, log_decay = q.contiguous(), log_decay.contiguous()
     history = log_decay if history_log_decay is None else history_log_decay.contiguous()  # unread without one
     out = torch.empty_like(q)
+    if early:
+        out[:, max(length - window, 0):].zero_()  # no token's query lands there
     block_k = min(64, triton.next_power_of_2(key_dim))
     per_channel = log_decay.dim() == 4
     _lagged_queries_kernel[(triton.cdiv(length, window), batch * heads, triton.cdiv(key_dim, block_k))](
         q, log_decay, history, out, length, H=heads, K=key_dim, W=window, BLOCK_K=block_k, PER_CHANNEL=per_channel,
-        DECAY_WIDTH=key_dim if per_channel else 1, HAS_HISTORY=history_log_decay is not None,
+        DECAY_WIDTH=key_dim if per_channel else 1, HAS_HISTORY=history_log_decay is not None, EARLY=early,
     )
     return out
 
 
 def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Tensor, window: int, scale: float,
-                          offset: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None) -> torch.Tensor:
+                          offset: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                          early_linear: bool = False) -> torch.Tensor:
     """A causal sliding-window student's output in one kernel: softmax attention of each new token over the
     last W combined keys (``window.window_softmax``), joined with the lagged scan's output ``linear`` by the
     softmax-like readout (``window.combine_normalised``, given ``offset``) or added to its RMS-normalised
@@ -242,6 +247,8 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
             [B, T]), nonzero for real tokens. A missing history is the start of a sequence: no keys there.
         linear: [B, T, H, D + 1] (normalised) or [B, T, H, D].
         window: W (``window_kernels_fit``). scale: multiplies the scores. offset: [H]. norm_weight: [H, D].
+        early_linear: new token t's scan output is ``linear``'s row t - W (none before token W: zero), as a
+            scan of ``lagged_queries_triton(..., early=True)``'s queries gives it.
 
     Returns [B, T, H, D] in linear's dtype.
     """
@@ -263,6 +270,7 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
         q, history_keys, new_keys, history_values, new_values, history_valid, new_valid, linear, weights, out,
         length, scale, H=heads, D=dim, W=window, LINEAR_WIDTH=linear.shape[-1], BLOCK=block,
         HAS_HISTORY=has_history, NORMALISED=normalised, IEEE=q.dtype == torch.float32,
+        LINEAR_LAG=window if early_linear else 0,
     )
     return out
 
@@ -445,7 +453,7 @@ if triton is not None:
     @triton.jit
     def _lagged_queries_kernel(q, decay, history, out, T, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr,
                                BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, DECAY_WIDTH: tl.constexpr,
-                               HAS_HISTORY: tl.constexpr):
+                               HAS_HISTORY: tl.constexpr, EARLY: tl.constexpr):
         # New tokens nW .. nW+W-1 of one (sequence, head), BLOCK_K key channels. Combined block 0 is the
         # history, block m >= 1 the new tokens (m-1)W .. mW-1. A decay row is DECAY_WIDTH wide: K (one per
         # channel, [W, BLOCK_K] tiles) or 1 (one per head, [W] tiles: a scan over a [W, 1] tile of aligned
@@ -478,13 +486,16 @@ if triton is not None:
         token_ok = (tokens < T)[:, None] & channel_ok[None, :]
         p_q = ((i_b * T + tokens[:, None]) * H + i_h) * K + channels[None, :]
         b_q = tl.load(q + p_q, mask=token_ok, other=0).to(tl.float32)
+        if EARLY:  # W rows up, the first W tokens' queries dropped
+            p_q = p_q - W * H * K
+            token_ok = token_ok & (tokens >= W)[:, None]
         tl.store(out + p_q, (b_q * tl.exp(lag)).to(out.dtype.element_ty), mask=token_ok)
 
     @triton.jit
     def _window_readout_kernel(q, history_keys, keys, history_values, values, history_valid, valid, linear, weights,
                                out, T, scale, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                                LINEAR_WIDTH: tl.constexpr, BLOCK: tl.constexpr, HAS_HISTORY: tl.constexpr,
-                               NORMALISED: tl.constexpr, IEEE: tl.constexpr):
+                               NORMALISED: tl.constexpr, IEEE: tl.constexpr, LINEAR_LAG: tl.constexpr):
         # BLOCK new tokens of one (sequence, head). New token t sits at combined index t + W (the history's W
         # tokens come first) and sees combined keys t+1 .. t+W; an online softmax runs over the key blocks
         # the BLOCK queries reach.
@@ -531,10 +542,12 @@ if triton is not None:
             numerator = numerator * rescale[:, None] + update
             row_max = new_max
         row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # a query without keys: as window_softmax
-        p_linear = linear + ((i_b * T + tokens[:, None]) * H + i_h) * LINEAR_WIDTH + dims[None, :]
-        b_linear = tl.load(p_linear, mask=token_ok[:, None], other=0).to(tl.float32)
+        linear_rows = tokens - LINEAR_LAG
+        linear_ok = token_ok & (linear_rows >= 0)
+        p_linear = linear + ((i_b * T + linear_rows[:, None]) * H + i_h) * LINEAR_WIDTH + dims[None, :]
+        b_linear = tl.load(p_linear, mask=linear_ok[:, None], other=0).to(tl.float32)
         if NORMALISED:
-            linear_mass = tl.load(linear + ((i_b * T + tokens) * H + i_h) * LINEAR_WIDTH + D, mask=token_ok,
+            linear_mass = tl.load(linear + ((i_b * T + linear_rows) * H + i_h) * LINEAR_WIDTH + D, mask=linear_ok,
                                   other=0).to(tl.float32)
             log_ratio = row_max - tl.load(weights + i_h)
             window_scale = tl.exp(tl.minimum(log_ratio, 0.0))

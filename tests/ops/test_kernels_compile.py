@@ -62,12 +62,14 @@ LAUNCHES = textwrap.dedent("""
             for decay in (torch.rand(B, window + T, H, D, dtype=dtype), torch.rand(B, window + T, H, dtype=dtype)):
                 kernels.lagged_queries_triton(x, -decay[:, window:], -decay[:, :window], window)
                 kernels.lagged_queries_triton(x, -decay[:, window:], None, window)
+                kernels.lagged_queries_triton(x, -decay[:, window:], None, window, early=True)
             keys, values = (torch.randn(B, window + T, H, D, dtype=dtype) for _ in range(2))
             key_valid = torch.ones(B, window + T, dtype=dtype)
             linear = torch.rand(B, T, H, D + 1, dtype=dtype)
             for history in (True, False):
                 pairs = [(y[:, :window] if history else None, y[:, window:]) for y in (keys, values, key_valid)]
-                kernels.window_readout_triton(x, *pairs, linear, window, 0.125, offset=torch.randn(H))
+                kernels.window_readout_triton(x, *pairs, linear, window, 0.125, offset=torch.randn(H),
+                                              early_linear=not history)
                 kernels.window_readout_triton(x, *pairs, linear[..., :D], window, 0.125,
                                               norm_weight=torch.rand(H, D))
         step = torch.randn(B, 1, H, D, dtype=dtype)

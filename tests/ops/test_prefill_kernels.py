@@ -139,6 +139,16 @@ INTERPRETED = textwrap.dedent("""
                                      position_embeddings=rope)[0])
         error = worst(torch.cat(steps, dim=1), whole[:, 38:])
         assert error <= 2e-5, (options, "static", error)
+
+    # Identity features and no mask: the scan's keys are then a view of the window's keys, which a cached
+    # prompt (whose last W keys the scan must not see) may not zero in place.
+    student = perturbed_student(dict(kind="gla", window=16, feature_map="identity"))
+    student.layer_idx, student.prefill_kernels = 0, "triton"
+    with torch.no_grad():
+        whole = student(hidden)[0]
+        cache = DynamicCache()
+        pieces = [student(hidden[:, :20], cache=cache)[0], student(hidden[:, 20:], cache=cache)[0]]
+    assert worst(torch.cat(pieces, dim=1), whole) <= 2e-5
     print("prefill kernels ok")
 """)
 
