@@ -83,7 +83,7 @@ def build_layers(shape: str, kinds, device, dtype, smoke: bool):
         adapter = adapter_for(model)
         teachers.append(Layer(implementation, adapter.attention_module(model, 0), takes_rope=True))
         rotary, weights = adapter.backbone(model).rotary_emb, adapter.read_attention_weights(model, 0)
-    students = [Layer(kind, student_from_teacher(StudentSpec(kind=kind), weights, causal=True).to(device, dtype),
+    students = [Layer(kind, student_from_teacher(StudentSpec(kind=kind, window=0), weights, causal=True).to(device, dtype),
                       takes_rope=False)
                 for kind in kinds]
     return teachers, students, rotary

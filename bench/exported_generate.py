@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear-layers", type=int, nargs="+", help=LINEAR_LAYERS_HELP)
     parser.add_argument("--linear-counts", type=int, nargs="+", help="default 0, L/4, L/2, 3L/4")
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
+    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
     parser.add_argument("--batch", type=int, help="prompts per call (default 64; smoke 4)")
     parser.add_argument("--lengths", type=int, nargs=2, metavar=("SHORTEST", "LONGEST"),
                         help="prompt lengths, spread evenly over the batch (default 1024 8192; smoke 8 24)")
@@ -246,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if time.perf_counter() > deadline:
             break
-        setup = build_setup(name, StudentSpec(kind=args.student), device, dtype, args.smoke, args.new_tokens,
-                            args.batch, chosen=args.linear_layers)
+        setup = build_setup(name, StudentSpec(kind=args.student, window=args.window), device, dtype, args.smoke,
+                            args.new_tokens, args.batch, chosen=args.linear_layers)
         counts = args.linear_counts or [k for k in linear_layer_counts(setup.num_layers) if k < setup.num_layers]
         if setup.chosen:
             counts = sorted({*counts, len(setup.chosen)})
@@ -257,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, vocab {config.vocab_size}",
             "prompts": (f"{args.batch} prompts of {tokens_label(args.lengths[0])}-{tokens_label(args.lengths[1])} "
                         f"tokens (evenly spread, left-padded), {args.new_tokens} new tokens each, greedy"),
-            "student": f"{args.student}, random init from the teacher's projections (speed does not depend on "
-                       "their values)",
+            "student": (f"{args.student}" + (f" (window {args.window})" if args.window else "")
+                        + ", random init from the teacher's projections (speed does not depend on their values)"),
             "dtype": str(dtype).removeprefix("torch."),
             "linear_layers": {k: setup.linear_layers(k) for k in counts},
         }, [])

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .specs import (
+    DECODER_WINDOW,
     CardSpec,
     TARGET_KINDS,
     CaptureSpec,
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student", default=StudentSpec.kind,
                         help="gla | gated_deltanet | auto (every kind) | a comma-separated list: with several, "
                              "every layer gets one of each and every round of the search offers each layer with each kind")
-    parser.add_argument("--window", type=int, default=StudentSpec.window,
-                        help="softmax attention over the last W tokens beside the scan (0: none)")
+    parser.add_argument("--window", type=_window, default=StudentSpec.window,
+                        help="softmax attention over the last W tokens beside the scan (0: none; default auto: "
+                             f"{DECODER_WINDOW} for decoders, 0 for encoders)")
     parser.add_argument("--short-conv", type=int, default=StudentSpec.short_conv,
                         help="kernel size of short causal convolutions on the scan's q/k/v (0: none)")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance,
@@ -144,6 +146,13 @@ def _typed(raw: str, annotation: str, where: str) -> object:
     except (ValueError, KeyError):
         raise SpecError(f"{where}={raw!r}: expected {annotation.split(' ')[0]}") from None
     return raw.replace("\\n", "\n").replace("\\t", "\t")  # a shell passes newlines in templates as \n
+
+
+def _window(raw: str) -> int | str:
+    """--window: "auto" or a whole number."""
+    if raw == "auto" or raw.isdigit():
+        return raw if raw == "auto" else int(raw)
+    raise argparse.ArgumentTypeError(f"{raw!r} is neither 'auto' nor a whole number of tokens >= 0")
 
 
 # The default budget on a GPU. It distils SmolLM2-135M's 30 students in about a minute on an H200.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def render_markdown(summary: RunSummary) -> str:
         "# DtR run report",
         "",
         f"- Teacher: `{summary.model}` ({summary.family}, {summary.num_layers} layers)",
-        f"- Targets: " + "; ".join(
+        "- Targets: " + "; ".join(
             f"{t['name']} ({t['metric']}, {_direction(t).phrase}, tolerance {_tolerance_text(t)}"
             + (", primary: the search optimises it" if t["primary"] else ", guard") + ")" for t in targets),
         f"- Acceptance: {_acceptance_text(result)}",
@@ -201,6 +202,8 @@ def render_markdown(summary: RunSummary) -> str:
         lines += _card_markdown(summary)
     lines += [
         "## Distillation",
+        "",
+        f"Students: {students_text(summary.distillation)}.",
         "",
         f"Every student: {TrainingPlan.of_record(summary.distillation[0]).describe()}.",
         "",
@@ -313,6 +316,23 @@ def _kinds_lines(summary: RunSummary) -> list[str]:
     return [*lines, ""]
 
 
+def students_text(records: Sequence[Mapping]) -> str:
+    """What the distilled students are (``StudentRecord`` json), one description per distinct setting: kind,
+    feature map, softmax window (resolved: "auto" is 64 tokens on decoders, none on encoders), convolutions."""
+    descriptions = []
+    for record in records:
+        config = record["student_config"]
+        parts = [f"{config['feature_map']} features"]
+        window = config["window"]
+        parts.append(f"{window}-token softmax window" if window else "no softmax window")
+        if config["short_conv"]:
+            parts.append(f"q/k/v convolutions of {config['short_conv']}")
+        text = f"{config['kind']} ({', '.join(parts)})"
+        if text not in descriptions:
+            descriptions.append(text)
+    return "; ".join(descriptions)
+
+
 def _kinds_text(student_kinds: dict) -> str:
     """Which exported layers run which kind of student, and what offering every kind cost the search."""
     chosen: dict[str, list[int]] = {kind: [] for kind in student_kinds["scores"]}
@@ -409,7 +429,8 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"  {label:<{width}} full test {scores['full']:.4f}  →  hybrid test {scores[key]:.4f}  "
                      "(card: not guarded)")
     lines += [f"  WARNING: {warning}" for warning in (summary.card or {}).get("warnings", ())]
-    lines += [f"  {'distillation':<{width}} {TrainingPlan.of_record(summary.distillation[0]).describe()}"]
+    lines += [f"  {'students':<{width}} {students_text(summary.distillation)}",
+              f"  {'distillation':<{width}} {TrainingPlan.of_record(summary.distillation[0]).describe()}"]
     lines += [f"  WARNING: {warning}" for warning in summary.distillation_warnings]
     if summary.student_kinds is not None:
         lines.append(f"  {'student kinds':<{width}} {_kinds_text(summary.student_kinds)}")

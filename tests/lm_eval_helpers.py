@@ -66,7 +66,7 @@ def tiny_hybrid():
     model = tiny_model("llama", num_layers=3)
     adapter = adapter_for(model)
     students = {
-        i: student_from_teacher(StudentSpec(kind=kind), adapter.read_attention_weights(model, i),
+        i: student_from_teacher(StudentSpec(kind=kind, window=0), adapter.read_attention_weights(model, i),
                                 causal=adapter.causal).eval()
         for i, kind in STUDENT_KINDS.items()
     }

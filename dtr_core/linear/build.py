@@ -20,6 +20,7 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
     down-projection) is drawn from ``seed``, so a layer's student is the same in every process.
     """
     weights = weights.with_expanded_kv()
+    window = spec.window_for(causal)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = build_student(
@@ -35,8 +36,8 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
                 qkv_bias=weights.q_bias is not None,
                 output_proj=weights.o_weight is not None,
                 o_bias=weights.o_bias is not None,
-                window=spec.window,
-                rope=spec.window > 0 and weights.rotary_inv_freq is not None,
+                window=window,
+                rope=window > 0 and weights.rotary_inv_freq is not None,
                 rope_scaling=weights.rotary_scaling,
                 short_conv=spec.short_conv,
             ),

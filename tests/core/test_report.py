@@ -31,7 +31,8 @@ def summary_of(scores: dict[frozenset[int], float], tolerance: float = 0.05) -> 
     selection = result.selection
     per_set = {"full": FULL, "m_opt": selection.m_opt_score, "m_best": selection.m_best_score}
     record = {"layer_idx": 0, "loss_curve": [0.5, 0.2], "rel_error_init": 0.5, "rel_error_final": 0.2,
-              "steps": 2, "seconds": 1.0, "data_tokens": 1000, "token_budget": 1000, "train_tokens": 1000}
+              "steps": 2, "seconds": 1.0, "data_tokens": 1000, "token_budget": 1000, "train_tokens": 1000,
+              "student_config": {"kind": "gla", "feature_map": "hedgehog", "window": 0, "short_conv": 0}}
     return RunSummary(
         output_dir="run", model="tiny", family="bert", num_layers=3,
         targets=[{"name": "accuracy", "kind": "classification", "metric": "accuracy", "direction": "higher",

@@ -54,6 +54,9 @@ def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
     assert f"Every student: {plan_line}" in (out / "report" / "report.md").read_text()
     text = format_summary(summary)
     assert "distillation" in text and plan_line in text
+    # Which students, with the window "auto" resolved: 64 tokens on a decoder, none on an encoder.
+    students = "gla (hedgehog features, " + ("no softmax window)" if family == "bert" else "64-token softmax window)")
+    assert f"Students: {students}." in (out / "report" / "report.md").read_text() and students in text
     assert all(f"WARNING: {w}" in text for w in summary.distillation_warnings)
     config = json.loads((out / "hybrid" / "config.json").read_text())
     assert config["layer_types"].count("linear_attention") == len(summary.linear_layers)
@@ -315,6 +318,9 @@ def test_cli_flags_reach_the_specs():
     assert run.search.run_to_end and cache_dir is None
     assert (run.student.window, run.student.short_conv) == (64, 4)
     assert parse_args(["--cache-dir", "/shared/cache"])[1] == "/shared/cache"
+    assert parse_args([])[0].student.window == parse_args(["--window", "auto"])[0].student.window == "auto"
+    with pytest.raises(SystemExit):
+        parse_args(["--window", "-1"])  # argparse's error: "neither 'auto' nor a whole number"
     # The budget's default follows the device: a GPU distils a million tokens in about a minute.
     assert parse_args([])[0].capture.token_budget == 192_000
     assert parse_args(["--device", "cuda:1"])[0].capture.token_budget == 1_000_000

@@ -14,7 +14,17 @@ from dtr_core.card import loss, warnings
 from dtr_core.direction import Direction
 from dtr_core.run import run_dtr
 from dtr_core.runner import PlainRunner
-from dtr_core.specs import CaptureSpec, CardSpec, DistillSpec, ModelSpec, RunSpec, SearchSpec, SpecError, TargetSpec
+from dtr_core.specs import (
+    CaptureSpec,
+    CardSpec,
+    DistillSpec,
+    ModelSpec,
+    RunSpec,
+    SearchSpec,
+    SpecError,
+    StudentSpec,
+    TargetSpec,
+)
 from dtr_core.stage_cache import StageCache
 from dtr_core.targets.data import DataError
 
@@ -43,6 +53,8 @@ def tiny_decoder_run(tmp_path, target: TargetSpec, guards=(), card=NO_CARD, **se
         capture=CaptureSpec(source="text_files", text_files=(str(corpus),), token_budget=1500,
                             max_length=24, batch_size=16),
         distill=DistillSpec(epochs=1, batch_size=8),
+        # No window: the default's 64 tokens would cover these 24-token texts, every hybrid the full model.
+        student=StudentSpec(window=0),
         search=SearchSpec(**{"tolerance": 0.5, "run_to_end": True, **search}),
         target=target, guards=tuple(guards), card=card, output_dir=str(tmp_path / "out"))
 

@@ -35,7 +35,7 @@ def export_gpu_sized_hybrid(kind, folder):
     adapter = adapter_for(model)
     students = {}
     for i in LINEAR_LAYERS:
-        student = student_from_teacher(StudentSpec(kind=kind), adapter.read_attention_weights(model, i),
+        student = student_from_teacher(StudentSpec(kind=kind, window=0), adapter.read_attention_weights(model, i),
                                        causal=True, seed=i)
         with torch.no_grad():  # away from the initial values, as after distillation
             for param in student.parameters():

@@ -27,7 +27,7 @@ def new_student(kind, **config):
 def make_student(family, kind, feature_map="hedgehog", layer_idx=0):
     model = tiny_model(family)
     adapter = adapter_for(model)
-    spec = StudentSpec(kind=kind, feature_map=feature_map)
+    spec = StudentSpec(kind=kind, feature_map=feature_map, window=0)  # the linear forms alone
     return model, adapter, student_from_teacher(spec, adapter.read_attention_weights(model, layer_idx),
                                                 causal=adapter.causal)
 
@@ -110,7 +110,7 @@ def test_key_padding_mask_reads_hf_masks():
 @pytest.mark.parametrize("kind", KINDS)
 def test_hybrid_runs_with_padding_and_restores_base(family, kind):
     model, adapter, _ = make_student(family, kind)
-    spec = StudentSpec(kind=kind)
+    spec = StudentSpec(kind=kind, window=0)
     students = {i: student_from_teacher(spec, adapter.read_attention_weights(model, i), causal=adapter.causal)
                 for i in range(2)}
     ids = torch.randint(3, 100, (2, 10))

@@ -16,7 +16,7 @@ from dtr_core.linear.gated_deltanet import gated_delta_recurrent
 from dtr_core.linear.gla import gla_recurrent
 from dtr_core.linear.students import build_student
 from dtr_core.linear.window import rotary_tables, rotate
-from dtr_core.specs import StudentSpec
+from dtr_core.specs import DECODER_WINDOW, StudentSpec
 
 KINDS = ("gla", "gated_deltanet")
 WINDOW = 4
@@ -158,8 +158,9 @@ def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
 def test_identity_convolutions_start_as_the_student_without_them(kind):
     model = tiny_model("llama")
     weights = adapter_for(model).read_attention_weights(model, 1)
-    plain = student_from_teacher(StudentSpec(kind=kind), weights, causal=True, seed=3)
-    convolved = student_from_teacher(StudentSpec(kind=kind, short_conv=4), weights, causal=True, seed=3)
+    # No window: over these 11 tokens a 64-token window would hide what the convolution changes.
+    plain = student_from_teacher(StudentSpec(kind=kind, window=0), weights, causal=True, seed=3)
+    convolved = student_from_teacher(StudentSpec(kind=kind, window=0, short_conv=4), weights, causal=True, seed=3)
     hidden = torch.randn(2, 11, model.config.hidden_size)
     with torch.no_grad():
         assert torch.equal(convolved(hidden)[0], plain(hidden)[0])
@@ -171,8 +172,9 @@ def test_identity_convolutions_start_as_the_student_without_them(kind):
 
 
 def test_student_spec_checks_window_and_convolutions():
-    with pytest.raises(ValueError, match="window"):
-        StudentSpec(window=-1)
+    for bad in (-1, True, "64", 2.0):
+        with pytest.raises(ValueError, match="window"):
+            StudentSpec(window=bad)
     with pytest.raises(ValueError, match="short_conv"):
         StudentSpec(short_conv=1)
     student = build_student(dict(kind="gla", hidden_size=32, num_heads=2, head_dim=8, causal=True, window=8,
@@ -180,6 +182,18 @@ def test_student_spec_checks_window_and_convolutions():
     rebuilt = build_student(student.config_dict())
     assert rebuilt.config_dict() == student.config_dict()
     assert set(rebuilt.state_dict()) == set(student.state_dict())
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_the_default_window_is_64_tokens_for_decoders_and_none_for_encoders(family):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    weights = adapter.read_attention_weights(model, 0)
+    student = student_from_teacher(StudentSpec(), weights, causal=adapter.causal)
+    expected = DECODER_WINDOW if adapter.causal else 0
+    assert (student.window, student.rope) == (expected, expected > 0)  # Llama's rotary positions come along
+    assert student_from_teacher(StudentSpec(window=16), weights, causal=adapter.causal).window == 16
+    assert StudentSpec(window=0).window_for(True) == 0
 
 
 @pytest.mark.parametrize("window", [0, 4])
