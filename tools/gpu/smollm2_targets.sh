@@ -10,7 +10,7 @@
 # smollm2_quality.sh: TOKENS (1M), EPOCHS (2; EPOCHS= empty trains on the budget, cycling the data), MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (200),
 # EVAL_BATCH (100), LIMIT_S (540), ACCEPTANCE (point | bootstrap: the search's acceptance rule, default
 # the product's), CONFIDENCE (the bootstrap's, default the product's), STUDENT (gla | gated_deltanet),
-# WINDOW and SHORT_CONV (the student's softmax window and convolution size), GENERAL_SHARE (share of
+# WINDOW and SHORT_CONV (the student's softmax window, unset: the product's auto, and convolution size), GENERAL_SHARE (share of
 # general text in the distillation data). Back in $OUT: smollm2_<run>.log and report_<run>.{json,md};
 # <run> names the student options, the general share and the acceptance rule when given.
 set -o pipefail
