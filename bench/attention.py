@@ -83,9 +83,9 @@ def build_layers(shape: str, kinds, device, dtype, smoke: bool):
         adapter = adapter_for(model)
         teachers.append(Layer(implementation, adapter.attention_module(model, 0), takes_rope=True))
         rotary, weights = adapter.backbone(model).rotary_emb, adapter.read_attention_weights(model, 0)
-    students = [Layer(kind, student_from_teacher(StudentSpec(kind=kind, window=0), weights, causal=True).to(device, dtype),
-                      takes_rope=False)
-                for kind in kinds]
+    specs = {kind: StudentSpec(kind=kind, window=0) for kind in kinds}
+    students = [Layer(kind, student_from_teacher(spec, weights, causal=True).to(device, dtype), takes_rope=False)
+                for kind, spec in specs.items()]
     return teachers, students, rotary
 
 

@@ -74,8 +74,9 @@ def trajectory_forwards(num_layers: int, order: str) -> tuple[int, int]:
                          num_attention_heads=2, num_key_value_heads=1)
     model = LlamaForCausalLM(config).eval()
     adapter = adapter_for(model)
-    students = {i: student_from_teacher(StudentSpec(feature_map="identity", window=0), adapter.read_attention_weights(model, i),
-                                        causal=True, seed=i).eval() for i in range(num_layers)}
+    spec = StudentSpec(feature_map="identity", window=0)
+    students = {i: student_from_teacher(spec, adapter.read_attention_weights(model, i), causal=True, seed=i).eval()
+                for i in range(num_layers)}
     batch = {"input_ids": torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(42)),
              "attention_mask": torch.ones(1, 8, dtype=torch.long)}
     sign = 1.0 if order == "late" else -1.0

@@ -168,8 +168,8 @@ def main(argv=None) -> None:
         args.profile = min(args.profile, 2)
     device = default_device(args.smoke)
     dtype = default_dtype(device)
-    setup = build_setup(args.model, StudentSpec(kind="gla", window=0), device, dtype, args.smoke, args.steps, max(args.batches),
-                        [args.linear], args.cache)
+    setup = build_setup(args.model, StudentSpec(kind="gla", window=0), device, dtype, args.smoke, args.steps,
+                        max(args.batches), [args.linear], args.cache)
     rows = []
     with torch.inference_mode(), hybrid(setup, args.linear):
         ids = random_tokens(setup, 1, args.context)

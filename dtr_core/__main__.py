@@ -150,8 +150,10 @@ def _typed(raw: str, annotation: str, where: str) -> object:
 
 def _window(raw: str) -> int | str:
     """--window: "auto" or a whole number."""
-    if raw == "auto" or raw.isdigit():
-        return raw if raw == "auto" else int(raw)
+    if raw == "auto":
+        return raw
+    if raw.isdigit():
+        return int(raw)
     raise argparse.ArgumentTypeError(f"{raw!r} is neither 'auto' nor a whole number of tokens >= 0")
 
 
