@@ -115,8 +115,8 @@ class StudentSpec:
 
         "auto" gives decoders a 64-token window: on SmolLM2-135M it took the hybrids found at 5% perplexity
         from 13/30 to 28/30 linear layers, and a ~160K-token target at the default budget from 9/30 to
-        28/30, for about 15% more GPU time per student layer at 8K tokens (BENCHMARKS.md, issues 14 and
-        15). Encoders keep none: nothing was measured there, and their texts are often within 64 tokens.
+        28/30, for 15-19% more GPU time per student layer at batch 8 x 8K tokens (two separate runs;
+        BENCHMARKS.md, issues 14 and 15). Encoders keep none: nothing was measured there, and their texts are often within 64 tokens.
         """
         if self.window == "auto":
             return DECODER_WINDOW if causal else 0
