@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from services import free_port, prefect_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -135,3 +136,28 @@ def tiny_setup(tmp_path) -> tuple[str, str]:
     model = save_tiny_model("llama", tmp_path / "model", num_layers=3)
     data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(300))
     return model, data
+
+
+# One Prefect server for the flow tests (tests/integration), started when a test first asks for it and stopped
+# at the session's end. Without PREFECT_API_URL every flow process starts Prefect's temporary server (about 10 s
+# of a 28 s tiny run on 2 cores). DtR's stage cache, not Prefect's, is what runs reuse, so sharing the server
+# shares no results. The README's path (a temporary server) keeps its own test:
+# test_flow.test_second_run_reuses_every_stage's first run.
+
+
+@pytest.fixture(scope="session")
+def shared_prefect_api(tmp_path_factory):
+    """The API URL of a Prefect server started once for the session (stopped at its end)."""
+    folder = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    server = prefect_server(port, folder / "home", folder / "server.log")
+    try:
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def on_shared_prefect_server(monkeypatch, shared_prefect_api):
+    """Flow processes this test starts talk to the session's Prefect server (``flow_env`` copies os.environ)."""
+    monkeypatch.setenv("PREFECT_API_URL", shared_prefect_api)

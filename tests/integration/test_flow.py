@@ -13,15 +13,21 @@ import pytest
 from dtr_core.io import sha256_file
 from dtr_core.run import RUN_FOLDER
 
-# Every test runs the flow as a process.
-pytestmark = pytest.mark.integration
+# Every test runs the flow as a process, against the session's Prefect server (conftest.py) unless it asks
+# for a temporary one.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("on_shared_prefect_server")]
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def flow_env(tmp_path) -> dict:
-    return {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+def flow_env(tmp_path, temporary_server: bool = False) -> dict:
+    """The environment of a flow process; ``temporary_server``: no PREFECT_API_URL, so the flow starts Prefect's
+    temporary server as a user's first run does."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+    if temporary_server:
+        env.pop("PREFECT_API_URL", None)
+    return env
 
 
 def overrides(model, data, out, **extra) -> list[str]:
@@ -35,9 +41,9 @@ def overrides(model, data, out, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def run_flow(args, tmp_path, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.dtr", *args], cwd=REPO, env=flow_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
+def run_flow(args, tmp_path, timeout=600, temporary_server=False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.dtr", *args], cwd=REPO,
+                          env=flow_env(tmp_path, temporary_server), capture_output=True, text=True, timeout=timeout)
 
 
 def exported_weights(out: Path) -> str:
@@ -47,12 +53,14 @@ def exported_weights(out: Path) -> str:
 
 def test_second_run_reuses_every_stage(tmp_path, tiny_setup):
     out = tmp_path / "out"
-    first = run_flow(overrides(*tiny_setup, out), tmp_path)
+    # The README's first run: no Prefect server running, so the flow starts its temporary one.
+    first = run_flow(overrides(*tiny_setup, out), tmp_path, temporary_server=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    # A quiet console: no API requests, routine task states, store set-up or progress bars; one summary.
+    # A quiet console: no API requests, routine task states, store set-up, progress bars or font fallbacks; one
+    # summary.
     console = first.stderr + first.stdout
     for noise in ("HTTP Request:", "Finished in state Completed", "Creating initial MLflow database", "it/s]",
-                  "temporary server", "Traceback"):
+                  "temporary server", "findfont", "Traceback"):
         assert noise not in console, noise
     assert console.count("DtR summary") == 1 and len(console.splitlines()) < 100
     # Beside the manifests, only folders: a stage's own file there could take a manifest's name.

@@ -2,41 +2,19 @@
 cluster (same hybrid as threads), and a Prefect server serving the deployment."""
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-from test_flow import REPO, exported_weights, flow_env, overrides, run_flow
+from services import VENV_BIN, Service, free_port, prefect_server, wait_http
+from test_flow import exported_weights, flow_env, overrides, run_flow
 
-# Every test starts servers or flow processes.
-pytestmark = pytest.mark.integration
-
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout}s")
+# Every test starts servers or flow processes; flows run against the session's Prefect server (conftest.py)
+# unless a test starts its own.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("on_shared_prefect_server")]
 
 
 def api(url: str, payload: dict | None = None) -> dict:
@@ -44,24 +22,6 @@ def api(url: str, payload: dict | None = None) -> dict:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
-
-
-class Service:
-    """A server process started for one test and always stopped after it."""
-
-    def __init__(self, args, env, log_path):
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, cwd=REPO)
-
-    def stop(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-        self.log.close()
 
 
 @pytest.fixture
@@ -123,11 +83,9 @@ def test_dask_runner_gives_the_same_hybrid(tmp_path, tiny_setup):
 def test_deployment_runs_on_a_local_prefect_server(tmp_path, tiny_setup):
     port = free_port()
     env = {**flow_env(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    server = Service([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                     {k: v for k, v in env.items() if k != "PREFECT_API_URL"}, tmp_path / "server.log")
+    server = prefect_server(port, tmp_path / "prefect-server", tmp_path / "server.log")
     worker = None
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", server.process, timeout=180)
         worker = Service([sys.executable, "-m", "flows.serve", "--name", "test"], env, tmp_path / "serve.log")
         deadline = time.time() + 120
         while time.time() < deadline:
