@@ -33,6 +33,8 @@ from .window import (
     lagged_queries,
     lagged_sequence,
     last_window,
+    ring_lagged_queries,
+    ring_softmax,
     rotary_tables,
     rotate,
     window_softmax,
@@ -338,9 +340,9 @@ class LinearAttentionStudent(nn.Module):
         batch, length, _ = hidden_states.shape
         if self.window:
             fused = self._fused_window(hidden_states)
-            window_inputs, linear, early = self._window_halves(hidden_states, attention_mask, layer,
-                                                               position_embeddings, fused)
-            out = self._window_readout(window_inputs, linear, fused, early)
+            window_inputs, linear, layout = self._window_halves(hidden_states, attention_mask, layer,
+                                                                position_embeddings, fused)
+            out = self._window_readout(window_inputs, linear, fused, layout)
         else:
             valid = key_padding_mask(attention_mask, length)
             q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
@@ -358,20 +360,22 @@ class LinearAttentionStudent(nn.Module):
         as fused kernels on this call: as ``_fused``, for causal students whose window the kernels serve."""
         return self.causal and self._fused(x) and kernels.window_kernels_fit(self.window)
 
-    def _window_readout(self, window_inputs, linear: torch.Tensor, fused: bool, early: bool) -> torch.Tensor:
-        """A sliding-window student's output [B, T, H, D] from ``_window_halves``' window inputs and lagged
-        scan (``early``: its rows W early): the softmax-like readout over both halves, or the window's softmax
-        plus the scan's RMS readout."""
+    def _window_readout(self, window_inputs, linear: torch.Tensor, fused: bool, layout: str) -> torch.Tensor:
+        """A sliding-window student's output [B, T, H, D] from ``_window_halves``' window inputs, lagged scan
+        and ``layout``: the softmax-like readout over both halves, or the window's softmax plus the scan's RMS
+        readout."""
         q, keys, values, valid = window_inputs  # (history, new) pairs but q
         scale = 1.0 / math.sqrt(self.head_dim)
         if fused:
-            if self.normalised_readout:
-                return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
-                                                     offset=self.window_offset, early_linear=early)
+            readout = dict(offset=self.window_offset) if self.normalised_readout else dict(
+                norm_weight=self.out_norm_weight)
             return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
-                                                 norm_weight=self.out_norm_weight, early_linear=early)
-        keys, values, valid = (with_history(history, new, self.window) for history, new in (keys, values, valid))
-        parts = window_softmax(q.float() * scale, keys, values, valid, self.window, self.causal)
+                                                 early_linear=layout == "early", ring=layout == "ring", **readout)
+        if layout == "ring":
+            parts = ring_softmax(q.float() * scale, keys[0], values[0], valid[0])
+        else:
+            keys, values, valid = (with_history(history, new, self.window) for history, new in (keys, values, valid))
+            parts = window_softmax(q.float() * scale, keys, values, valid, self.window, self.causal)
         if self.normalised_readout:
             return combine_normalised(parts, linear, self.window_offset).to(linear.dtype)
         numerator, denominator, _ = parts
@@ -464,8 +468,11 @@ class LinearAttentionStudent(nn.Module):
         sequence (zeros: no keys). History then new tokens form the "combined" sequence (``window.py``); a
         cache keeps its last W tokens for the next call.
 
-        Returns (window inputs, scan output, early): ``early`` when the scan output's row t - W is token t's
-        (a fused call that starts a sequence; see below).
+        Returns (window inputs, scan output, layout), the layout one of
+          "late": the scan output's row t is token t's;
+          "early": its row t - W is token t's (a fused call that starts a sequence; see below);
+          "ring": one static decoding step (``_ring_step``), whose histories are rings already holding the
+              new token: the pairs are (ring, None).
         """
         length = hidden_states.shape[1]
         window = self.window
@@ -477,6 +484,8 @@ class LinearAttentionStudent(nn.Module):
         v_window = projections[2].view(q_window.shape)
         new = dict(window_k=k_window, window_v=v_window, window_valid=valid, scan_k=k, scan_v=v,
                    **{f"scan_gate{i}": gate for i, gate in enumerate(gates)})
+        if layer is not None and layer.in_place:
+            return self._ring_step(q, q_window, new, layer)
         histories = {name: None if layer is None else layer.histories.get(name) for name in new}
         # A fused call that starts a sequence scans the new tokens as they are, its queries W rows early (the
         # zero history a late scan would read first adds nothing): no shifted copies of k, v and the gates.
@@ -487,26 +496,25 @@ class LinearAttentionStudent(nn.Module):
             lagged_q = kernels.lagged_queries_triton(q, gates[0], histories["scan_gate0"], window)
         else:
             lagged_q = lagged_queries(q, gates[0], history_or_zeros(histories["scan_gate0"], gates[0], window), window)
-        if not early:  # read before keeping: an in-place cache overwrites its history buffers
-            late = {name: lagged_sequence(histories[name], new[name], window)
-                    for name in new if name.startswith("scan_")}
-            scan_inputs = (late["scan_k"], late["scan_v"], tuple(late[f"scan_gate{i}"] for i in range(len(gates))))
-        pairs = {name: (histories[name], new[name]) for name in ("window_k", "window_v", "window_valid")}
-        if layer is not None:
-            if layer.in_place:  # keeping overwrites the history buffers, which the window still reads
-                pairs = {name: (None if history is None else history.clone(), tensor)
-                         for name, (history, tensor) in pairs.items()}
-            for name, tensor in new.items():
-                layer.keep(name, last_window(histories[name], tensor, window))
         if early:
             if layer is not None:
                 # The cached state must stop W tokens short of the end, as a late scan's does: the last W
-                # keys (kept above as history) write nothing and their decays are 1 (log 0).
+                # keys (kept first, as copies, for the next call's history) write nothing and their decays are
+                # 1 (log 0).
+                for name in new:
+                    layer.keep(name, last_window(None, new[name], window))
                 if k._base is not None:  # a view of the window's own keys (identity features): not in place
                     k = k.clone()
                 k[:, length - window:] = 0
                 gates[0][:, length - window:] = 0
             scan_inputs = (k, v, gates)
+        else:
+            late = {name: lagged_sequence(histories[name], new[name], window)
+                    for name in new if name.startswith("scan_")}
+            scan_inputs = (late["scan_k"], late["scan_v"], tuple(late[f"scan_gate{i}"] for i in range(len(gates))))
+            if layer is not None:
+                for name, tensor in new.items():
+                    layer.keep(name, last_window(histories[name], tensor, window))
         linear = self._causal_scan(lagged_q, *scan_inputs, layer)
         if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
             flipped = [x.flip(1) for x in (q, k, v, *gates)]
@@ -514,4 +522,25 @@ class LinearAttentionStudent(nn.Module):
             backward_inputs = [lagged_sequence(None, x, window) for x in flipped[1:]]
             linear = linear + self._scan(backward_q, backward_inputs[0], backward_inputs[1],
                                          tuple(backward_inputs[2:]))[0].flip(1)
-        return (q_window, pairs["window_k"], pairs["window_v"], pairs["window_valid"]), linear, early
+        pairs = [(histories[name], new[name]) for name in ("window_k", "window_v", "window_valid")]
+        return (q_window, *pairs), linear, "early" if early else "late"
+
+    def _ring_step(self, q, q_window, new: dict, layer):
+        """One static decoding step of a sliding-window student (``_window_halves``' "ring" layout).
+
+        In static mode a cache's histories are rings (``cache.RecurrentStateLayer.ring_slot``): the new token
+        takes the slot of the token W positions back, the one that leaves the window. That token is what the
+        scan, W tokens late, writes now; the ring then holds the W tokens the window attends to and whose decays
+        the lagged query carries, in whatever order. Each step writes one token per history, where keeping the
+        histories in order would shift all W (the copies cost more than the attention they replace).
+        """
+        slot = layer.ring_slot(self.window)
+        scan_names = [name for name in new if name.startswith("scan_")]
+        leaving = {name: layer.histories[name].index_select(1, slot) for name in scan_names}  # read before writing
+        for name, tensor in new.items():
+            layer.write_ring(name, slot, tensor)
+        lagged_q = ring_lagged_queries(q, layer.histories["scan_gate0"])
+        gates = tuple(leaving[name] for name in scan_names[2:])
+        linear = self._causal_scan(lagged_q, leaving["scan_k"], leaving["scan_v"], gates, layer)
+        rings = [(layer.histories[name], None) for name in ("window_k", "window_v", "window_valid")]
+        return (q_window, *rings), linear, "ring"

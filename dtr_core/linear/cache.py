@@ -29,8 +29,11 @@ class RecurrentStateLayer(DynamicLayer):
         self.histories: dict[str, torch.Tensor] = {}
         self.seen_tokens = 0
         # Static mode (begin_static): students then update ``state`` and the histories where they lie and
-        # leave the count alone.
+        # leave the count alone; a sliding window's histories are rings (``ring_slot``), named in ``_rings``.
         self.in_place = False
+        self._write_position: torch.Tensor | None = None
+        self._ring_origin = 0
+        self._rings: set[str] = set()
 
     def advance(self, state: torch.Tensor, num_tokens: int) -> None:
         self.state, self.seen_tokens = state, self.seen_tokens + num_tokens
@@ -43,16 +46,36 @@ class RecurrentStateLayer(DynamicLayer):
         else:
             self.histories[name] = history
 
-    def begin_static(self) -> None:
+    def begin_static(self, write_position: torch.Tensor) -> None:
         """Static mode: students overwrite ``state`` in place (a captured CUDA graph replays on that memory),
         which is stored V-first from here on (``gla.gla_step_``'s kernel reads each value channel's keys as
-        one contiguous row). The token count stays as it is until ``end_static``."""
+        one contiguous row). ``write_position`` is an int64 device tensor [1], the position of the token being
+        fed, which the caller advances after each step. The token count stays as it is until ``end_static``."""
         self.state = self.state.transpose(-1, -2).contiguous().transpose(-1, -2)
         self.in_place = True
+        self._write_position, self._ring_origin = write_position, self.seen_tokens
+
+    def ring_slot(self, window: int) -> torch.Tensor:
+        """Static mode: the slot (int64 device tensor [1]) where a W-token history, used as a ring, holds the
+        token W positions before the one being fed, whose entry that token's replaces (``write_ring``).
+
+        A history kept in order up to static mode (oldest first, token ``origin - W + j`` in slot j) is such
+        a ring: token p always sits in slot ``(p - origin) mod W``."""
+        return (self._write_position - self._ring_origin).remainder(window)
+
+    def write_ring(self, name: str, slot: torch.Tensor, tensor: torch.Tensor) -> None:
+        """Static mode: write one token's ``tensor`` [B, 1, ...] into the ring history ``name`` at ``slot``."""
+        self.histories[name].index_copy_(1, slot, tensor)
+        self._rings.add(name)
 
     def end_static(self, seen_tokens: int) -> None:
-        """Back to ordinary updates, ``seen_tokens`` tokens seen."""
-        self.in_place, self.seen_tokens = False, seen_tokens
+        """Back to ordinary updates, ``seen_tokens`` tokens seen; ring histories back in order (oldest first)."""
+        for name in self._rings:
+            history = self.histories[name]
+            oldest = (seen_tokens - self._ring_origin) % history.shape[1]
+            self.histories[name] = history.roll(-oldest, dims=1)
+        self._rings.clear()
+        self.in_place, self.seen_tokens, self._write_position = False, seen_tokens, None
 
     def get_seq_length(self, *args) -> int:
         return self.seen_tokens

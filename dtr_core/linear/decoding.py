@@ -230,10 +230,8 @@ class StaticDecoder:
         self._start = padding
         self._logits: torch.Tensor | None = None
         self._captured: torch.cuda.CUDAGraph | None = None
-        for layer in attention_layers:
+        for layer in (*attention_layers, *state_layers):
             layer.begin_static(self._slot)
-        for layer in state_layers:
-            layer.begin_static()
 
     def __enter__(self) -> "StaticDecoder":
         return self

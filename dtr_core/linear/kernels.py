@@ -235,7 +235,7 @@ def lagged_queries_triton(q: torch.Tensor, log_decay: torch.Tensor, history_log_
 
 def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Tensor, window: int, scale: float,
                           offset: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                          early_linear: bool = False) -> torch.Tensor:
+                          early_linear: bool = False, ring: bool = False) -> torch.Tensor:
     """A causal sliding-window student's output in one kernel: softmax attention of each new token over the
     last W combined keys (``window.window_softmax``), joined with the lagged scan's output ``linear`` by the
     softmax-like readout (``window.combine_normalised``, given ``offset``) or added to its RMS-normalised
@@ -249,11 +249,15 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
         window: W (``window_kernels_fit``). scale: multiplies the scores. offset: [H]. norm_weight: [H, D].
         early_linear: new token t's scan output is ``linear``'s row t - W (none before token W: zero), as a
             scan of ``lagged_queries_triton(..., early=True)``'s queries gives it.
+        ring: one new token (T = 1) whose window is the histories alone, given as (ring, None) pairs: a static
+            decoder's rings, already holding the new token, in any order (``window.ring_softmax``).
 
     Returns [B, T, H, D] in linear's dtype.
     """
     batch, length, heads, dim = q.shape
     (history_keys, new_keys), (history_values, new_values), (history_valid, new_valid) = keys, values, valid
+    if ring:  # no new keys to read: the rings hold them
+        new_keys, new_values, new_valid = history_keys, history_values, history_valid
     has_history = history_keys is not None
     q, new_keys, new_values, linear = (x.contiguous() for x in (q, new_keys, new_values, linear))
     new_valid = new_valid.to(torch.float32).contiguous()
@@ -270,7 +274,7 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
         q, history_keys, new_keys, history_values, new_values, history_valid, new_valid, linear, weights, out,
         length, scale, H=heads, D=dim, W=window, LINEAR_WIDTH=linear.shape[-1], BLOCK=block,
         HAS_HISTORY=has_history, NORMALISED=normalised, IEEE=q.dtype == torch.float32,
-        LINEAR_LAG=window if early_linear else 0,
+        LINEAR_LAG=window if early_linear else 0, RING=ring,
     )
     return out
 
@@ -495,10 +499,11 @@ if triton is not None:
     def _window_readout_kernel(q, history_keys, keys, history_values, values, history_valid, valid, linear, weights,
                                out, T, scale, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
                                LINEAR_WIDTH: tl.constexpr, BLOCK: tl.constexpr, HAS_HISTORY: tl.constexpr,
-                               NORMALISED: tl.constexpr, IEEE: tl.constexpr, LINEAR_LAG: tl.constexpr):
+                               NORMALISED: tl.constexpr, IEEE: tl.constexpr, LINEAR_LAG: tl.constexpr,
+                               RING: tl.constexpr):
         # BLOCK new tokens of one (sequence, head). New token t sits at combined index t + W (the history's W
         # tokens come first) and sees combined keys t+1 .. t+W; an online softmax runs over the key blocks
-        # the BLOCK queries reach.
+        # the BLOCK queries reach. RING: one token, which sees the W history keys (a ring holding it) alone.
         i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         tokens = i_t * BLOCK + tl.arange(0, BLOCK)
@@ -508,8 +513,12 @@ if triton is not None:
         row_max = tl.full([BLOCK], float("-inf"), tl.float32)
         denominator = tl.zeros([BLOCK], tl.float32)
         numerator = tl.zeros([BLOCK, D], tl.float32)
-        for start in range(0, BLOCK + W - 1, BLOCK):
-            combined = i_t * BLOCK + 1 + start + tl.arange(0, BLOCK)
+        if RING:
+            first, span = 0, W
+        else:
+            first, span = i_t * BLOCK + 1, BLOCK + W - 1
+        for start in range(0, span, BLOCK):
+            combined = first + start + tl.arange(0, BLOCK)
             new = combined - W
             is_new = (new >= 0) & (new < T)
             p_new = ((i_b * T + new[:, None]) * H + i_h) * D + dims[None, :]
@@ -527,8 +536,11 @@ if triton is not None:
                 scores = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * scale
             else:
                 scores = tl.dot(b_q, tl.trans(b_k)) * scale
-            reach = combined[None, :] - tokens[:, None]  # 1 .. W inside the window
-            allowed = (reach >= 1) & (reach <= W) & real[None, :]
+            if RING:
+                allowed = token_ok[:, None] & real[None, :]
+            else:
+                reach = combined[None, :] - tokens[:, None]  # 1 .. W inside the window
+                allowed = (reach >= 1) & (reach <= W) & real[None, :]
             scores = tl.where(allowed, scores, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(scores, axis=1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)

@@ -84,6 +84,29 @@ def lagged_queries(q: torch.Tensor, log_decay: torch.Tensor, history_log_decay: 
     return (q.float() * decay).to(q.dtype)
 
 
+def ring_lagged_queries(q: torch.Tensor, ring_log_decay: torch.Tensor) -> torch.Tensor:
+    """``lagged_queries`` for one new token whose W-token window is a ring history already holding it (static
+    decoding): q [B, 1, H, K] scaled by the decay of the ring's tokens, ``ring_log_decay`` [B, W, H, K] or
+    [B, W, H] (a sum: their order does not matter)."""
+    decay = ring_log_decay.float().sum(1, keepdim=True).exp()
+    if decay.dim() < q.dim():
+        decay = decay[..., None]
+    return (q.float() * decay).to(q.dtype)
+
+
+def ring_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``window_softmax`` for one new token whose window is a ring history already holding it (static
+    decoding): q [B, 1, H, D] scaled; k, v [B, W, H, D] the window's keys and values in any order; valid
+    [B, W]. Returns the same three parts."""
+    scores = torch.einsum("bqhd,bshd->bqhs", q.float(), k.float())
+    scores = scores.masked_fill(~valid.bool()[:, None, None, :], -math.inf)
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = (scores - row_max).exp()  # exactly 0 where masked
+    return torch.einsum("bqhs,bshd->bqhd", weights, v.float()), weights.sum(-1, keepdim=True), row_max
+
+
 def window_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                    window: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unnormalised softmax attention of the new tokens over their window, in fp32.

@@ -72,6 +72,11 @@ LAUNCHES = textwrap.dedent("""
                                               early_linear=not history)
                 kernels.window_readout_triton(x, *pairs, linear[..., :D], window, 0.125,
                                               norm_weight=torch.rand(H, D))
+            rings = [(y[:, :window], None) for y in (keys, values, key_valid)]  # a static decoding step
+            kernels.window_readout_triton(x[:, :1], *rings, linear[:, :1], window, 0.125, offset=torch.randn(H),
+                                          ring=True)
+            kernels.window_readout_triton(x[:, :1], *rings, linear[:, :1, :, :D], window, 0.125,
+                                          norm_weight=torch.rand(H, D), ring=True)
         step = torch.randn(B, 1, H, D, dtype=dtype)
         kernels.gla_step_triton(step, step, step, -torch.rand(B, 1, H, D, dtype=dtype), 0.125,
                                 torch.zeros(B, H, D, D))

@@ -69,21 +69,21 @@ def test_static_steps_decode_like_cached_decoding(family, kind, options, padded)
     capacity = prompt.shape[1] + STEPS + 3  # spare room: positions past the length must not be attended
     with hybrid_view(model, adapter, students, (1,)):
         cache, first = prefill(model, prompt, capacity, mask)
-        expected = greedy_steps(model, cache, first, STEPS, attention_mask=mask)
+        expected = greedy_steps(model, cache, first, STEPS + 2, attention_mask=mask)
         cache, first = prefill(model, prompt, capacity, mask)
         decoder = StaticDecoder(model, cache, max_steps=STEPS + 1, attention_mask=mask)
         assert not decoder.graph  # CPU tensors: the steps run eagerly
         got = greedy_steps(model, cache, first, STEPS, decoder)
-        assert (got - expected).abs().max() <= 1e-5
+        assert (got - expected[:, :STEPS]).abs().max() <= 1e-5
         decoder.close()
-        # Lengths are up to date again, and the cache goes on decoding as usual.
+        # Lengths are up to date again, and the cache goes on decoding as usual (a window's rings in order again).
         length = prompt.shape[1] + STEPS
         assert all(layer.get_seq_length() == length for layer in cache.layers)
         assert isinstance(cache.layers[1], RecurrentStateLayer) and isinstance(cache.layers[0], PreallocatedLayer)
         assert cache.layers[0].keys.shape[-2] == length
         cached_mask = None if mask is None else torch.cat([mask, mask.new_ones(len(mask), STEPS)], dim=1)
         more = greedy_steps(model, cache, got[:, -1], 2, attention_mask=cached_mask)
-        assert torch.isfinite(more).all()
+        assert (more - expected[:, STEPS:]).abs().max() <= 1e-5
     # The attention implementation was switched only while steps ran.
     assert model.config._attn_implementation == "sdpa"
 
