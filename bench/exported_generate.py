@@ -177,7 +177,7 @@ def render(meta: dict, rows: list[dict]) -> str:
               ) if ratios else "- not measured yet"
     env = meta["environment"]
     return "\n".join([
-        f"### {meta['model']}: {meta['architecture']} (random weights)",
+        f"### {meta['model']}: {meta['architecture']} ({meta['weights']})",
         "",
         f"Card: {env['card']}. {environment_line(env)}.",
         f"Command: `{meta['command']}`",
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         config = setup.model.config
         sections[name] = ({
             "model": name, "command": command, "environment": environment(device), "num_layers": setup.num_layers,
+            "weights": "random weights" if name in ARCHITECTURES else "real weights",
             "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, vocab {config.vocab_size}",
             "prompts": (f"{args.batch} prompts of {tokens_label(args.lengths[0])}-{tokens_label(args.lengths[1])} "
                         f"tokens (evenly spread, left-padded), {args.new_tokens} new tokens each, greedy"),

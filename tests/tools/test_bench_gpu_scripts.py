@@ -251,3 +251,4 @@ def test_exported_generate_times_a_real_model_folder_with_the_found_layers(tmp_p
     assert [row["k"] for row in model["rows"]] == [0, 2]
     assert model["meta"]["linear_layers"] == {"0": [], "2": [1, 3]}
     assert all(row["same_tokens"] == 1.0 and row["generate_tokens_per_s"] > 0 for row in model["rows"])
+    assert "(real weights)" in out.read_text()
