@@ -88,7 +88,7 @@ def ring_lagged_queries(q: torch.Tensor, ring_log_decay: torch.Tensor) -> torch.
     """``lagged_queries`` for one new token whose W-token window is a ring history already holding it (static
     decoding): q [B, 1, H, K] scaled by the decay of the ring's tokens, ``ring_log_decay`` [B, W, H, K] or
     [B, W, H] (a sum: their order does not matter)."""
-    decay = ring_log_decay.float().sum(1, keepdim=True).exp()
+    decay = ring_log_decay.sum(1, keepdim=True, dtype=torch.float32).exp()  # no fp32 copy of the ring
     if decay.dim() < q.dim():
         decay = decay[..., None]
     return (q.float() * decay).to(q.dtype)
