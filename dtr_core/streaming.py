@@ -102,6 +102,10 @@ class StreamResult:
     seconds: float  # training time, summed over resumed sessions
     tokens_per_second: float  # trained tokens per second of this session, all layers together
     resumed_from_step: int  # 0 for a fresh start
+    # This session's first step, waited for (0.0 when it ran none): on a GPU it includes the kernels compiling
+    # or autotuning on first use; and the rate of the steps after it (0.0 with fewer than two steps).
+    first_step_seconds: float = 0.0
+    steady_tokens_per_second: float = 0.0
 
 
 @dataclass
@@ -350,6 +354,7 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
 
     prior_seconds, session_started = progress.seconds, time.perf_counter()
     session_tokens, last_saved = 0, progress.step
+    first_step_seconds, first_step_tokens = 0.0, 0
     while progress.train_tokens < plan.train_tokens:  # one pass over the data per iteration
         for index, batch in enumerate(batches()):
             if index < distill.holdout_batches or index < progress.batches_done:
@@ -362,6 +367,9 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
             progress.step, progress.batches_done = progress.step + 1, index + 1
             progress.train_tokens += tokens
             session_tokens += tokens
+            if session_tokens == tokens:  # the session's first step, timed alone: reading its losses waits for it
+                pending[-1].tolist()
+                first_step_seconds, first_step_tokens = time.perf_counter() - session_started, tokens
             if progress.step % distill.checkpoint_every == 0:
                 progress.seconds = prior_seconds + time.perf_counter() - session_started
                 checkpoint()
@@ -392,8 +400,13 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
         for index, student in enumerate(trainer.students)
     ]
     throughput = session_tokens / session_seconds if session_tokens else 0.0
+    later_seconds = session_seconds - first_step_seconds
+    steady = (session_tokens - first_step_tokens) / later_seconds if session_tokens > first_step_tokens else 0.0
     log(f"stream distill: {progress.step} steps, {progress.train_tokens:,} tokens in {progress.seconds:.1f}s "
-        f"({throughput:,.0f} tokens/s this session, all {len(results)} students)")
+        f"({throughput:,.0f} tokens/s this session, all {len(results)} students"
+        + (f"; its first step took {first_step_seconds:.1f}s, the rest ran at {steady:,.0f} tokens/s)" if steady
+           else ")"))
     return StreamResult(layers=results, steps=progress.step, train_tokens=progress.train_tokens,
                         tokens_per_pass=progress.holdout_tokens + plan.data_tokens,
-                        seconds=progress.seconds, tokens_per_second=throughput, resumed_from_step=resumed_from)
+                        seconds=progress.seconds, tokens_per_second=throughput, resumed_from_step=resumed_from,
+                        first_step_seconds=first_step_seconds, steady_tokens_per_second=steady)
