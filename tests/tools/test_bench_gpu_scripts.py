@@ -3,7 +3,7 @@ CPU smoke mode and write the tables BENCHMARKS.md takes; only the tables' shape 
 timings of tiny models mean nothing)."""
 
 import json
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -207,13 +207,21 @@ def test_kernel_kinds_follow_the_kernel_names():
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<c10::BFloat16>>") == "other"
 
 
-def test_warm_up_runs_until_step_time_is_steady():
-    from bench.common import warm_until_steady
+def test_warm_up_runs_until_step_time_is_steady(monkeypatch):
+    from bench import common
 
-    durations = iter([0.03, 0.01, 0.03, 0.01] + [0.005] * 100)  # a noisy start, then steady
-    assert warm_until_steady(lambda: time.sleep(next(durations)), "cpu", window=1, tolerance=0.3) == 6
-    always_changing = iter([0.001 * 2**i for i in range(40)])
-    assert warm_until_steady(lambda: time.sleep(next(always_changing)), "cpu", window=1, max_windows=5) == 5
+    # A clock that each call advances by its duration: real sleeps overshoot on a busy machine.
+    clock = [0.0]
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(durations):
+        durations = iter(durations)
+        return lambda: clock.__setitem__(0, clock[0] + next(durations))
+
+    noisy_then_steady = [0.03, 0.01, 0.03, 0.01] + [0.005] * 100
+    assert common.warm_until_steady(taking(noisy_then_steady), "cpu", window=1, tolerance=0.3) == 6
+    always_changing = [0.001 * 2**i for i in range(40)]
+    assert common.warm_until_steady(taking(always_changing), "cpu", window=1, max_windows=5) == 5
 
 
 def test_exported_generate_smoke_times_generate_beside_generate_static(tmp_path):
