@@ -9,7 +9,8 @@ alone on its prepared inputs, and the host's share of it; the host time of one e
 and launches, before the GPU finishes), and how many calls in it made the host wait for the GPU (torch's
 sync debug mode; a wait stops the host from running ahead of the GPU in a whole model, so its time adds to
 the GPU's). For a softmax-like readout the scan is also timed without the all-ones value column that
-accumulates its normaliser (V = D instead of D + 1), to size what that column costs. ``--profile`` adds
+accumulates its normaliser (V = D instead of D + 1), to size what that column costs, and the kernel that
+computes the normaliser apart (``kernels.normaliser_triton``, past a size) is timed alone. ``--profile`` adds
 each row's kernels by GPU time (torch.profiler), to see which of the student's parts to fuse.
 
     python -m bench.student_prefill --out $OUT/student_prefill.md     # on the GPU
@@ -47,6 +48,7 @@ from bench.common import (
 )
 from dtr_core.adapters import adapter_for
 from dtr_core.linear.build import student_from_teacher
+from dtr_core.linear import kernels
 from dtr_core.linear.decoding import capture_graph
 from dtr_core.specs import StudentSpec
 
@@ -145,14 +147,16 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["ms"][f"{kind} graph"] = graph_ms(student_call, repeats, device)
             row["ms"][f"{kind} host"] = host_ms(student_call, repeats, device)
             row[f"{kind} host waits"] = host_waits(student_call, device)
-            def scan(v=v):
-                return student._scan(q, k, v, gates)
+            def scan(normaliser_column=True):
+                return student._scan(q, k, v, gates, normaliser_column=normaliser_column)
 
             row["ms"][f"{kind} scan"] = median_ms(scan, repeats, device)
             row["ms"][f"{kind} scan host"] = host_ms(scan, repeats, device)
             if student.normalised_readout:  # the same scan without the normaliser's all-ones value column
-                values = v[..., :-1].contiguous()
-                row["ms"][f"{kind} scan without normaliser"] = median_ms(lambda: scan(values), repeats, device)
+                row["ms"][f"{kind} scan without normaliser"] = median_ms(lambda: scan(False), repeats, device)
+                if student._fused(hidden):  # and the normaliser by its own kernel, which the forward uses past
+                    row["ms"][f"{kind} normaliser kernel"] = median_ms(  # kernels.SEPARATE_NORMALISER_MIN_TOKENS
+                        lambda: kernels.normaliser_triton(q, k, gates[0]), repeats, device)
             row["backend"] = student.last_backend
             if profile_top:
                 row["profiles"][kind] = kernel_table(student_call, device, profile_top)
@@ -164,7 +168,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
     for kind in kinds:
         headers += [f"{kind} ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms", f"{kind} host waits",
                     f"{kind} scan ms", f"{kind} scan host ms", f"{kind} scan without normaliser ms",
-                    f"{kind} / attention"]
+                    f"{kind} normaliser kernel ms", f"{kind} / attention"]
     table = []
     for row in rows:
         ms = row["ms"]
@@ -176,7 +180,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
                      cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
                      cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"),
                      cell(ms.get(f"{kind} scan host"), ".3f"), cell(ms.get(f"{kind} scan without normaliser"), ".3f"),
-                     cell(ratio, ".2f")]
+                     cell(ms.get(f"{kind} normaliser kernel"), ".3f"), cell(ratio, ".2f")]
         table.append(line)
     lines = [
         "## One student layer's prefill against the attention it replaces",
@@ -189,14 +193,14 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
         markdown_table(headers, table),
     ]
     for row in rows:
-        for kind, kernels in row["profiles"].items():
-            if not kernels:
+        for kind, profile in row["profiles"].items():
+            if not profile:
                 continue
             label = f"batch {row['batch']}, {tokens_label(row['tokens'])} tokens"
             lines += ["", f"Kernels of one {kind} call, {label}:", "",
                       markdown_table(["kernel", "GPU ms", "launches"],
                                      [[k["kernel"].replace("|", "/"), f"{k['ms']:.3f}", str(k["launches"])]
-                                      for k in kernels])]
+                                      for k in profile])]
     return "\n".join(lines)
 
 

@@ -202,9 +202,10 @@ class LinearAttentionStudent(nn.Module):
 
     def _step_in_place(self, q, k, v, gates, state: torch.Tensor) -> torch.Tensor:
         """One decoding token whose new state overwrites ``state`` (a cache layer in static mode, see
-        ``cache.RecurrentStateLayer``). Here by a scan whose new state is copied in; a mechanism with an
-        in-place kernel overrides this."""
-        out, new_state = self._scan(q, k, v, gates, initial_state=state, output_final_state=True)
+        ``cache.RecurrentStateLayer``); v comes with its ``_value_columns``. Here by a scan whose new state is
+        copied in; a mechanism with an in-place kernel overrides this."""
+        out, new_state = self._scan(q, k, v, gates, initial_state=state, output_final_state=True,
+                                    normaliser_column=False)
         state.copy_(new_state)
         return out
 
@@ -280,7 +281,7 @@ class LinearAttentionStudent(nn.Module):
     def _calibrate_window_offset(self, hidden_states, attention_mask, valid, log_far_mass) -> None:
         """Set ``window_offset`` so that, over the batch, sum exp(score - offset) beyond the window equals
         the scan's sum of feature products there (per head): the teacher's split, in the scan's units."""
-        _, linear, _ = self._window_halves(hidden_states, attention_mask, None, None)  # unfused: not early
+        _, (linear, _), _ = self._window_halves(hidden_states, attention_mask, None, None)  # unfused: not early
         linear_mass = linear[..., -1] if valid is None else linear[..., -1][valid]
         linear_mass = linear_mass.float().reshape(-1, self.num_heads).sum(0)
         usable = torch.isfinite(log_far_mass) & (linear_mass > 0)
@@ -311,9 +312,14 @@ class LinearAttentionStudent(nn.Module):
             return kernels.log_decay_triton(logits, LOG_DECAY_FLOOR)
         return F.logsigmoid(logits.float()).clamp_min(LOG_DECAY_FLOOR)
 
-    def _scan(self, q, k, v, gates, reverse: bool = False, initial_state=None, output_final_state=False):
+    def _scan(self, q, k, v, gates, reverse: bool = False, initial_state=None, output_final_state=False,
+              normaliser_column: bool = True):
         """``_operator`` on the backend this call resolves to (recorded in ``last_backend``); ``reverse``
-        scans from the last token to the first (the backward half of a bidirectional student)."""
+        scans from the last token to the first (the backward half of a bidirectional student);
+        ``normaliser_column``: v [B, T, H, D] gets ``_value_columns``' (False: v has it, or the normaliser is
+        computed apart)."""
+        if normaliser_column:
+            v = self._value_columns(v)
         if reverse:
             q, k, v = (t.flip(1) for t in (q, k, v))
             gates = tuple(gate.flip(1) for gate in gates)
@@ -345,11 +351,12 @@ class LinearAttentionStudent(nn.Module):
             out = self._window_readout(window_inputs, linear, fused, layout)
         else:
             valid = key_padding_mask(attention_mask, length)
+            separate = self._separate_normaliser(hidden_states, layer)
             q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
-            out = self._causal_scan(q, k, v, gates, layer)
+            out, mass = self._causal_scan(q, k, v, gates, layer, separate)
             if not self.causal:
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
-            out = self._readout(out, self._fused(hidden_states))
+            out = self._readout(out, self._fused(hidden_states), mass)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         if self.o_proj is not None:
             out = self.o_proj(out)
@@ -360,14 +367,15 @@ class LinearAttentionStudent(nn.Module):
         as fused kernels on this call: as ``_fused``, for causal students whose window the kernels serve."""
         return self.causal and self._fused(x) and kernels.window_kernels_fit(self.window)
 
-    def _window_readout(self, window_inputs, linear: torch.Tensor, fused: bool, layout: str) -> torch.Tensor:
+    def _window_readout(self, window_inputs, linear: tuple, fused: bool, layout: str) -> torch.Tensor:
         """A sliding-window student's output [B, T, H, D] from ``_window_halves``' window inputs, lagged scan
-        and ``layout``: the softmax-like readout over both halves, or the window's softmax plus the scan's RMS
-        readout."""
+        (output and normaliser) and ``layout``: the softmax-like readout over both halves, or the window's softmax
+        plus the scan's RMS readout."""
         q, keys, values, valid = window_inputs  # (history, new) pairs but q
+        linear, mass = linear
         scale = 1.0 / math.sqrt(self.head_dim)
         if fused:
-            readout = dict(offset=self.window_offset) if self.normalised_readout else dict(
+            readout = dict(offset=self.window_offset, mass=mass) if self.normalised_readout else dict(
                 norm_weight=self.out_norm_weight)
             return kernels.window_readout_triton(q, keys, values, valid, linear, self.window, scale,
                                                  early_linear=layout == "early", ring=layout == "ring", **readout)
@@ -381,11 +389,12 @@ class LinearAttentionStudent(nn.Module):
         numerator, denominator, _ = parts
         return (numerator / (denominator + 1e-6) + self._normalised(linear).float()).to(linear.dtype)
 
-    def _readout(self, out: torch.Tensor, fused: bool) -> torch.Tensor:
-        """A scan's output [B, T, H, V] → [B, T, H * D]: the softmax-like or the RMS-normalised readout."""
+    def _readout(self, out: torch.Tensor, fused: bool, mass: torch.Tensor | None = None) -> torch.Tensor:
+        """A scan's output [B, T, H, V] → [B, T, H * D]: the softmax-like readout (its normaliser the last value
+        column, or ``mass`` [B, T, H] when computed apart) or the RMS-normalised one."""
         if self.normalised_readout:
             if fused:
-                return kernels.normalised_readout_triton(out)
+                return kernels.normalised_readout_triton(out, mass)
             return out[..., :self.head_dim] / (out[..., self.head_dim:] + 1e-6)
         if fused:
             return kernels.rms_readout_triton(out, self.out_norm_weight)
@@ -400,9 +409,9 @@ class LinearAttentionStudent(nn.Module):
         return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
 
     def _scan_inputs(self, hidden_states, projections, valid, layer):
-        """(q, k, v, gates) as the scan reads them: the ``projections`` through the short convolutions,
-        feature map and gates; padding keys (``valid`` False) zeroed, one dtype, and v with an all-ones
-        column for the normalised readout."""
+        """(q, k, v, gates) as the scan reads them (v without ``_value_columns``' normaliser column): the
+        ``projections`` through the short convolutions, feature map and gates; padding keys (``valid`` False)
+        zeroed, one dtype."""
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         fused = self._fused(hidden_states)
@@ -418,10 +427,24 @@ class LinearAttentionStudent(nn.Module):
         # softmax features, normalised q/k and gates in fp32, and fla's kernels need them to agree.
         q, k = q.to(v.dtype), k.to(v.dtype)
         gates = tuple(gate.to(v.dtype) for gate in gates)
-        if self.normalised_readout:
-            # An all-ones value column makes the same scan accumulate the normaliser sum_s w_ts.
-            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
         return q, k, v, gates
+
+    def _value_columns(self, v: torch.Tensor) -> torch.Tensor:
+        """v [B, T, H, D] as a scan takes it: with an all-ones column for the softmax-like readout, which makes the
+        same scan accumulate the normaliser sum_s w_ts (unless computed apart: ``_separate_normaliser``)."""
+        return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.normalised_readout else v
+
+    def _separate_normaliser(self, hidden_states, layer) -> bool:
+        """Whether this call's normaliser comes from a kernel of its own (``kernels.normaliser_triton``) instead of
+        an all-ones value column in the scan: fused causal calls of a softmax-like readout with enough tokens
+        (``kernels.SEPARATE_NORMALISER_MIN_TOKENS``; always when the kernels are forced, as the tests do), but
+        not a static decoding step, whose state keeps the column."""
+        if not (self.normalised_readout and self.causal and self._fused(hidden_states)):
+            return False
+        if layer is not None and layer.in_place:
+            return False
+        batch, length, _ = hidden_states.shape
+        return self.prefill_kernels == "triton" or batch * length >= kernels.SEPARATE_NORMALISER_MIN_TOKENS
 
     def _convolved(self, x: torch.Tensor, name: str, layer) -> torch.Tensor:
         """``x`` [B, T, H*D] through the short convolution ``name``, continuing a cache's history."""
@@ -431,15 +454,24 @@ class LinearAttentionStudent(nn.Module):
             layer.keep(name, history)
         return out
 
-    def _causal_scan(self, q, k, v, gates, layer) -> torch.Tensor:
-        """The forward scan, continuing and updating ``layer``'s state when decoding with a cache."""
+    def _causal_scan(self, q, k, v, gates, layer, separate_normaliser: bool = False) -> tuple:
+        """The forward scan, continuing and updating ``layer``'s state when decoding with a cache: (its output,
+        the normaliser [B, T, H] when ``separate_normaliser``, else None).
+
+        Apart, the normaliser's running key sum is still kept as the state's last value column, as an all-ones
+        column would have left it: a cache holds one state layout whichever way a call computed it."""
         if layer is not None and layer.in_place:
-            return self._step_in_place(q, k, v, gates, layer.state)
-        out, state = self._scan(q, k, v, gates, output_final_state=layer is not None,
-                                initial_state=None if layer is None else layer.state)
+            return self._step_in_place(q, k, self._value_columns(v), gates, layer.state), None
+        state, mass, key_sum = None if layer is None else layer.state, None, None
+        if separate_normaliser:
+            start = None if state is None else state[..., -1]
+            state = None if state is None else state[..., :-1].contiguous()
+            mass, key_sum = kernels.normaliser_triton(q, k, gates[0], start, output_final_state=layer is not None)
+        out, state = self._scan(q, k, v, gates, output_final_state=layer is not None, initial_state=state,
+                                normaliser_column=not separate_normaliser)
         if layer is not None:
-            layer.advance(state, q.shape[1])
-        return out
+            layer.advance(state if key_sum is None else torch.cat([state, key_sum[..., None]], dim=-1), q.shape[1])
+        return out, mass
 
     def _window_queries_keys(self, projections, position_embeddings, layer, fused: bool = False):
         """The window's queries and keys [B, T, H, D]: the raw ``projections``, rotated like the
@@ -468,7 +500,8 @@ class LinearAttentionStudent(nn.Module):
         sequence (zeros: no keys). History then new tokens form the "combined" sequence (``window.py``); a
         cache keeps its last W tokens for the next call.
 
-        Returns (window inputs, scan output, layout), the layout one of
+        Returns (window inputs, (scan output, its normaliser [B, T, H] when computed apart or None), layout), the
+        layout one of
           "late": the scan output's row t is token t's;
           "early": its row t - W is token t's (a fused call that starts a sequence; see below);
           "ring": one static decoding step (``_ring_step``), whose histories are rings already holding the
@@ -478,6 +511,7 @@ class LinearAttentionStudent(nn.Module):
         window = self.window
         projections = self._projections(hidden_states)
         valid = key_padding_mask(attention_mask, length)
+        separate = fused and self._separate_normaliser(hidden_states, layer)
         q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer)
         q_window, k_window = self._window_queries_keys(projections, position_embeddings, layer, fused)
         valid = torch.ones_like(k[..., 0, 0]) if valid is None else valid.to(k.dtype)
@@ -515,7 +549,7 @@ class LinearAttentionStudent(nn.Module):
             if layer is not None:
                 for name, tensor in new.items():
                     layer.keep(name, last_window(histories[name], tensor, window))
-        linear = self._causal_scan(lagged_q, *scan_inputs, layer)
+        linear, mass = self._causal_scan(lagged_q, *scan_inputs, layer, separate)
         if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
             flipped = [x.flip(1) for x in (q, k, v, *gates)]
             backward_q = lagged_queries(flipped[0], flipped[3], history_or_zeros(None, flipped[3], window), window)
@@ -523,7 +557,7 @@ class LinearAttentionStudent(nn.Module):
             linear = linear + self._scan(backward_q, backward_inputs[0], backward_inputs[1],
                                          tuple(backward_inputs[2:]))[0].flip(1)
         pairs = [(histories[name], new[name]) for name in ("window_k", "window_v", "window_valid")]
-        return (q_window, *pairs), linear, "early" if early else "late"
+        return (q_window, *pairs), (linear, mass), "early" if early else "late"
 
     def _ring_step(self, q, q_window, new: dict, layer):
         """One static decoding step of a sliding-window student (``_window_halves``' "ring" layout).

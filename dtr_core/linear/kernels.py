@@ -152,15 +152,60 @@ def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
     return out.view(logits.shape)
 
 
-def normalised_readout_triton(scan: torch.Tensor) -> torch.Tensor:
-    """A softmax-like readout: ``scan[..., :D] / (scan[..., D] + 1e-6)`` for a scan output [B, T, H, D + 1]
-    whose last value column accumulated the normaliser; returns [B, T, H * D] in the scan's dtype."""
+# A GLA scan's normaliser by a kernel of its own (``normaliser_triton``) rather than an all-ones value column
+# pays from this many tokens (batch x length): the column takes V = D + 1, two of fla's value tiles, which cost
+# 26% of the scan at batch 8 x 2K and 8K on an H200 but 5% at batch 1 x 8K (BENCHMARKS.md, issue 15).
+SEPARATE_NORMALISER_MIN_TOKENS = 16384
+_NORMALISER_TOKENS = 64  # tokens per step of the normaliser kernel's loop
+_NORMALISER_CHANNELS = 32  # key channels per program
+
+
+def normaliser_triton(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None,
+                      output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a GLA scan accumulates in an all-ones value column, in one kernel: per key channel the decayed sum
+    of keys ``z_t = exp(g_t) * z_{t-1} + k_t`` (from ``initial``, zeros when None) and ``mass_t = q_t . z_t``.
+
+    Args:
+        q, k, log_decay: [B, T, H, K] (the scan's queries, keys and log-decays).
+        initial: fp32 [B, H, K] or None. output_final_state: also return z after the last token.
+
+    Returns mass fp32 [B, T, H] and the final z fp32 [B, H, K] or None. Each program runs one (sequence, head)
+    and a tile of key channels through the tokens, a block at a time (an associative scan inside the block,
+    the running sum carried between blocks); the tiles' partial masses are summed after.
+    """
+    batch, length, heads, key_dim = q.shape
+    q, k, log_decay = q.contiguous(), k.contiguous(), log_decay.contiguous()
+    tiles = triton.cdiv(key_dim, _NORMALISER_CHANNELS)
+    n_rows = batch * length * heads
+    parts = torch.empty(tiles, n_rows, dtype=torch.float32, device=q.device)
+    final = torch.empty(batch, heads, key_dim, dtype=torch.float32, device=q.device) if output_final_state else parts
+    start = parts if initial is None else initial.float().contiguous()  # unread without one
+    _normaliser_kernel[(batch * heads, tiles)](
+        q, k, log_decay, start, parts, final, length, n_rows, H=heads, K=key_dim, BT=_NORMALISER_TOKENS,
+        BK=_NORMALISER_CHANNELS, HAS_INITIAL=initial is not None, STORE_FINAL=output_final_state,
+    )
+    mass = parts.sum(0).view(batch, length, heads)
+    return mass, (final if output_final_state else None)
+
+
+def _mass_and_stride(scan: torch.Tensor, mass: torch.Tensor | None, dim: int) -> tuple[torch.Tensor, int]:
+    """The normaliser the readout kernels read, and its stride between (token, head) rows: a separate fp32
+    [B, T, H] ``mass``, or the scan's last value column (``scan`` [B, T, H, D + 1], contiguous)."""
+    return (scan[..., dim], dim + 1) if mass is None else (mass.contiguous(), 1)
+
+
+def normalised_readout_triton(scan: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+    """A softmax-like readout: ``values / (normaliser + 1e-6)``, from a scan output [B, T, H, D + 1] whose last
+    value column accumulated the normaliser, or from values [B, T, H, D] and the normaliser ``mass`` [B, T, H]
+    (``normaliser_triton``); returns [B, T, H * D] in the scan's dtype."""
     batch, length, heads, width = scan.shape
-    dim = width - 1
+    dim = width - (mass is None)
     scan = scan.contiguous()
+    mass, mass_stride = _mass_and_stride(scan, mass, dim)
     out = torch.empty(batch, length, heads * dim, dtype=scan.dtype, device=scan.device)
     rows = batch * length * heads
-    _normalised_readout_kernel[(triton.cdiv(rows, _READOUT_ROWS),)](scan, out, rows, D=dim, BLOCK_R=_READOUT_ROWS)
+    _normalised_readout_kernel[(triton.cdiv(rows, _READOUT_ROWS),)](scan, mass, out, rows, D=dim, WIDTH=width,
+                                                                    MASS_STRIDE=mass_stride, BLOCK_R=_READOUT_ROWS)
     return out
 
 
@@ -235,7 +280,8 @@ def lagged_queries_triton(q: torch.Tensor, log_decay: torch.Tensor, history_log_
 
 def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Tensor, window: int, scale: float,
                           offset: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                          early_linear: bool = False, ring: bool = False) -> torch.Tensor:
+                          early_linear: bool = False, ring: bool = False,
+                          mass: torch.Tensor | None = None) -> torch.Tensor:
     """A causal sliding-window student's output in one kernel: softmax attention of each new token over the
     last W combined keys (``window.window_softmax``), joined with the lagged scan's output ``linear`` by the
     softmax-like readout (``window.combine_normalised``, given ``offset``) or added to its RMS-normalised
@@ -245,7 +291,8 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
         q: [B, T, H, D] the window's (rotated, unscaled) queries.
         keys, values: (history [B, W, H, D] or None, new [B, T, H, D]); valid: (history [B, W] or None, new
             [B, T]), nonzero for real tokens. A missing history is the start of a sequence: no keys there.
-        linear: [B, T, H, D + 1] (normalised) or [B, T, H, D].
+        linear: [B, T, H, D + 1] (normalised: the normaliser in the last column) or [B, T, H, D] (the RMS
+            readout, or normalised by ``mass`` [B, T, H], ``normaliser_triton``'s).
         window: W (``window_kernels_fit``). scale: multiplies the scores. offset: [H]. norm_weight: [H, D].
         early_linear: new token t's scan output is ``linear``'s row t - W (none before token W: zero), as a
             scan of ``lagged_queries_triton(..., early=True)``'s queries gives it.
@@ -267,12 +314,13 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
     else:  # never read
         history_keys, history_values, history_valid = new_keys, new_values, new_valid
     normalised = offset is not None
+    mass, mass_stride = _mass_and_stride(linear, mass, dim) if normalised else (linear, 0)  # unread: RMS readout
     weights = (offset if normalised else norm_weight).float().contiguous()
     out = torch.empty(batch, length, heads, dim, dtype=linear.dtype, device=q.device)
     block = min(window, 64)
     _window_readout_kernel[(triton.cdiv(length, block), batch * heads)](
-        q, history_keys, new_keys, history_values, new_values, history_valid, new_valid, linear, weights, out,
-        length, scale, H=heads, D=dim, W=window, LINEAR_WIDTH=linear.shape[-1], BLOCK=block,
+        q, history_keys, new_keys, history_values, new_values, history_valid, new_valid, linear, mass, weights, out,
+        length, scale, H=heads, D=dim, W=window, LINEAR_WIDTH=linear.shape[-1], MASS_STRIDE=mass_stride, BLOCK=block,
         HAS_HISTORY=has_history, NORMALISED=normalised, IEEE=q.dtype == torch.float32,
         LINEAR_LAG=window if early_linear else 0, RING=ring,
     )
@@ -412,13 +460,50 @@ if triton is not None:
         tl.store(out + offsets, tl.maximum(log_sigmoid, floor).to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _normalised_readout_kernel(scan, out, n_rows, D: tl.constexpr, BLOCK_R: tl.constexpr):
-        # Rows are (token, head) pairs: D numerator columns and the normaliser after them.
+    def _linear_recurrence(decay_a, sum_a, decay_b, sum_b):
+        # z -> decay * z + sum, composed: a first, then b.
+        return decay_a * decay_b, sum_a * decay_b + sum_b
+
+    @triton.jit
+    def _normaliser_kernel(q, k, log_decay, initial, parts, final, T, n_rows, H: tl.constexpr, K: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
+        # One (sequence, head), BK key channels: z_t = exp(g_t) z_{t-1} + k_t, BT tokens at a time. Rows past T
+        # decay by 1 and add 0, so a block's last row is the running sum after its last token.
+        i_bh, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        i_b, i_h = i_bh // H, i_bh % H
+        channels = i_k * BK + tl.arange(0, BK)
+        channel_ok = channels < K
+        rows = tl.arange(0, BT)
+        if HAS_INITIAL:
+            z = tl.load(initial + i_bh * K + channels, mask=channel_ok, other=0)
+        else:
+            z = tl.zeros([BK], tl.float32)
+        start = 0
+        while start < T:  # not range(0, T, BT): Triton's CPU interpreter takes compile-time range bounds only
+            tokens = start + rows
+            ok = (tokens < T)[:, None] & channel_ok[None, :]
+            p = ((i_b * T + tokens[:, None]) * H + i_h) * K + channels[None, :]
+            decay = tl.exp(tl.load(log_decay + p, mask=ok, other=0).to(tl.float32))
+            written = tl.load(k + p, mask=ok, other=0).to(tl.float32)
+            decay_run, written_run = tl.associative_scan((decay, written), 0, _linear_recurrence)
+            sums = decay_run * z[None, :] + written_run
+            b_q = tl.load(q + p, mask=ok, other=0).to(tl.float32)
+            tl.store(parts + i_k * n_rows + (i_b * T + tokens) * H + i_h, tl.sum(b_q * sums, axis=1),
+                     mask=tokens < T)
+            z = tl.sum(tl.where(rows[:, None] == BT - 1, sums, 0.0), axis=0)
+            start += BT
+        if STORE_FINAL:
+            tl.store(final + i_bh * K + channels, z, mask=channel_ok)
+
+    @triton.jit
+    def _normalised_readout_kernel(scan, mass, out, n_rows, D: tl.constexpr, WIDTH: tl.constexpr,
+                                   MASS_STRIDE: tl.constexpr, BLOCK_R: tl.constexpr):
+        # Rows are (token, head) pairs: D numerator columns (of WIDTH) and their normaliser.
         rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         dims = tl.arange(0, D)
         ok = rows < n_rows
-        numerator = tl.load(scan + rows[:, None] * (D + 1) + dims[None, :], mask=ok[:, None], other=0).to(tl.float32)
-        normaliser = tl.load(scan + rows * (D + 1) + D, mask=ok, other=1).to(tl.float32)
+        numerator = tl.load(scan + rows[:, None] * WIDTH + dims[None, :], mask=ok[:, None], other=0).to(tl.float32)
+        normaliser = tl.load(mass + rows * MASS_STRIDE, mask=ok, other=1).to(tl.float32)
         tl.store(out + rows[:, None] * D + dims[None, :],
                  (numerator / (normaliser[:, None] + 1e-6)).to(out.dtype.element_ty), mask=ok[:, None])
 
@@ -496,9 +581,10 @@ if triton is not None:
         tl.store(out + p_q, (b_q * tl.exp(lag)).to(out.dtype.element_ty), mask=token_ok)
 
     @triton.jit
-    def _window_readout_kernel(q, history_keys, keys, history_values, values, history_valid, valid, linear, weights,
-                               out, T, scale, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
-                               LINEAR_WIDTH: tl.constexpr, BLOCK: tl.constexpr, HAS_HISTORY: tl.constexpr,
+    def _window_readout_kernel(q, history_keys, keys, history_values, values, history_valid, valid, linear, mass,
+                               weights, out, T, scale, H: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                               LINEAR_WIDTH: tl.constexpr, MASS_STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                               HAS_HISTORY: tl.constexpr,
                                NORMALISED: tl.constexpr, IEEE: tl.constexpr, LINEAR_LAG: tl.constexpr,
                                RING: tl.constexpr):
         # BLOCK new tokens of one (sequence, head). New token t sits at combined index t + W (the history's W
@@ -559,7 +645,7 @@ if triton is not None:
         p_linear = linear + ((i_b * T + linear_rows[:, None]) * H + i_h) * LINEAR_WIDTH + dims[None, :]
         b_linear = tl.load(p_linear, mask=linear_ok[:, None], other=0).to(tl.float32)
         if NORMALISED:
-            linear_mass = tl.load(linear + ((i_b * T + linear_rows) * H + i_h) * LINEAR_WIDTH + D, mask=linear_ok,
+            linear_mass = tl.load(mass + ((i_b * T + linear_rows) * H + i_h) * MASS_STRIDE, mask=linear_ok,
                                   other=0).to(tl.float32)
             log_ratio = row_max - tl.load(weights + i_h)
             window_scale = tl.exp(tl.minimum(log_ratio, 0.0))

@@ -97,7 +97,9 @@ LAUNCHES = textwrap.dedent("""
             student(hidden[:, :299], attention_mask=mask[:, :299], cache=cache)
             student(hidden[:, 299:], attention_mask=mask, cache=cache)
 
-    every_kernel = {name for name, value in vars(kernels).items() if isinstance(value, JITFunction)}
+    # Every kernel (the functions they call, such as a scan's combining function, compile inside them).
+    every_kernel = {name for name, value in vars(kernels).items()
+                    if isinstance(value, JITFunction) and name.endswith("_kernel")}
     assert compiled == every_kernel, ("not compiled:", every_kernel - compiled)
     print("compiled for sm_90:", sorted(compiled))
 """)

@@ -73,6 +73,7 @@ def reference_output(student, x):
     batch, length, _ = x.shape
     heads, dim = student.num_heads, student.head_dim
     q, k, v, gates = student._scan_inputs(x, student._projections(x), None, None)
+    v = student._value_columns(v)
     shape = (batch, length, heads, dim)
     cos, sin = rotary_tables(student.rotary_inv_freq, 0, length, 1.0, torch.float32)
     q_window = rotate(student.q_proj(x).view(shape), cos, sin)
