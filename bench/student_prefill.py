@@ -154,8 +154,8 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["ms"][f"{kind} scan host"] = host_ms(scan, repeats, device)
             if student.normalised_readout:  # the same scan without the normaliser's all-ones value column
                 row["ms"][f"{kind} scan without normaliser"] = median_ms(lambda: scan(False), repeats, device)
-                if student._fused(hidden):  # and the normaliser by its own kernel, which the forward uses past
-                    row["ms"][f"{kind} normaliser kernel"] = median_ms(  # kernels.SEPARATE_NORMALISER_MIN_TOKENS
+                if student._fused(hidden):  # the normaliser by its own kernel (kernels.separate_normaliser_pays)
+                    row["ms"][f"{kind} normaliser kernel"] = median_ms(
                         lambda: kernels.normaliser_triton(q, k, gates[0]), repeats, device)
             row["backend"] = student.last_backend
             if profile_top:

@@ -436,15 +436,16 @@ class LinearAttentionStudent(nn.Module):
 
     def _separate_normaliser(self, hidden_states, layer) -> bool:
         """Whether this call's normaliser comes from a kernel of its own (``kernels.normaliser_triton``) instead of
-        an all-ones value column in the scan: fused causal calls of a softmax-like readout with enough tokens
-        (``kernels.SEPARATE_NORMALISER_MIN_TOKENS``; always when the kernels are forced, as the tests do), but
-        not a static decoding step, whose state keeps the column."""
+        an all-ones value column in the scan: fused causal calls of a softmax-like readout large enough
+        (``kernels.separate_normaliser_pays``; always when the kernels are forced, as the tests do), but not a
+        static decoding step, whose state keeps the column."""
         if not (self.normalised_readout and self.causal and self._fused(hidden_states)):
             return False
         if layer is not None and layer.in_place:
             return False
         batch, length, _ = hidden_states.shape
-        return self.prefill_kernels == "triton" or batch * length >= kernels.SEPARATE_NORMALISER_MIN_TOKENS
+        return self.prefill_kernels == "triton" or kernels.separate_normaliser_pays(batch, length, self.num_heads,
+                                                                                   self.key_dim)
 
     def _convolved(self, x: torch.Tensor, name: str, layer) -> torch.Tensor:
         """``x`` [B, T, H*D] through the short convolution ``name``, continuing a cache's history."""

@@ -152,12 +152,20 @@ def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
     return out.view(logits.shape)
 
 
-# A GLA scan's normaliser by a kernel of its own (``normaliser_triton``) rather than an all-ones value column
-# pays from this many tokens (batch x length): the column takes V = D + 1, two of fla's value tiles, which cost
-# 26% of the scan at batch 8 x 2K and 8K on an H200 but 5% at batch 1 x 8K (BENCHMARKS.md, issue 15).
-SEPARATE_NORMALISER_MIN_TOKENS = 16384
 _NORMALISER_TOKENS = 64  # tokens per step of the normaliser kernel's loop
 _NORMALISER_CHANNELS = 32  # key channels per program
+# Where a GLA scan's normaliser by a kernel of its own (``normaliser_triton``) should beat an all-ones value
+# column: the column takes V = D + 1, two of fla's value tiles, which cost 26% of the scan at batch 8 x 2K and 8K
+# on an H200 but 5% at batch 1 x 8K (BENCHMARKS.md, issue 15); the kernel runs each (sequence, head, channel
+# tile) through the tokens serially, so it needs many of them to fill a GPU. Not yet measured on one.
+SEPARATE_NORMALISER_MIN_TOKENS = 16384
+SEPARATE_NORMALISER_MIN_PROGRAMS = 512
+
+
+def separate_normaliser_pays(batch: int, length: int, heads: int, key_dim: int) -> bool:
+    """Whether ``normaliser_triton`` should serve a scan of these sizes rather than an all-ones value column."""
+    programs = batch * heads * -(-key_dim // _NORMALISER_CHANNELS)
+    return batch * length >= SEPARATE_NORMALISER_MIN_TOKENS and programs >= SEPARATE_NORMALISER_MIN_PROGRAMS
 
 
 def normaliser_triton(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None,

@@ -189,6 +189,14 @@ def test_prefill_kernels_are_chosen_for_inference_on_cuda_only():
     assert odd._fused(torch.randn(1, 4, 30)) is False  # heads not a power of two: the PyTorch forms
 
 
+def test_the_normaliser_kernel_serves_batches_that_fill_a_gpu():
+    # Llama-3.2-1B's GLA students (32 heads, 128 feature channels): batch 8 at 2K-8K, where the value column cost
+    # 26% of the scan, but not one long prompt, whose 128 programs would each run through every token.
+    assert kernels.separate_normaliser_pays(8, 2048, 32, 128) and kernels.separate_normaliser_pays(8, 8192, 32, 128)
+    assert not kernels.separate_normaliser_pays(1, 131072, 32, 128)
+    assert not kernels.separate_normaliser_pays(8, 1024, 32, 128)  # 8K tokens: below the sizes measured
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or kernels.triton is None, reason="needs CUDA and Triton")
 @pytest.mark.parametrize("options", [o for o in STUDENT_OPTIONS if o.get("feature_map") != "identity"],
@@ -211,7 +219,7 @@ def test_prefill_kernels_on_cuda_match_pytorch_in_bf16(options):
     unfused = run("torch", torch.bfloat16)
     error = lambda got: ((got - exact).norm() / exact.norm()).item()  # noqa: E731
     # "auto": at these 600 tokens a normalised readout's normaliser is the scan's value column; "triton" computes
-    # it apart (kernels.normaliser_triton), as "auto" does past SEPARATE_NORMALISER_MIN_TOKENS.
+    # it apart (kernels.normaliser_triton), as "auto" does where kernels.separate_normaliser_pays.
     for mode in ("auto", "triton"):
         fused = run(mode, torch.bfloat16)
         assert error(fused) <= max(1e-2, 1.5 * error(unfused)), (mode, error(fused), error(unfused))
