@@ -477,7 +477,7 @@ if triton is not None:
                            BT: tl.constexpr, BK: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
         # One (sequence, head), BK key channels: z_t = exp(g_t) z_{t-1} + k_t, BT tokens at a time. Rows past T
         # decay by 1 and add 0, so a block's last row is the running sum after its last token.
-        i_bh, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        i_bh, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         channels = i_k * BK + tl.arange(0, BK)
         channel_ok = channels < K
