@@ -6,7 +6,10 @@ graph replays them (see ``decoding.py``).
 
 A student's prefill (issue 15): its feature map, its log-decays and its readout, each one kernel where
 PyTorch ran 3-7 (a GLA student layer at 2K-8K tokens spent more GPU time in ~30 small PyTorch kernels
-than in its scan; BENCHMARKS.md). ``base.LinearAttentionStudent`` calls them on inference calls.
+than in its scan; BENCHMARKS.md). ``base.LinearAttentionStudent`` calls them on inference calls. A sliding
+window's own steps (rotary positions, lagged queries, the window's attention joined to the scan's readout,
+over a static decoder's ring histories too) and, for large batches, a GLA scan's normaliser apart from its
+values are kernels as well.
 
 The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``,
 ``decoding.decode_attention``, ``feature_maps.hedgehog``, ``base.LinearAttentionStudent``), which also
