@@ -512,7 +512,6 @@ class LinearAttentionStudent(nn.Module):
         window = self.window
         projections = self._projections(hidden_states)
         valid = key_padding_mask(attention_mask, length)
-        separate = fused and self._separate_normaliser(hidden_states, layer)
         q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer)
         q_window, k_window = self._window_queries_keys(projections, position_embeddings, layer, fused)
         valid = torch.ones_like(k[..., 0, 0]) if valid is None else valid.to(k.dtype)
@@ -550,6 +549,7 @@ class LinearAttentionStudent(nn.Module):
             if layer is not None:
                 for name, tensor in new.items():
                     layer.keep(name, last_window(histories[name], tensor, window))
+        separate = fused and self._separate_normaliser(hidden_states, layer)
         linear, mass = self._causal_scan(lagged_q, *scan_inputs, layer, separate)
         if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
             flipped = [x.flip(1) for x in (q, k, v, *gates)]

@@ -32,7 +32,6 @@ class RecurrentStateLayer(DynamicLayer):
         # leave the count alone; a sliding window's histories are rings (``ring_slot``), named in ``_rings``.
         self.in_place = False
         self._write_position: torch.Tensor | None = None
-        self._ring_origin = 0
         self._rings: set[str] = set()
 
     def advance(self, state: torch.Tensor, num_tokens: int) -> None:
@@ -53,15 +52,16 @@ class RecurrentStateLayer(DynamicLayer):
         fed, which the caller advances after each step. The token count stays as it is until ``end_static``."""
         self.state = self.state.transpose(-1, -2).contiguous().transpose(-1, -2)
         self.in_place = True
-        self._write_position, self._ring_origin = write_position, self.seen_tokens
+        self._write_position = write_position
 
     def ring_slot(self, window: int) -> torch.Tensor:
         """Static mode: the slot (int64 device tensor [1]) where a W-token history, used as a ring, holds the
         token W positions before the one being fed, whose entry that token's replaces (``write_ring``).
 
-        A history kept in order up to static mode (oldest first, token ``origin - W + j`` in slot j) is such
-        a ring: token p always sits in slot ``(p - origin) mod W``."""
-        return (self._write_position - self._ring_origin).remainder(window)
+        A history kept in order up to static mode, which began after ``seen_tokens`` tokens (a count static mode
+        leaves alone), is such a ring: token ``seen_tokens - W + j`` sits in slot j, token p in slot
+        ``(p - seen_tokens) mod W``."""
+        return (self._write_position - self.seen_tokens).remainder(window)
 
     def write_ring(self, name: str, slot: torch.Tensor, tensor: torch.Tensor) -> None:
         """Static mode: write one token's ``tensor`` [B, 1, ...] into the ring history ``name`` at ``slot``."""
@@ -72,7 +72,7 @@ class RecurrentStateLayer(DynamicLayer):
         """Back to ordinary updates, ``seen_tokens`` tokens seen; ring histories back in order (oldest first)."""
         for name in self._rings:
             history = self.histories[name]
-            oldest = (seen_tokens - self._ring_origin) % history.shape[1]
+            oldest = (seen_tokens - self.seen_tokens) % history.shape[1]  # the count when static mode began
             self.histories[name] = history.roll(-oldest, dims=1)
         self._rings.clear()
         self.in_place, self.seen_tokens, self._write_position = False, seen_tokens, None
