@@ -48,6 +48,16 @@ LOG_DECAY_FLOOR = -8.0
 # (Gated DeltaNet): a softmax teacher attends over the whole context, so most channels start
 # with long memory while a few start local — distillation then tunes each.
 INITIAL_SPAN_RANGE = (4.0, 4096.0)
+# Inference calls over more tokens than this run a few batch rows at a time. A student's intermediates (features
+# twice the head size, per-channel log-decays, the scan's chunk states) are several times its input: at batch 64 x
+# 8K they lifted an L/2 hybrid's prompt peak above the full model's (68.7 against 57.3 GiB on an H200, BENCHMARKS.md
+# issue 15), where the MLP's set it. 64K tokens is batch 8 x 8K, a shape the student's kernels already run at speed.
+PREFILL_PIECE_TOKENS = 65536
+
+
+def batch_rows(tensor: torch.Tensor | None, rows: slice, batch: int) -> torch.Tensor | None:
+    """``tensor``'s ``rows`` when its first dimension is the batch's; as it is when None or broadcast over it."""
+    return tensor[rows] if tensor is not None and tensor.shape[0] == batch else tensor
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None, key_length: int) -> torch.Tensor | None:
@@ -343,6 +353,32 @@ class LinearAttentionStudent(nn.Module):
         layer = state_layer(cache, self.layer_idx) if cache is not None and self.causal else None
         if layer is not None and layer.in_place and hidden_states.shape[1] != 1:
             raise RuntimeError(f"a state updated in place advances one token per call; got {hidden_states.shape[1]}")
+        pieces = self._row_pieces(hidden_states, layer)
+        if len(pieces) == 1:
+            return self._attend(hidden_states, attention_mask, layer, position_embeddings), None
+        batch = hidden_states.shape[0]
+        parts = [None if layer is None else layer.rows(rows) for rows in pieces]
+        out = torch.cat([
+            self._attend(hidden_states[rows], batch_rows(attention_mask, rows, batch), part,
+                         None if position_embeddings is None else
+                         tuple(batch_rows(table, rows, batch) for table in position_embeddings))
+            for rows, part in zip(pieces, parts)
+        ])
+        if layer is not None:
+            layer.join(parts)
+        return out, None
+
+    def _row_pieces(self, hidden_states: torch.Tensor, layer) -> list[slice]:
+        """The batch rows each call of ``_attend`` takes: all at once, or, for inference calls over more than
+        ``PREFILL_PIECE_TOKENS`` tokens, as many rows as fit in that many (at least one)."""
+        batch, length, _ = hidden_states.shape
+        if torch.is_grad_enabled() or (layer is not None and layer.in_place) or batch * length <= PREFILL_PIECE_TOKENS:
+            return [slice(0, batch)]
+        rows = max(1, PREFILL_PIECE_TOKENS // length)
+        return [slice(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
+    def _attend(self, hidden_states: torch.Tensor, attention_mask, layer, position_embeddings) -> torch.Tensor:
+        """The student's output [B, T, hidden or H*D] for these rows, continuing ``layer``'s state (or None)."""
         batch, length, _ = hidden_states.shape
         if self.window:
             fused = self._fused_window(hidden_states)
@@ -358,9 +394,7 @@ class LinearAttentionStudent(nn.Module):
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
             out = self._readout(out, self._fused(hidden_states), mass)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
-        if self.o_proj is not None:
-            out = self.o_proj(out)
-        return out, None
+        return out if self.o_proj is None else self.o_proj(out)
 
     def _fused_window(self, x: torch.Tensor) -> bool:
         """Whether a sliding-window student's own steps (lagged queries, window attention and readout) run

@@ -45,6 +45,22 @@ class RecurrentStateLayer(DynamicLayer):
         else:
             self.histories[name] = history
 
+    def rows(self, rows: slice) -> "RecurrentStateLayer":
+        """A layer holding these batch rows of this one's state and histories, at the same token count: a call over
+        part of a batch continues from it; ``join`` gathers the parts back."""
+        part = RecurrentStateLayer()
+        part.state = None if self.state is None else self.state[rows]
+        part.histories = {name: history[rows] for name, history in self.histories.items()}
+        part.seen_tokens = self.seen_tokens
+        return part
+
+    def join(self, parts: list["RecurrentStateLayer"]) -> None:
+        """Take the state, histories and token count of ``parts``: ``rows`` of this layer covering the batch in
+        order, each advanced over the same tokens."""
+        self.state = None if parts[0].state is None else torch.cat([part.state for part in parts])
+        self.histories = {name: torch.cat([part.histories[name] for part in parts]) for name in parts[0].histories}
+        self.seen_tokens = parts[0].seen_tokens
+
     def begin_static(self, write_position: torch.Tensor) -> None:
         """Static mode: students overwrite ``state`` in place (a captured CUDA graph replays on that memory),
         which is stored V-first from here on (``gla.gla_step_``'s kernel reads each value channel's keys as

@@ -154,3 +154,23 @@ def test_generate_static_takes_padded_prompts_like_generate(tmp_path):
     assert torch.equal(model.generate_static(PADDED, 7, attention_mask=mask), expected)
     with pytest.raises(ValueError, match="left padding"):
         model.generate_static(PADDED, 3, attention_mask=mask.flip(1))
+
+
+def test_prompts_over_the_piece_size_reach_the_students_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    """A prompt batch over PREFILL_PIECE_TOKENS tokens (lowered here to one padded prompt) goes through each student
+    a row at a time, and generate() gives the same tokens."""
+    model = exported_hybrid("qwen2", "gla", (0, 2), tmp_path / "hybrid", window=3, short_conv=4)
+    expected = generate(model)
+    student_class = type(model.model.layers[0].self_attn)
+    base = sys.modules[student_class.__mro__[1].__module__]  # the export's own copy of base.py
+    rows_per_call, attend = [], base.LinearAttentionStudent._attend
+
+    def counted(self, hidden_states, *args):
+        rows_per_call.append(hidden_states.shape[0])
+        return attend(self, hidden_states, *args)
+
+    monkeypatch.setattr(base.LinearAttentionStudent, "_attend", counted)
+    monkeypatch.setattr(base, "PREFILL_PIECE_TOKENS", PADDED.shape[1])
+    assert torch.equal(generate(model), expected)
+    assert rows_per_call[:6] == [1, 1, 1, 1, 1, 1]  # the prompt: two students, three rows each
+    assert set(rows_per_call[6:]) == {3}  # then one-token steps of the whole batch

@@ -11,6 +11,7 @@ from conftest import tiny_model
 from transformers import DynamicCache
 
 from dtr_core.adapters import adapter_for
+from dtr_core.linear import base
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.linear.gated_deltanet import gated_delta_recurrent
 from dtr_core.linear.gla import gla_recurrent
@@ -153,6 +154,50 @@ def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
         assert held["window_k"] == (2, WINDOW, 2, 8)
     if "short_conv" in options:
         assert held["k_conv"] == (2, 2, 16)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(window=WINDOW), dict(window=WINDOW, short_conv=3)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_over_many_tokens_runs_a_few_rows_at_a_time(kind, options, monkeypatch):
+    """Prompts over PREFILL_PIECE_TOKENS tokens go through the student a few batch rows at a time (their
+    intermediates bounded): the same outputs and cache as one call, and decoding continues alike."""
+    torch.manual_seed(3)
+    student = perturbed(build_student(dict(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=True,
+                                           rope=bool(options.get("window")), **options), backend="chunked"))
+    student.layer_idx = 0
+    x = torch.randn(5, 12, 32)
+    mask = torch.ones(5, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left-padded prompts, in the first and the last piece
+    mask[4, :7] = 0
+    rows_per_call = []
+    attend = student._attend
+    monkeypatch.setattr(student, "_attend", lambda x, *args: rows_per_call.append(x.shape[0]) or attend(x, *args))
+
+    def prompt_then_steps(cache):
+        with torch.no_grad():
+            outputs = [student(x[:, :9], attention_mask=mask[:, :9], cache=cache)[0]]
+            for end in (10, 11, 12):
+                outputs.append(student(x[:, end - 1:end], attention_mask=mask[:, :end], cache=cache)[0])
+        return torch.cat(outputs, dim=1)
+
+    whole_cache, pieces_cache = DynamicCache(), DynamicCache()
+    whole = prompt_then_steps(whole_cache)
+    assert rows_per_call == [5, 5, 5, 5]
+    monkeypatch.setattr(base, "PREFILL_PIECE_TOKENS", 2 * 9)
+    rows_per_call.clear()
+    pieces = prompt_then_steps(pieces_cache)
+    assert rows_per_call == [2, 2, 1, 5, 5, 5]  # the 9-token prompt in pieces of 2 rows; 1-token steps whole
+    real = mask.bool()
+    torch.testing.assert_close(pieces[real], whole[real], atol=1e-6, rtol=1e-5)
+    whole_layer, pieces_layer = whole_cache.layers[0], pieces_cache.layers[0]
+    assert pieces_layer.get_seq_length() == whole_layer.get_seq_length() == 12
+    torch.testing.assert_close(pieces_layer.state, whole_layer.state, atol=1e-6, rtol=1e-5)
+    assert pieces_layer.histories.keys() == whole_layer.histories.keys()
+    for name, history in whole_layer.histories.items():
+        torch.testing.assert_close(pieces_layer.histories[name], history, atol=1e-6, rtol=1e-5)
+    rows_per_call.clear()
+    student(x, attention_mask=mask)  # training: one call, whatever its size
+    assert rows_per_call == [5]
 
 
 @pytest.mark.parametrize("kind", KINDS)
