@@ -36,7 +36,7 @@ from bench.common import (
 from dtr_core.adapters import adapter_for
 from dtr_core.linear.backends import fla_available, fla_gated_delta_backward_supported
 from dtr_core.linear.build import student_from_teacher
-from dtr_core.specs import StudentSpec
+from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 
 def backends(kind: str, device) -> list[tuple[str, str | None]]:
@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--window", type=int, default=64, help="the window rows' softmax window")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--kinds", default="gla,gated_deltanet", help="which kinds of student to time")
+    parser.add_argument("--kinds", nargs="+", choices=STUDENT_KINDS, default=list(STUDENT_KINDS),
+                        help="which kinds of student to time, in this order")
     parser.add_argument("--backends", default="fla,chunked,compiled,module compiled",
                         help="which backends' rows to time (comma-separated)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes, CPU, seconds")
@@ -105,7 +106,7 @@ def main(argv=None) -> None:
         warm_until_steady(forward, device)
         record("teacher attention, forward only", median_ms(forward, args.repeats, device), attention)
 
-    for kind in args.kinds.split(","):
+    for kind in args.kinds:
         for window in dict.fromkeys((0, args.window)):  # --window 0: the plain rows only
             spec = StudentSpec(kind=kind, window=window)
             for backend, skipped in backends(kind, device):

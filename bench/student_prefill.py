@@ -50,9 +50,7 @@ from dtr_core.adapters import adapter_for
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.linear import kernels
 from dtr_core.linear.decoding import capture_graph
-from dtr_core.specs import StudentSpec
-
-KINDS = ("gla", "gated_deltanet")
+from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 
 def teacher_and_students(shape: str, kinds, window: int, device, dtype, smoke: bool):
@@ -207,7 +205,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(ARCHITECTURES), default="llama-1b")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=["gla"])
+    parser.add_argument("--kinds", nargs="+", choices=STUDENT_KINDS, default=["gla"])
     parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--lengths", type=int, nargs="+", help="tokens (default 2K 8K; smoke: 64)")
