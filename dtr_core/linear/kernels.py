@@ -157,10 +157,10 @@ def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
 
 _NORMALISER_TOKENS = 64  # tokens per step of the normaliser kernel's loop
 _NORMALISER_CHANNELS = 32  # key channels per program
-# Where a GLA scan's normaliser by a kernel of its own (``normaliser_triton``) should beat an all-ones value
-# column: the column takes V = D + 1, two of fla's value tiles, which cost 26% of the scan at batch 8 x 2K and 8K
-# on an H200 but 5% at batch 1 x 8K (BENCHMARKS.md, issue 15); the kernel runs each (sequence, head, channel
-# tile) through the tokens serially, so it needs many of them to fill a GPU. Not yet measured on one.
+# Where a GLA scan's normaliser by a kernel of its own (``normaliser_triton``) beats an all-ones value column:
+# the column takes V = D + 1, two of fla's value tiles. On an H200 (Llama-1B shape, BENCHMARKS.md "Issues 14 and
+# 15, fourth session") the kernel saved 0.93 ms of 7.10 at batch 8 x 8K and 0.23 of 1.81 at 8 x 2K, and lost 0.22
+# ms at 1 x 8K: it runs each (sequence, head, channel tile) through the tokens serially, so it needs many of them.
 SEPARATE_NORMALISER_MIN_TOKENS = 16384
 SEPARATE_NORMALISER_MIN_PROGRAMS = 512
 
@@ -479,7 +479,9 @@ if triton is not None:
     def _normaliser_kernel(q, k, log_decay, initial, parts, final, T, n_rows, H: tl.constexpr, K: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
         # One (sequence, head), BK key channels: z_t = exp(g_t) z_{t-1} + k_t, BT tokens at a time. Rows past T
-        # decay by 1 and add 0, so a block's last row is the running sum after its last token.
+        # decay by 1 and add 0, so a block's last row is the running sum after its last token. Each block's loads
+        # are issued before the block ahead is scanned (a while loop is not pipelined by Triton, and the
+        # interpreter needs one: it takes compile-time range bounds only), so their latency overlaps that scan.
         i_bh, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         channels = i_k * BK + tl.arange(0, BK)
@@ -489,16 +491,23 @@ if triton is not None:
             z = tl.load(initial + i_bh * K + channels, mask=channel_ok, other=0)
         else:
             z = tl.zeros([BK], tl.float32)
+        ok = (rows < T)[:, None] & channel_ok[None, :]
+        p = ((i_b * T + rows[:, None]) * H + i_h) * K + channels[None, :]
+        next_g = tl.load(log_decay + p, mask=ok, other=0)
+        next_k = tl.load(k + p, mask=ok, other=0)
+        next_q = tl.load(q + p, mask=ok, other=0)
         start = 0
-        while start < T:  # not range(0, T, BT): Triton's CPU interpreter takes compile-time range bounds only
-            tokens = start + rows
-            ok = (tokens < T)[:, None] & channel_ok[None, :]
-            p = ((i_b * T + tokens[:, None]) * H + i_h) * K + channels[None, :]
-            decay = tl.exp(tl.load(log_decay + p, mask=ok, other=0).to(tl.float32))
-            written = tl.load(k + p, mask=ok, other=0).to(tl.float32)
+        while start < T:
+            decay, written, b_q = tl.exp(next_g.to(tl.float32)), next_k.to(tl.float32), next_q.to(tl.float32)
+            ahead = start + BT + rows
+            ok = (ahead < T)[:, None] & channel_ok[None, :]
+            p = ((i_b * T + ahead[:, None]) * H + i_h) * K + channels[None, :]
+            next_g = tl.load(log_decay + p, mask=ok, other=0)
+            next_k = tl.load(k + p, mask=ok, other=0)
+            next_q = tl.load(q + p, mask=ok, other=0)
             decay_run, written_run = tl.associative_scan((decay, written), 0, _linear_recurrence)
             sums = decay_run * z[None, :] + written_run
-            b_q = tl.load(q + p, mask=ok, other=0).to(tl.float32)
+            tokens = start + rows
             tl.store(parts + i_k * n_rows + (i_b * T + tokens) * H + i_h, tl.sum(b_q * sums, axis=1),
                      mask=tokens < T)
             z = tl.sum(tl.where(rows[:, None] == BT - 1, sums, 0.0), axis=0)
