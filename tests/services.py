@@ -1,6 +1,8 @@
 """Servers the integration tests start on loopback and always stop."""
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when the thread that started it exits
+
+
+def _terminated_with_parent() -> None:
+    """Run in a server's process before it starts: SIGTERM it when the test process that started it dies. A
+    pytest worker killed or interrupted mid-test runs no ``finally``, and its servers, in sessions of their own,
+    would otherwise live on."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -37,7 +47,8 @@ class Service:
     def __init__(self, args, env, log_path):
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, cwd=REPO)
+                                        start_new_session=True, cwd=REPO,
+                                        preexec_fn=_terminated_with_parent if sys.platform == "linux" else None)
 
     def stop(self):
         if self.process.poll() is None:
