@@ -196,3 +196,15 @@ def test_dockerfile_pip_steps_take_the_ca_secret(dockerfile):
     assert not [args for op, args in ops if op in ("COPY", "ADD") and re.search(r"\.(pem|crt)\b|cert", args)]
     mounts = [m for _, args in ops for m in re.findall(r"--mount=type=bind,source=([^,\s]+)", args)]
     assert all((ROOT / source).is_dir() for source in mounts), f"{dockerfile.name} binds a missing folder: {mounts}"
+
+
+def test_cuda_image_keeps_tritons_cache_on_the_data_volume():
+    """fla's autotune choices live in Triton's cache: under /data (a directory the image makes and gives to its user)
+    they outlast the container."""
+    steps = instructions(DOCKER / "Dockerfile.cuda")
+    env = " ".join(arguments for instruction, arguments in steps if instruction == "ENV")
+    cache = re.search(r"TRITON_CACHE_DIR=(\S+)", env)
+    assert cache and cache.group(1).startswith("/data/"), env
+    runs = [arguments for instruction, arguments in steps if instruction == "RUN"]
+    assert any("mkdir -p" in run and cache.group(1) in run and "chown -R app:app /data" in run for run in runs)
+
