@@ -248,6 +248,22 @@ class _StreamTrainer:
 
 # --- the loop ----------------------------------------------------------------------------------
 
+# A first step this many times the later ones' mean (and over a minute) spent its time compiling kernels.
+SLOW_FIRST_STEP_RATIO = 10.0
+
+
+def first_step_note(first_step_seconds: float, later_seconds: float, later_steps: int) -> str:
+    """What the summary adds when a session's first step took far longer than the rest: on CUDA, fla's Triton kernels
+    autotune on first use and the compiled backend compiles (256 s against 39 s for SmolLM2-135M's 30 students on an
+    H200, BENCHMARKS.md), which Triton's cache then keeps."""
+    if later_steps < 1 or first_step_seconds < 60:
+        return ""
+    if first_step_seconds < SLOW_FIRST_STEP_RATIO * later_seconds / later_steps:
+        return ""
+    return ("; the first step compiled or autotuned kernels, which Triton keeps in its cache (TRITON_CACHE_DIR, "
+            "default ~/.triton/cache): keep it between runs")
+
+
 def _silent(_: str) -> None:
     pass
 
@@ -405,7 +421,8 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
     log(f"stream distill: {progress.step} steps, {progress.train_tokens:,} tokens in {progress.seconds:.1f}s "
         f"({throughput:,.0f} tokens/s this session, all {len(results)} students"
         + (f"; its first step took {first_step_seconds:.1f}s, the rest ran at {steady:,.0f} tokens/s)" if steady
-           else ")"))
+           else ")")
+        + first_step_note(first_step_seconds, later_seconds, progress.step - resumed_from - 1))
     return StreamResult(layers=results, steps=progress.step, train_tokens=progress.train_tokens,
                         tokens_per_pass=progress.holdout_tokens + plan.data_tokens,
                         seconds=progress.seconds, tokens_per_second=throughput, resumed_from_step=resumed_from,

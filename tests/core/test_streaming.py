@@ -19,7 +19,7 @@ from dtr_core.checkpoints import CHECKPOINT_MANIFEST
 from dtr_core.io import IntegrityError, load_tensors, save_tensors
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.specs import CaptureSpec, DistillSpec, SpecError, StudentSpec
-from dtr_core.streaming import choose_mode, estimate_capture_bytes, stream_distill
+from dtr_core.streaming import choose_mode, estimate_capture_bytes, first_step_note, stream_distill
 
 TEXTS = [text for text, _ in synthetic_texts(400)]
 
@@ -93,6 +93,16 @@ def test_every_layer_improves_on_a_small_budget(tmp_path, family, kind):
     assert 0 < result.first_step_seconds < result.seconds and result.steady_tokens_per_second > 0
     (folder,) = tmp_path.iterdir()
     assert json.loads((folder / CHECKPOINT_MANIFEST).read_text())["step"] == result.steps
+
+
+def test_a_first_step_that_compiled_kernels_is_explained():
+    """The GPU distillation whose first step autotuned fla's kernels (256 s against 39 s on kept choices) says why
+    and where the choices are kept; ordinary first steps, short runs and single steps add nothing."""
+    note = first_step_note(first_step_seconds=200.0, later_seconds=40.0, later_steps=59)
+    assert "autotuned" in note and "TRITON_CACHE_DIR" in note
+    assert first_step_note(12.7, 26.6, 59) == ""  # the warm-cache run: 12.7 s first, 0.45 s each after
+    assert first_step_note(50.0, 1.0, 10) == ""  # under a minute is not worth a word
+    assert first_step_note(200.0, 0.0, 0) == ""  # nothing to compare with
 
 
 def test_the_budget_decides_how_long_the_students_train(tmp_path):
