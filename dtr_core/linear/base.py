@@ -364,8 +364,10 @@ class LinearAttentionStudent(nn.Module):
                          tuple(batch_rows(table, rows, batch) for table in position_embeddings))
             for rows, part in zip(pieces, parts)
         ])
-        if layer is not None:
-            layer.join(parts)
+        if layer is not None:  # every part has read its rows of the old state: new tensors take the new ones
+            layer.reset()
+            for rows, part in zip(pieces, parts):
+                layer.write_rows(rows, part, batch, part.seen_tokens)
         return out, None
 
     def _row_pieces(self, hidden_states: torch.Tensor, layer) -> list[slice]:

@@ -45,21 +45,28 @@ class RecurrentStateLayer(DynamicLayer):
         else:
             self.histories[name] = history
 
-    def rows(self, rows: slice) -> "RecurrentStateLayer":
+    def rows(self, rows: slice | torch.Tensor) -> "RecurrentStateLayer":
         """A layer holding these batch rows of this one's state and histories, at the same token count: a call over
-        part of a batch continues from it; ``join`` gathers the parts back."""
+        part of a batch continues from it; ``write_rows`` puts the parts back."""
         part = RecurrentStateLayer()
         part.state = None if self.state is None else self.state[rows]
         part.histories = {name: history[rows] for name, history in self.histories.items()}
         part.seen_tokens = self.seen_tokens
         return part
 
-    def join(self, parts: list["RecurrentStateLayer"]) -> None:
-        """Take the state, histories and token count of ``parts``: ``rows`` of this layer covering the batch in
-        order, each advanced over the same tokens."""
-        self.state = None if parts[0].state is None else torch.cat([part.state for part in parts])
-        self.histories = {name: torch.cat([part.histories[name] for part in parts]) for name in parts[0].histories}
-        self.seen_tokens = parts[0].seen_tokens
+    def write_rows(self, rows: slice | torch.Tensor, part: "RecurrentStateLayer", batch: int, seen_tokens: int) -> None:
+        """Write ``part``'s state and histories (a layer of these ``rows`` of a ``batch``-row batch) into this one's
+        rows, allocating each tensor on the first write (after ``reset``: new tensors, so a state that a captured
+        graph replays on is left as it was); ``seen_tokens`` tokens seen."""
+        def into(held: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor:
+            held = tensor.new_empty((batch, *tensor.shape[1:])) if held is None else held
+            held[rows] = tensor
+            return held
+
+        if part.state is not None:
+            self.state = into(self.state, part.state)
+        self.histories = {name: into(self.histories.get(name), history) for name, history in part.histories.items()}
+        self.seen_tokens = seen_tokens
 
     def begin_static(self, write_position: torch.Tensor) -> None:
         """Static mode: students overwrite ``state`` in place (a captured CUDA graph replays on that memory),
@@ -164,6 +171,18 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer[..., length:end, :].copy_(value_states)
         self._expose(end)
         return self.keys, self.values
+
+    def write_rows(self, rows: torch.Tensor, part: "PreallocatedLayer", batch: int, length: int) -> None:
+        """Hold ``length`` positions, these ``rows`` of a ``batch``-row batch taking ``part``'s keys and values (a
+        layer of those rows, whose positions are the last ones: left padding), allocated on the first write with
+        zeros before them (masked as padding)."""
+        if self.key_buffer is None:
+            shape = (batch, *part.keys.shape[1:-2], max(self.capacity, length), part.keys.shape[-1])
+            self.key_buffer, self.value_buffer = part.keys.new_zeros(shape), part.keys.new_zeros(shape)
+        start = length - part.keys.shape[-2]
+        self.key_buffer[rows, ..., start:length, :] = part.keys
+        self.value_buffer[rows, ..., start:length, :] = part.values
+        self._expose(length)
 
     def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         length = self.get_seq_length()

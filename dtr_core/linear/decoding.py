@@ -23,7 +23,8 @@ switching the cache's layers to their static mode while it is open):
 Two loops run on it: ``static_generate`` (``generate_static``: greedy or plain sampling, the leanest loop),
 and ``sample_static``, transformers' own greedy/sampling loop (its logits processors, stopping criteria and
 random draws) that an exported hybrid's ``generate()`` takes by default (``static_sampling_refusal`` says
-when it cannot).
+when it cannot). Both run the prompt through ``prefill``, which takes a large batch a group of similar-length
+rows at a time.
 
 Copied next to exported hybrids: imports only torch, transformers and its siblings.
 """
@@ -160,6 +161,60 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids [B, T] of left-padded prompts, as transformers' generate() computes them: each sequence
     counts from its first token, padding at 0."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+# A left-padded prompt batch over this many tokens (rows x padded length) runs a group of rows at a time, rows of
+# similar length together: padding is skipped (64 prompts of 1K-8K tokens padded to 8K are 45% padding, which every
+# layer computes and masked attention attends over) and each forward's intermediates stay those of batch 8 x 8K.
+PREFILL_GROUP_TOKENS = 65536
+
+
+def prompt_groups(padding: torch.Tensor, length: int, budget: int) -> list[torch.Tensor]:
+    """Row indices [g] of each group of a left-padded batch (``padding`` [B]: each row's padding positions before
+    its tokens, of ``length``): longest rows first, as many to a group as fit ``budget`` tokens at the group's
+    longest length, at least one."""
+    order = torch.argsort(padding.cpu(), stable=True)
+    lengths = length - padding.cpu()[order]
+    groups, first = [], 0
+    while first < len(order):
+        rows = max(1, budget // int(lengths[first]))
+        groups.append(order[first:first + rows].to(padding.device))
+        first += rows
+    return groups
+
+
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor | None, cache) -> torch.Tensor:
+    """The prompt's forward into the empty preallocated ``cache``; returns the last position's logits [B, vocab].
+
+    A batch over ``PREFILL_GROUP_TOKENS`` tokens runs a group of rows at a time (``prompt_groups``), each cut to its
+    own longest prompt, into a cache of its own whose layers then write their rows into ``cache`` (keys at the
+    positions the whole batch's forward would have written them, recurrent states and histories by row).
+    """
+    batch, length = input_ids.shape
+    keyword = cache_keyword(model)
+    if batch * length <= PREFILL_GROUP_TOKENS:
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                     logits_to_keep=1, **{keyword: cache}).logits[:, -1]
+    padding = (torch.zeros(batch, dtype=torch.long, device=input_ids.device) if attention_mask is None
+               else left_padding(attention_mask, length))
+    if position_ids is None and attention_mask is not None:
+        position_ids = prompt_positions(attention_mask)
+    logits = None
+    for rows in prompt_groups(padding, length, PREFILL_GROUP_TOKENS):
+        start = int(padding[rows].min())
+        group_cache = preallocated_cache(len(cache.layers), length - start)
+        out = model(input_ids=input_ids[rows, start:], use_cache=True, logits_to_keep=1,
+                    attention_mask=None if attention_mask is None else attention_mask[rows, start:],
+                    position_ids=None if position_ids is None else position_ids[rows, start:],
+                    **{keyword: group_cache}).logits[:, -1]
+        logits = out.new_empty((batch, out.shape[-1])) if logits is None else logits
+        logits[rows] = out
+        for index, part in enumerate(group_cache.layers):  # into the batch's cache now: one group's copy at a time
+            if isinstance(part, RecurrentStateLayer) and not isinstance(cache.layers[index], RecurrentStateLayer):
+                cache.layers[index] = RecurrentStateLayer()
+            cache.layers[index].write_rows(rows, part, batch, length)
+    return logits
 
 
 class StaticDecoder:
@@ -327,8 +382,7 @@ def static_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     left_padding(attention_mask, input_ids.shape[1])  # refuses other layouts before the prompt runs
     positions = None if attention_mask is None else prompt_positions(attention_mask)
     cache = preallocated_cache(model.config.num_hidden_layers, input_ids.shape[1] + max_new_tokens)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=1, **{cache_keyword(model): cache}).logits[:, -1]
+    logits = prefill(model, input_ids, attention_mask, positions, cache)
     eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).view(-1)
     pad = int(eos[0]) if pad_token_id is None and eos is not None else pad_token_id
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -403,7 +457,10 @@ def sample_static(model: torch.nn.Module, input_ids: torch.Tensor, logits_proces
     prompt_length, max_length = input_ids.shape[1], generation_config.max_length
     for layer in cache.layers:  # still empty (checked): buffers allocated at the prefill take the whole run
         layer.capacity = max(layer.capacity, max_length)
-    logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1]
+    if getattr(generation_config, "prefill_chunk_size", None) is None:
+        logits = prefill(model, input_ids, model_kwargs.get("attention_mask"), model_kwargs["position_ids"], cache)
+    else:  # transformers' prefill in chunks of tokens
+        logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1]
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     return_dict = generation_config.return_dict_in_generate
