@@ -129,13 +129,20 @@ def test_window_over_the_whole_sequence_is_the_teachers_attention(family):
         torch.testing.assert_close(student(hidden)[0], expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("options", [dict(window=WINDOW), dict(short_conv=3), dict(window=WINDOW, short_conv=3)])
-@pytest.mark.parametrize("kind", KINDS)
-def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
-    torch.manual_seed(2)
+def cached_student(kind, options, seed):
+    """A causal student with these options, moved off its initial weights, that a cache can hold (layer 0); the
+    global generator seeded for the inputs that follow."""
+    torch.manual_seed(seed)
     student = perturbed(build_student(dict(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=True,
                                            rope=bool(options.get("window")), **options), backend="chunked"))
     student.layer_idx = 0
+    return student
+
+
+@pytest.mark.parametrize("options", [dict(window=WINDOW), dict(short_conv=3), dict(window=WINDOW, short_conv=3)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
+    student = cached_student(kind, options, seed=2)
     x = torch.randn(2, 15, 32)
     mask = torch.ones(2, 15, dtype=torch.long)
     mask[1, :3] = 0  # a left-padded prompt
@@ -161,10 +168,7 @@ def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
 def test_inference_over_many_tokens_runs_a_few_rows_at_a_time(kind, options, monkeypatch):
     """Prompts over PREFILL_PIECE_TOKENS tokens go through the student a few batch rows at a time (their
     intermediates bounded): the same outputs and cache as one call, and decoding continues alike."""
-    torch.manual_seed(3)
-    student = perturbed(build_student(dict(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=True,
-                                           rope=bool(options.get("window")), **options), backend="chunked"))
-    student.layer_idx = 0
+    student = cached_student(kind, options, seed=3)
     x = torch.randn(5, 12, 32)
     mask = torch.ones(5, 12, dtype=torch.long)
     mask[1, :3] = 0  # left-padded prompts, in the first and the last piece
