@@ -121,7 +121,23 @@ def trajectory_figure(summary: RunSummary):
 
 
 def _plot_recall(summary: RunSummary, path: Path) -> None:
-    """Each probe's test score against context length, for the full model, M_opt and M_best."""
+    _save(recall_figure(summary), path)
+
+
+def _plot_distillation(summary: RunSummary, path: Path) -> None:
+    _save(distillation_figure(summary), path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def recall_figure(summary: RunSummary):
+    """Each probe's test score against context length, for the full model, M_opt and M_best; the caller saves and
+    closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,11 +157,11 @@ def _plot_recall(summary: RunSummary, path: Path) -> None:
         ax.set_ylabel(f"{kind} ({rows[0]['metric']}, test)")
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def _plot_distillation(summary: RunSummary, path: Path) -> None:
+def distillation_figure(summary: RunSummary):
+    """Every layer's relative error by training step (log scale); the caller saves and closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,13 +171,22 @@ def _plot_distillation(summary: RunSummary, path: Path) -> None:
     for record in summary.distillation:
         ax.plot(record["loss_curve"], label=f"layer {record['layer_idx']}")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_xlabel("step")
     ax.set_ylabel("relative error (MSE / output variance)")
     ax.set_title("Blockwise local distillation")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-scale tick labels as plain numbers: matplotlib's default writes them in mathtext, whose lookups of fonts a
+    machine lacks (STIX, Computer Modern) print about 20 "findfont" warnings per run."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter())
+    axis.set_minor_formatter(LogFormatter())
 
 
 def render_markdown(summary: RunSummary) -> str:

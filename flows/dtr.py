@@ -85,11 +85,8 @@ def _warnings_only(record: logging.LogRecord) -> bool:
 def quiet_console() -> None:
     """DtR's own lines at INFO, the libraries' routine chatter off. Hydra's job logging lets INFO
     through from every library: Prefect's client would log each API request through httpx (about
-    40% of a run's lines); transformers draws a progress bar per load (MLflow: tasks/tracking.py); matplotlib
-    warns for each mathtext font a machine lacks (the report's log-scale ticks) while it falls back to DejaVu
-    Sans, which draws them."""
+    40% of a run's lines); transformers draws a progress bar per load (MLflow: tasks/tracking.py)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     # Prefect's own logger (not its run loggers, which carry DtR's lines): the temporary server's
     # start and stop.
     logging.getLogger("prefect").addFilter(_warnings_only)

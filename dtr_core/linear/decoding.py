@@ -193,11 +193,11 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     batch, length = input_ids.shape
     keyword = cache_keyword(model)
-    if batch * length <= PREFILL_GROUP_TOKENS:
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                     logits_to_keep=1, **{keyword: cache}).logits[:, -1]
     padding = (torch.zeros(batch, dtype=torch.long, device=input_ids.device) if attention_mask is None
                else left_padding(attention_mask, length))
+    if batch * length <= PREFILL_GROUP_TOKENS or bool((padding == length).any()):  # (a row of padding alone: as is)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                     logits_to_keep=1, **{keyword: cache}).logits[:, -1]
     if position_ids is None and attention_mask is not None:
         position_ids = prompt_positions(attention_mask)
     logits = None

@@ -142,3 +142,23 @@ def test_under_the_bootstrap_rule_a_score_past_p_min_with_its_bound_short_of_it_
     assert list(rows) == ["0/3", "1/3"] and "0.8800  0.8400" in rows["1/3"]
     bar = rows["1/3"].split("0.8400")[1]
     assert "░│░" in bar and not solid_before_p_min(rows["1/3"]) and "exported" not in rows["1/3"]
+
+
+def test_log_scale_plots_label_their_ticks_without_mathtext():
+    """Mathtext tick labels made matplotlib look up fonts the machine lacks: ~20 "findfont" warnings per run."""
+    import matplotlib.pyplot as plt
+
+    from dtr_core.report import distillation_figure, recall_figure
+
+    summary = summary_of(KEEPS_ONE)
+    summary.distillation[0]["loss_curve"] = [0.5, 0.2, 0.05, 0.03]
+    summary.card = {"entries": [{"kind": "passkey", "metric": "contains", "length": length,
+                                 "scores": {"full": 1.0, "m_opt": 0.5, "m_best": 0.9}} for length in (256, 1024, 4096)]}
+    for figure in (distillation_figure(summary), recall_figure(summary)):
+        try:
+            figure.canvas.draw()
+            labels = [label.get_text() for ax in figure.axes for axis in (ax.xaxis, ax.yaxis)
+                      for label in axis.get_ticklabels(which="both")]
+            assert labels and not [label for label in labels if "$" in label], labels
+        finally:
+            plt.close(figure)

@@ -206,3 +206,14 @@ def test_padded_prompts_over_the_group_size_prefill_by_length_and_generate_the_s
     assert len(groups[-1]) == 3  # 8-token rows: one per group under either budget
     monkeypatch.setattr(decoding, "PREFILL_GROUP_TOKENS", 10 ** 9)
     assert torch.equal(grouped, model.generate_static(same_length, max_new_tokens=6))
+
+
+def test_a_prompt_of_padding_alone_keeps_the_whole_batch_prefill(tmp_path, monkeypatch):
+    """A row with no tokens cannot be cut to its prompt: the batch prefills whole, as transformers' loop does."""
+    model = exported_hybrid("llama", "gla", (0, 2), tmp_path / "hybrid")
+    decoding = sys.modules[sys.modules[type(model).__module__].sample_static.__module__]
+    monkeypatch.setattr(decoding, "PREFILL_GROUP_TOKENS", 8)
+    monkeypatch.setattr(decoding, "prompt_groups", lambda *args: pytest.fail("grouped a row without tokens"))
+    prompts = PADDED.clone()
+    prompts[2] = PAD
+    assert torch.equal(generate(model, prompts), generate(model, prompts, static=False))
