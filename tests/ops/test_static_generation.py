@@ -176,10 +176,8 @@ def test_prompts_over_the_piece_size_reach_the_students_a_few_rows_at_a_time(tmp
     assert set(rows_per_call[6:]) == {3}  # then one-token steps of the whole batch
 
 
-@pytest.mark.parametrize("budget", [8, 10])  # every prompt alone; the 8-token one, then the 5 and 2 together
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_padded_prompts_over_the_group_size_prefill_by_length_and_generate_the_same(case, budget, tmp_path,
-                                                                                    monkeypatch):
+def test_padded_prompts_over_the_group_size_prefill_by_length_and_generate_the_same(case, tmp_path, monkeypatch):
     """A left-padded batch over PREFILL_GROUP_TOKENS tokens (lowered here) prefills a group of similar-length rows at
     a time, each cut to its longest prompt; the cache gathered from the groups decodes the same tokens, greedy and
     sampled, as transformers' loop over the whole padded batch."""
@@ -193,17 +191,17 @@ def test_padded_prompts_over_the_group_size_prefill_by_length_and_generate_the_s
         return prompt_groups(*args)
 
     monkeypatch.setattr(decoding, "prompt_groups", recorded)
-    monkeypatch.setattr(decoding, "PREFILL_GROUP_TOKENS", budget)
+    monkeypatch.setattr(decoding, "PREFILL_GROUP_TOKENS", 10)  # the 8-token prompt alone, the 5 and 2 together
     for sampling in ({"do_sample": False}, SAMPLING):
         expected = generate(model, static=False, **sampling)
         assert torch.equal(generate(model, **sampling), expected), sampling
-    assert groups == [[[0], [1], [2]]] * 2 if budget == 8 else [[[0], [1, 2]]] * 2
+    assert groups == [[[0], [1, 2]]] * 2
     assert torch.equal(model.generate_static(PADDED, attention_mask=(PADDED != PAD).long(), max_new_tokens=10,
                                              pad_token_id=PAD), generate(model, static=False))
     # Prompts of one length (no mask) are grouped too, which bounds the forward's intermediates.
     same_length = torch.arange(4, 28).view(3, 8)
     grouped = model.generate_static(same_length, max_new_tokens=6)
-    assert len(groups[-1]) == 3  # 8-token rows: one per group under either budget
+    assert len(groups[-1]) == 3  # 8-token rows: one per group
     monkeypatch.setattr(decoding, "PREFILL_GROUP_TOKENS", 10 ** 9)
     assert torch.equal(grouped, model.generate_static(same_length, max_new_tokens=6))
 
