@@ -173,12 +173,13 @@ def prompt_groups(padding: torch.Tensor, length: int, budget: int) -> list[torch
     """Row indices [g] of each group of a left-padded batch (``padding`` [B]: each row's padding positions before
     its tokens, of ``length``): longest rows first, as many to a group as fit ``budget`` tokens at the group's
     longest length, at least one."""
-    order = torch.argsort(padding.cpu(), stable=True)
-    lengths = length - padding.cpu()[order]
+    device, padding = padding.device, padding.cpu()
+    order = torch.argsort(padding, stable=True)
+    lengths = length - padding[order]
     groups, first = [], 0
     while first < len(order):
         rows = max(1, budget // int(lengths[first]))
-        groups.append(order[first:first + rows].to(padding.device))
+        groups.append(order[first:first + rows].to(device))
         first += rows
     return groups
 
@@ -193,9 +194,11 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     batch, length = input_ids.shape
     keyword = cache_keyword(model)
-    padding = (torch.zeros(batch, dtype=torch.long, device=input_ids.device) if attention_mask is None
-               else left_padding(attention_mask, length))
-    if batch * length <= PREFILL_GROUP_TOKENS or bool((padding == length).any()):  # (a row of padding alone: as is)
+    padding = None
+    if batch * length > PREFILL_GROUP_TOKENS:  # (the mask is read on the host only for batches that may group)
+        padding = (torch.zeros(batch, dtype=torch.long, device=input_ids.device) if attention_mask is None
+                   else left_padding(attention_mask, length))
+    if padding is None or bool((padding == length).any()):  # small, or a row of padding alone: as it is
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                      logits_to_keep=1, **{keyword: cache}).logits[:, -1]
     if position_ids is None and attention_mask is not None:
