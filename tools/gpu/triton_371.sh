@@ -13,5 +13,7 @@ export PYTHONPATH=$TRITON_SITE:$PYTHONPATH
 # Kernels compiled by another Triton are not reused (the version is in the key), so a separate cache.
 export TRITON_CACHE_DIR=/var/tmp/triton371-cache
 mkdir -p "$TRITON_CACHE_DIR"
+# fla's autotune choices under 3.7.1 (committed, then an earlier call's $OUT/triton371.tgz kept as .gpu_cache/triton371.tgz).
+restore_autotune_choices 3.7.1 .gpu_cache/triton371.tgz
 python3 -c "import triton, fla.utils as u; print('triton', triton.__version__, '| fla gated delta backward on Hopper:', \
 not (u.IS_NVIDIA_HOPPER and u.TRITON_ABOVE_3_4_0 and not u.TRITON_ABOVE_3_7_1))"
