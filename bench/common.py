@@ -58,6 +58,18 @@ def describe_attention(config) -> str:
             f"{config.num_key_value_heads} KV heads")
 
 
+def add_student_options(parser) -> None:
+    """The product's student options a benchmark's students take: ``--window`` and ``--shared-kv``."""
+    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
+    parser.add_argument("--shared-kv", action="store_true",
+                        help="students share the teacher's K/V heads by groups of query heads (student.shared_kv)")
+
+
+def student_label(window: int, shared_kv: bool) -> str:
+    """The student options of ``add_student_options``, for a table's description ("" when neither is set)."""
+    return ", ".join([f"window {window}"] * bool(window) + ["shared K/V heads"] * shared_kv)
+
+
 def default_device(smoke: bool) -> str:
     return "cpu" if smoke or not torch.cuda.is_available() else "cuda"
 

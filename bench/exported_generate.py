@@ -50,6 +50,7 @@ from dtr_core.specs import STUDENT_KINDS, ExportSpec, StudentSpec
 
 from .common import (
     ARCHITECTURES,
+    add_student_options,
     cell,
     command_line,
     default_device,
@@ -60,6 +61,7 @@ from .common import (
     markdown_table,
     peak_memory_gib,
     release_memory,
+    student_label,
     reset_peak_memory,
     synchronize,
     tokens_label,
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--linear-layers", type=int, nargs="+", help=LINEAR_LAYERS_HELP)
     parser.add_argument("--linear-counts", type=int, nargs="+", help="default 0, L/4, L/2, 3L/4")
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
-    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
+    add_student_options(parser)
     parser.add_argument("--batch", type=int, help="prompts per call (default 64; smoke 4)")
     parser.add_argument("--lengths", type=int, nargs=2, metavar=("SHORTEST", "LONGEST"),
                         help="prompt lengths, spread evenly over the batch (default 1024 8192; smoke 8 24)")
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if time.perf_counter() > deadline:
             break
-        setup = build_setup(name, StudentSpec(kind=args.student, window=args.window), device, dtype, args.smoke,
+        spec = StudentSpec(kind=args.student, window=args.window, shared_kv=args.shared_kv)
+        setup = build_setup(name, spec, device, dtype, args.smoke,
                             args.new_tokens, args.batch, chosen=args.linear_layers)
         counts = args.linear_counts or [k for k in linear_layer_counts(setup.num_layers) if k < setup.num_layers]
         if setup.chosen:
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, vocab {config.vocab_size}",
             "prompts": (f"{args.batch} prompts of {tokens_label(args.lengths[0])}-{tokens_label(args.lengths[1])} "
                         f"tokens (evenly spread, left-padded), {args.new_tokens} new tokens each, greedy"),
-            "student": (f"{args.student}" + (f" (window {args.window})" if args.window else "")
+            "student": (args.student + (f" ({options})" if (options := student_label(args.window, args.shared_kv)) else "")
                         + ", random init from the teacher's projections (speed does not depend on their values)"),
             "dtype": str(dtype).removeprefix("torch."),
             "linear_layers": {k: setup.linear_layers(k) for k in counts},

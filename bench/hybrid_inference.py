@@ -54,12 +54,14 @@ from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 from .common import (
     ARCHITECTURES,
+    add_student_options,
     command_line,
     default_device,
     default_dtype,
     describe_attention,
     environment,
     release_memory,
+    student_label,
     write_results,
 )
 from .hybrid_setup import CACHE_DESCRIPTIONS, CACHE_KINDS, LINEAR_LAYERS_HELP, MODEL_HELP, build_setup
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(default 0, L/4, L/2, 3L/4, L)")
     parser.add_argument("--linear-layers", type=int, nargs="+", help=LINEAR_LAYERS_HELP)
     parser.add_argument("--student", choices=STUDENT_KINDS, default="gla")
-    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
+    add_student_options(parser)
     parser.add_argument("--lengths", type=int, nargs="*",
                         help="prefill tokens (default 2K 8K 32K 128K; none given: no prefill)")
     parser.add_argument("--contexts", type=int, nargs="*",
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     max_batch = args.max_batch or (8 if args.smoke else 1024)
     command = command_line("bench.hybrid_inference", argv)
     names = sorted(ARCHITECTURES) if args.model == "both" else [args.model]
-    spec = StudentSpec(kind=args.student, window=args.window)
+    spec = StudentSpec(kind=args.student, window=args.window, shared_kv=args.shared_kv)
 
     sections: dict[str, tuple[dict, list[dict]]] = {}
 
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                 "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, intermediate "
                                 f"{config.intermediate_size}, vocab {config.vocab_size}",
                 "num_layers": setup.num_layers, "attention": setup.attention,
-                "student": f"{spec.kind} ({spec.feature_map} feature map"
-                           + (f", window {spec.window})" if spec.window else ")"),
+                "student": ", ".join(filter(None, [f"{spec.kind} ({spec.feature_map} feature map",
+                                                   student_label(spec.window, spec.shared_kv)])) + ")",
                 "dtype": str(dtype).removeprefix("torch."),
                 "cache": (f"{CACHE_DESCRIPTIONS[args.cache]} through `{setup.cache_arg}=`, students' recurrent "
                           "states in it"),

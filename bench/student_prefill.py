@@ -29,6 +29,7 @@ import torch
 
 from bench.common import (
     ARCHITECTURES,
+    add_student_options,
     build_model,
     cell,
     command_line,
@@ -53,13 +54,13 @@ from dtr_core.linear.decoding import capture_graph
 from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 
-def teacher_and_students(shape: str, kinds, window: int, device, dtype, smoke: bool):
+def teacher_and_students(shape: str, kinds, window: int, shared_kv: bool, device, dtype, smoke: bool):
     """The teacher's attention module (SDPA), its rotary embedding, and one student per kind built from it."""
     model = build_model(shape, device=device, dtype=dtype, attn_implementation="sdpa", smoke=smoke,
                         num_hidden_layers=1, vocab_size=8)
     adapter = adapter_for(model)
     weights = adapter.read_attention_weights(model, 0)
-    students = {kind: student_from_teacher(StudentSpec(kind=kind, window=window), weights, causal=True)
+    students = {kind: student_from_teacher(StudentSpec(kind=kind, window=window, shared_kv=shared_kv), weights, causal=True)
                 .to(device, dtype).eval() for kind in kinds}
     return adapter.attention_module(model, 0), adapter.backbone(model).rotary_emb, students
 
@@ -186,7 +187,8 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
         f"Card: {meta['environment']['card']}. {environment_line(meta['environment'])}.",
         f"Command: `{meta['command']}`",
         f"Shape: {meta['shape']} attention ({meta['attention']}), {meta['dtype']}, random weights, window "
-        f"{meta['window']}; scan backend: {meta.get('backend')}. Median of {meta['repeats']} calls.",
+        f"{meta['window']}{', shared K/V heads' if meta.get('shared_kv') else ''}; scan backend: {meta.get('backend')}. "
+        f"Median of {meta['repeats']} calls.",
         "",
         markdown_table(headers, table),
     ]
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(ARCHITECTURES), default="llama-1b")
     parser.add_argument("--kinds", nargs="+", choices=STUDENT_KINDS, default=["gla"])
-    parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
+    add_student_options(parser)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--lengths", type=int, nargs="+", help="tokens (default 2K 8K; smoke: 64)")
     parser.add_argument("--repeats", type=int, default=20)
@@ -220,11 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     dtype = default_dtype(device)
     lengths = args.lengths or ([64] if args.smoke else [2048, 8192])
     repeats = 2 if args.smoke else args.repeats
-    teacher, rotary, students = teacher_and_students(args.shape, args.kinds, args.window, device, dtype, args.smoke)
+    teacher, rotary, students = teacher_and_students(args.shape, args.kinds, args.window, args.shared_kv, device, dtype,
+                                                     args.smoke)
     meta = {"command": command_line("bench.student_prefill", argv), "environment": environment(device),
             "shape": args.shape, "attention": describe_attention(teacher.config),
             "dtype": str(dtype).removeprefix("torch."),
-            "window": args.window, "repeats": repeats}
+            "window": args.window, "shared_kv": args.shared_kv, "repeats": repeats}
     rows: list[dict] = []
     for batch in args.batches:
         for length in lengths:

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DECODER_WINDOW} for decoders, 0 for encoders)")
     parser.add_argument("--short-conv", type=int, default=StudentSpec.short_conv,
                         help="kernel size of short causal convolutions on the scan's q/k/v (0: none)")
+    parser.add_argument("--shared-kv", action="store_true",
+                        help="on a grouped-query teacher, each group of query heads shares one K/V projection as in "
+                             "the teacher (cheaper projections, fewer weights); default: one per query head")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance,
                         help="how far the primary target may fall from the full model's validation score")
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")
@@ -172,7 +175,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
     args = build_parser().parse_args(argv)
     return RunSpec(
         model=ModelSpec(path=args.model, dtype=args.model_dtype),
-        student=StudentSpec(kind=args.student, window=args.window, short_conv=args.short_conv),
+        student=StudentSpec(kind=args.student, window=args.window, short_conv=args.short_conv,
+                            shared_kv=args.shared_kv),
         capture=CaptureSpec(token_budget=args.token_budget or default_token_budget(args.device), source="text_files" if args.text_files else "task_train",
                             text_files=tuple(args.text_files), max_length=args.max_length, batch_size=args.batch_size,
                             mode=args.mode, disk_budget_gb=args.disk_budget_gb, general_share=args.general_share,

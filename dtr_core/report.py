@@ -343,7 +343,8 @@ def _kinds_lines(summary: RunSummary) -> list[str]:
 
 def students_text(records: Sequence[Mapping]) -> str:
     """What the distilled students are (``StudentRecord`` json), one description per distinct setting: kind,
-    feature map, softmax window (resolved: "auto" is 64 tokens on decoders, none on encoders), convolutions."""
+    feature map, softmax window (resolved: "auto" is 64 tokens on decoders, none on encoders), convolutions, shared
+    K/V heads (absent from the records of students made before they existed)."""
     descriptions = []
     for record in records:
         config = record["student_config"]
@@ -352,6 +353,8 @@ def students_text(records: Sequence[Mapping]) -> str:
         parts.append(f"{window}-token softmax window" if window else "no softmax window")
         if config["short_conv"]:
             parts.append(f"q/k/v convolutions of {config['short_conv']}")
+        if config.get("kv_heads", config.get("num_heads", 0)) < config.get("num_heads", 0):
+            parts.append(f"{config['kv_heads']} shared K/V heads")
         text = f"{config['kind']} ({', '.join(parts)})"
         if text not in descriptions:
             descriptions.append(text)

@@ -143,6 +143,7 @@ class LinearAttentionStudent(nn.Module):
         rope: bool = False,
         rope_scaling: float = 1.0,
         short_conv: int = 0,
+        kv_heads: int = 0,
     ) -> None:
         super().__init__()
         if feature_map not in FEATURE_MAPS:
@@ -150,9 +151,16 @@ class LinearAttentionStudent(nn.Module):
         if window < 0 or short_conv < 0 or short_conv == 1:
             raise ValueError(f"window={window}, short_conv={short_conv}: window must be >= 0 and short_conv "
                              "0 (none) or a kernel size >= 2")
+        kv_heads = kv_heads or num_heads
+        if kv_heads < 1 or num_heads % kv_heads:
+            raise ValueError(f"kv_heads={kv_heads}: must divide num_heads={num_heads} (0: one per query head)")
         self.causal, self.feature_map = causal, feature_map
         self.window, self.rope, self.rope_scaling, self.short_conv = window, rope, rope_scaling, short_conv
         self.num_heads, self.head_dim = num_heads, head_dim
+        # Query heads per key/value head: above 1, each group of query heads shares one K/V projection, as in a
+        # GQA teacher (its projections cost what the teacher's do); the keys and values are repeated per query
+        # head right after the projections, so everything after them sees one K/V head per query head.
+        self.kv_groups = num_heads // kv_heads
         self.chunk_size, self.backend = chunk_size, backend
         # Position in the layer stack, set when the student is installed: names its cache slot.
         self.layer_idx: int | None = None
@@ -162,14 +170,14 @@ class LinearAttentionStudent(nn.Module):
             kind=self.kind, hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
             causal=causal, feature_map=feature_map, gate_rank=gate_rank, chunk_size=chunk_size,
             qkv_bias=qkv_bias, output_proj=output_proj, o_bias=o_bias,
-            window=window, rope=rope, rope_scaling=rope_scaling, short_conv=short_conv,
+            window=window, rope=rope, rope_scaling=rope_scaling, short_conv=short_conv, kv_heads=kv_heads,
         )
         # Parameters are created in a fixed order (projections, feature map, gates, readout): seeded
         # students draw their random initial values in that order, so it must not change.
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(hidden_size, inner, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, inner, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, inner, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(inner, hidden_size, bias=o_bias) if output_proj else None
         if feature_map == "hedgehog":
             self.feature_weight = nn.Parameter(initial_hedgehog_weight(num_heads, head_dim))
@@ -441,8 +449,18 @@ class LinearAttentionStudent(nn.Module):
         return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm_weight
 
     def _projections(self, hidden_states):
-        """The q/k/v projections [B, T, H*D]."""
-        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        """The q/k/v projections [B, T, H*D] (shared K/V heads repeated for their query heads)."""
+        return self.q_proj(hidden_states), self._per_query_head(self.k_proj(hidden_states)), \
+            self._per_query_head(self.v_proj(hidden_states))
+
+    def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
+        """A K or V projection [B, T, H_kv*D] → [B, T, H*D], each K/V head repeated for the query heads of its group
+        (query head h reads K/V head h // kv_groups, as transformers' ``repeat_kv``)."""
+        if self.kv_groups == 1:
+            return x
+        batch, length, _ = x.shape
+        grouped = x.view(batch, length, -1, 1, self.head_dim)
+        return grouped.expand(-1, -1, -1, self.kv_groups, -1).reshape(batch, length, -1)
 
     def _scan_inputs(self, hidden_states, projections, valid, layer):
         """(q, k, v, gates) as the scan reads them (v without ``_value_columns``' normaliser column): the

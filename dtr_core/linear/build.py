@@ -12,14 +12,16 @@ from .students import build_student
 
 def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: bool, seed: int = 42,
                          backend: str = "auto") -> LinearAttentionStudent:
-    """A student whose q/k/v/o projections are copies of the teacher's (GQA K/V heads expanded).
+    """A student whose q/k/v/o projections are copies of the teacher's: a GQA teacher's K/V heads shared by the same
+    groups of query heads (``spec.shared_kv``), or repeated into one K/V projection per query head.
 
     A sliding-window student also takes the teacher's rotary frequencies. The student's own extra
     parameters (feature maps, gates, beta, output norm, convolutions) keep the
     initial values documented in ``base.py`` and the mechanism files; the one random one (GLA's gate
     down-projection) is drawn from ``seed``, so a layer's student is the same in every process.
     """
-    weights = weights.with_expanded_kv()
+    if not spec.shared_kv:
+        weights = weights.with_expanded_kv()
     window = spec.window_for(causal)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -40,6 +42,7 @@ def student_from_teacher(spec: StudentSpec, weights: AttentionWeights, causal: b
                 rope=window > 0 and weights.rotary_inv_freq is not None,
                 rope_scaling=weights.rotary_scaling,
                 short_conv=spec.short_conv,
+                kv_heads=weights.num_kv_heads,
             ),
             backend=backend,
         )

@@ -88,11 +88,12 @@ def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
         assert all(math.isfinite(score) for score in summary.scores[split]["perplexity"].values())
 
 
-@pytest.mark.parametrize("mode, student", [("disk", StudentSpec(kind="gla", window=4, short_conv=3)),
+@pytest.mark.parametrize("mode, student", [("disk", StudentSpec(kind="gla", window=4, short_conv=3, shared_kv=True)),
                                            ("stream", StudentSpec(kind="gated_deltanet", window=4))])
 def test_window_and_convolution_students_run_every_stage(tmp_path, mode, student):
-    """Students that keep recall go through capture, distillation, search and export like any other, and
-    the exported hybrid decodes with their windows and convolution histories in its cache."""
+    """Students that keep recall (and K/V heads shared like the teacher's) go through capture, distillation,
+    search and export like any other, and the exported hybrid decodes with their windows and convolution
+    histories in its cache."""
     from transformers import AutoModelForCausalLM
 
     run = tiny_run(tmp_path, "llama", "perplexity", student=student)
@@ -101,8 +102,11 @@ def test_window_and_convolution_students_run_every_stage(tmp_path, mode, student
     assert len(summary.distillation) == 3 and all(math.isfinite(r["rel_error_final"]) for r in summary.distillation)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hybrid", trust_remote_code=True).eval()
     configs = [entry["student_config"] for entry in model.config.dtr_hybrid["students"]]
-    assert configs and all((config["window"], config["short_conv"], config["rope"]) ==
-                           (student.window, student.short_conv, True) for config in configs)
+    kv_heads = 2 if student.shared_kv else 4  # the tiny Llama's K/V heads, or one per query head
+    assert configs and all((config["window"], config["short_conv"], config["rope"], config["kv_heads"]) ==
+                           (student.window, student.short_conv, True, kv_heads) for config in configs)
+    if student.shared_kv:
+        assert "2 shared K/V heads" in (tmp_path / "out" / "report" / "report.md").read_text()
     prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
     cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
     assert torch.equal(cached, model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False))
@@ -311,12 +315,13 @@ def test_cli_flags_reach_the_specs():
     run, cache_dir = parse_args(["--model", "smollm2-135m", "--model-dtype", "bfloat16", "--target-kind", "exact_match",
                       "--eval-examples", "200", "--eval-batch-size", "100", "--mode", "stream",
                       "--token-budget", "1000", "--epochs", "3", "--run-to-end", "--window", "64",
-                      "--short-conv", "4"])
+                      "--short-conv", "4", "--shared-kv"])
     assert (run.model.path, run.model.dtype) == ("smollm2-135m", "bfloat16")
     assert (run.target.kind, run.target.max_eval_examples, run.target.batch_size) == ("exact_match", 200, 100)
     assert (run.capture.mode, run.capture.token_budget, run.distill.epochs) == ("stream", 1000, 3)
     assert run.search.run_to_end and cache_dir is None
-    assert (run.student.window, run.student.short_conv) == (64, 4)
+    assert (run.student.window, run.student.short_conv, run.student.shared_kv) == (64, 4, True)
+    assert not parse_args([])[0].student.shared_kv
     assert parse_args(["--cache-dir", "/shared/cache"])[1] == "/shared/cache"
     assert parse_args([])[0].student.window == parse_args(["--window", "auto"])[0].student.window == "auto"
     with pytest.raises(SystemExit):

@@ -24,7 +24,7 @@ STUDENT_OPTIONS = [
     dict(kind="gla", feature_map="identity"),
     # Windows the window kernels serve (a power of two >= 16), with rotary positions and convolutions.
     dict(kind="gla", window=16, rope=True),
-    dict(kind="gated_deltanet", window=16, short_conv=4),
+    dict(kind="gated_deltanet", window=16, short_conv=4, kv_heads=1),  # K/V heads shared by the 3 query heads
 ]
 
 

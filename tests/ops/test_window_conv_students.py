@@ -1,7 +1,8 @@
-"""Students that keep recall: a softmax window beside the scan (``window.py``) and short convolutions
-on q/k/v (``short_conv.py``). Checked against a step-by-step reading of their definition, against the
-teacher's own attention where the window covers the whole sequence, across cached calls of any size,
-and (identity-initialised convolutions) against today's students."""
+"""Students' options: a softmax window beside the scan (``window.py``), short convolutions on q/k/v
+(``short_conv.py``) and K/V heads shared by groups of query heads (``shared_kv``). Checked against a
+step-by-step reading of their definition, against the teacher's own attention where the window covers
+the whole sequence, across cached calls of any size, and (identity-initialised convolutions, shared
+K/V heads) against the students without them."""
 
 import math
 
@@ -32,11 +33,11 @@ def perturbed(student, seed=0):
     return student.eval()
 
 
-def window_student(kind, causal, feature_map="hedgehog", short_conv=0):
+def window_student(kind, causal, feature_map="hedgehog", short_conv=0, kv_heads=0):
     torch.manual_seed(1)
     student = build_student(dict(kind=kind, hidden_size=32, num_heads=2, head_dim=8, causal=causal,
                                  feature_map=feature_map, gate_rank=4, chunk_size=8, window=WINDOW,
-                                 rope=True, short_conv=short_conv), backend="chunked")
+                                 rope=True, short_conv=short_conv, kv_heads=kv_heads), backend="chunked")
     student.rotary_inv_freq.copy_(1.0 / 100.0 ** (torch.arange(0, 8, 2).float() / 8))
     return perturbed(student)
 
@@ -76,10 +77,15 @@ def reference_output(student, x):
     q, k, v, gates = student._scan_inputs(x, student._projections(x), None, None)
     v = student._value_columns(v)
     shape = (batch, length, heads, dim)
+
+    def per_query_head(projection):  # query head h reads K/V head h // groups (transformers' repeat_kv)
+        kv = projection(x).view(batch, length, -1, dim)
+        return kv.repeat_interleave(heads // kv.shape[2], dim=2)
+
     cos, sin = rotary_tables(student.rotary_inv_freq, 0, length, 1.0, torch.float32)
     q_window = rotate(student.q_proj(x).view(shape), cos, sin)
-    k_window = rotate(student.k_proj(x).view(shape), cos, sin)
-    v_window = student.v_proj(x).view(shape)
+    k_window = rotate(per_query_head(student.k_proj), cos, sin)
+    v_window = per_query_head(student.v_proj)
     outputs = []
     for t in range(length):
         linear = linear_beyond_window(student, q, k, v, gates, t, +1)
@@ -99,23 +105,25 @@ def reference_output(student, x):
     return student.o_proj(torch.stack(outputs, dim=1).reshape(batch, length, heads * dim))
 
 
+@pytest.mark.parametrize("kv_heads", [0, 1])  # one K/V head per query head, or one shared by both
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("feature_map", ["hedgehog", "identity"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_window_student_follows_its_definition(kind, feature_map, causal):
-    student = window_student(kind, causal, feature_map)
+def test_window_student_follows_its_definition(kind, feature_map, causal, kv_heads):
+    student = window_student(kind, causal, feature_map, kv_heads=kv_heads)
     x = torch.randn(2, 3 * WINDOW + 3, 32)  # several blocks and a partial one
     with torch.no_grad():
         torch.testing.assert_close(student(x)[0], reference_output(student, x), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shared_kv", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_window_over_the_whole_sequence_is_the_teachers_attention(family):
+def test_window_over_the_whole_sequence_is_the_teachers_attention(family, shared_kv):
     model = tiny_model(family)
     adapter = adapter_for(model)
     length = 9
-    student = student_from_teacher(StudentSpec(window=length), adapter.read_attention_weights(model, 0),
-                                   causal=True)
+    student = student_from_teacher(StudentSpec(window=length, shared_kv=shared_kv),
+                                   adapter.read_attention_weights(model, 0), causal=True)
     assert student.rope
     hidden = torch.randn(2, length, model.config.hidden_size)
     positions = torch.arange(length)[None].expand(2, -1)
@@ -139,7 +147,8 @@ def cached_student(kind, options, seed):
     return student
 
 
-@pytest.mark.parametrize("options", [dict(window=WINDOW), dict(short_conv=3), dict(window=WINDOW, short_conv=3)])
+@pytest.mark.parametrize("options", [dict(window=WINDOW), dict(short_conv=3), dict(window=WINDOW, short_conv=3),
+                                     dict(window=WINDOW, short_conv=3, kv_heads=1)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
     student = cached_student(kind, options, seed=2)
@@ -163,7 +172,7 @@ def test_cached_calls_of_any_size_continue_like_one_forward(kind, options):
         assert held["k_conv"] == (2, 2, 16)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(window=WINDOW), dict(window=WINDOW, short_conv=3)])
+@pytest.mark.parametrize("options", [dict(), dict(window=WINDOW), dict(window=WINDOW, short_conv=3, kv_heads=1)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_inference_over_many_tokens_runs_a_few_rows_at_a_time(kind, options, monkeypatch):
     """Prompts over PREFILL_PIECE_TOKENS tokens go through the student a few batch rows at a time (their
@@ -219,6 +228,32 @@ def test_identity_convolutions_start_as_the_student_without_them(kind):
         early = convolved(hidden[:, :6])[0]
     assert not torch.allclose(changed, plain(hidden)[0])
     torch.testing.assert_close(early, changed[:, :6])
+
+
+@pytest.mark.parametrize("window", [0, 64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_kv_heads_start_as_one_per_query_head_with_the_teachers_projection_sizes(kind, window):
+    """A GQA teacher's K/V heads shared by their query heads: the same student at the start, with the teacher's
+    K/V projections (fewer weights); trained, each group's query heads still read one key and one value."""
+    model = tiny_model("llama")  # 4 query heads, 2 K/V heads
+    weights = adapter_for(model).read_attention_weights(model, 1)
+    per_query = student_from_teacher(StudentSpec(kind=kind, window=window), weights, causal=True, seed=3)
+    shared = student_from_teacher(StudentSpec(kind=kind, window=window, shared_kv=True), weights, causal=True, seed=3)
+    assert shared.k_proj.weight.shape == weights.k_weight.shape and shared.v_proj.weight.shape == weights.v_weight.shape
+    assert per_query.k_proj.weight.shape == weights.q_weight.shape
+    assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in per_query.parameters())
+    assert shared.config_dict()["kv_heads"] == 2 and per_query.config_dict()["kv_heads"] == 4
+    hidden = torch.randn(2, 11, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(hidden)[0], per_query(hidden)[0], atol=1e-6, rtol=1e-5)
+        perturbed(shared)
+        keys = shared._projections(hidden)[1].view(2, 11, 2, 2, -1)  # [B, T, K/V head, query head of its group, D]
+    assert torch.equal(keys[:, :, :, 0], keys[:, :, :, 1])
+    rebuilt = build_student(shared.config_dict())
+    assert {name: p.shape for name, p in rebuilt.state_dict().items()} == \
+        {name: p.shape for name, p in shared.state_dict().items()}
+    with pytest.raises(ValueError, match="kv_heads=3: must divide num_heads=4"):
+        build_student({**shared.config_dict(), "kv_heads": 3})
 
 
 def test_student_spec_checks_window_and_convolutions():
