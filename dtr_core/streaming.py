@@ -46,6 +46,7 @@ from .capture import AttentionRecorder
 from .checkpoints import load_checkpoint, save_checkpoint
 from .distributed import all_reduce_sum, rank_and_world
 from .linear.base import LinearAttentionStudent
+from .progress import Progress
 from .specs import CaptureSpec, DistillSpec, SpecError, spec_digest, spec_to_dict
 from .training import (CurveLogger, DistillResult, build_optimizer, masked_squared_error, optimizer_step,
                        plan_training, relative_error, trained_weights, warmup_cosine)
@@ -371,6 +372,12 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
     prior_seconds, session_started = progress.seconds, time.perf_counter()
     session_tokens, last_saved = 0, progress.step
     first_step_seconds, first_step_tokens = 0.0, 0
+    # Between checkpoints a line every PERIODIC_SECONDS (or one redrawn on a terminal), with the time left.
+    ticker = Progress("stream distill", plan.train_tokens, None if log is _silent else log, unit="training tokens")
+    ticker.advance(progress.train_tokens, worked=False)
+    if trainer.device.type == "cuda":  # otherwise minutes of silence before the first line
+        log("stream distill: the first step compiles the students' GPU kernels and autotunes them on first use: "
+            "minutes with an empty Triton cache (TRITON_CACHE_DIR), seconds with a kept one")
     while progress.train_tokens < plan.train_tokens:  # one pass over the data per iteration
         for index, batch in enumerate(batches()):
             if index < distill.holdout_batches or index < progress.batches_done:
@@ -383,6 +390,7 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
             progress.step, progress.batches_done = progress.step + 1, index + 1
             progress.train_tokens += tokens
             session_tokens += tokens
+            ticker.advance(tokens)
             if session_tokens == tokens:  # the session's first step, timed alone: reading its losses waits for it
                 pending[-1].tolist()
                 first_step_seconds, first_step_tokens = time.perf_counter() - session_started, tokens
@@ -393,6 +401,7 @@ def _run(trainer: _StreamTrainer, batches: Callable[[], Iterable[dict]], capture
         else:
             progress.epoch, progress.batches_done = progress.epoch + 1, 0
     flush_curve()  # waits for the device, so the time below counts the work, not just its launch
+    ticker.close()
     session_seconds = time.perf_counter() - session_started
     progress.seconds = prior_seconds + session_seconds
     if progress.step != last_saved:

@@ -3,6 +3,7 @@ exactly; data-parallel (gloo, 2 processes) equals one process; the disk/stream c
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import save_tiny_model, synthetic_texts, tiny_model, tiny_tokenizer, write_jsonl
 
+from dtr_core import progress
 from dtr_core.adapters import adapter_for
 from dtr_core.capture import tokenize_for_capture
 from dtr_core.checkpoints import CHECKPOINT_MANIFEST
@@ -51,13 +53,13 @@ def token_batches(adapter, capture=CAPTURE):
     return lambda: tokenize_for_capture(tiny_tokenizer(), TEXTS, capture, pack=adapter.causal)
 
 
-def stream(family, root, kind="gla", capture=CAPTURE, distill=DISTILL, batches=None, log_curve=None):
+def stream(family, root, kind="gla", capture=CAPTURE, distill=DISTILL, batches=None, log_curve=None, **options):
     model, adapter = sharpened_teacher(family)
     # No window: the default's 64 tokens would cover these short texts exactly, leaving nothing to learn.
     students = [student_from_teacher(StudentSpec(kind=kind, window=0), adapter.read_attention_weights(model, i),
                                      causal=adapter.causal, seed=42 + i) for i in range(adapter.num_layers)]
     return stream_distill(model, adapter, students, batches or token_batches(adapter, capture), capture, distill,
-                          root, "teacher-and-data", log_curve=log_curve)
+                          root, "teacher-and-data", log_curve=log_curve, **options)
 
 
 def logged_curve(calls, layer_idx, first_step=0):
@@ -103,6 +105,19 @@ def test_a_first_step_that_compiled_kernels_is_explained():
     assert first_step_note(12.7, 26.6, 59) == ""  # the warm-cache run: 12.7 s first, 0.45 s each after
     assert first_step_note(50.0, 1.0, 10) == ""  # under a minute is not worth a word
     assert first_step_note(200.0, 0.0, 0) == ""  # nothing to compare with
+
+
+def test_progress_is_logged_between_checkpoints(tmp_path, monkeypatch):
+    """Checkpoints may be far apart (60 steps of a GPU run, minutes on a cold cache): the progress line comes
+    every PERIODIC_SECONDS between them, with the tokens trained so far and the time left."""
+    monkeypatch.setattr(progress, "PERIODIC_SECONDS", 0.0)
+    lines = []
+    result = stream("llama", tmp_path, capture=CaptureSpec(token_budget=600, max_length=16, batch_size=4),
+                    distill=DistillSpec(epochs=1, checkpoint_every=1000), log=lines.append)
+    ticks = [line for line in lines if re.match(r"stream distill: [\d,]+/[\d,]+ training tokens \(\d+s, ~", line)]
+    done = [int(re.match(r"stream distill: ([\d,]+)/", line).group(1).replace(",", "")) for line in ticks]
+    assert len(ticks) == result.steps - 1 and done == sorted(done) and done[-1] < result.train_tokens
+    assert not any("checkpoint saved" in line for line in lines[:-2])  # one checkpoint, at the end
 
 
 def test_the_budget_decides_how_long_the_students_train(tmp_path):
