@@ -4,7 +4,8 @@
 # (bench.hybrid_inference, prefill only), both shapes. Results land in $OUT; the Triton autotune choices
 # come back as $OUT/triton.tgz (carry them next time as .gpu_cache/triton.tgz).
 # Usage, from the repository root on the device (carry .whl): bash tools/gpu/prefill.sh
-# STAGES="tests layer hybrid" (default all three), SHAPES, STUDENTS, BATCHES (prefill batches) and WINDOW pick what runs;
+# STAGES="tests layer hybrid" (default all three), SHAPES, STUDENTS, BATCHES (prefill batches), WINDOW and SHARED_KV=1
+# (the students' student.shared_kv) pick what runs;
 # LIMIT_S (default 560) stops starting new runs. Everything takes about 20 minutes: split it over calls.
 source tools/gpu/device_env.sh
 LIMIT_S=${LIMIT_S:-560}
@@ -13,7 +14,8 @@ SHAPES=${SHAPES:-"llama-1b qwen-1.5b"}
 STUDENTS=${STUDENTS:-"gla gated_deltanet"}
 BATCHES=${BATCHES:-"1 8"}
 WINDOW=${WINDOW:-0}  # the students' softmax window
-tag=$([[ $WINDOW == 0 ]] || echo "_w$WINDOW")
+STUDENT_OPTIONS=(--window "$WINDOW" ${SHARED_KV:+--shared-kv})
+tag=$([[ $WINDOW == 0 ]] || echo "_w$WINDOW")${SHARED_KV:+_shared}
 time_left() { (( SECONDS < LIMIT_S )); }
 run() { echo "== $* (at ${SECONDS}s)"; "$@"; }
 
@@ -25,7 +27,7 @@ if [[ $STAGES == *tests* ]]; then
 fi
 if [[ $STAGES == *layer* ]]; then
     for shape in $SHAPES; do
-        time_left && run python3 -m bench.student_prefill --shape "$shape" --kinds $STUDENTS --window "$WINDOW" \
+        time_left && run python3 -m bench.student_prefill --shape "$shape" --kinds $STUDENTS "${STUDENT_OPTIONS[@]}" \
             --profile 12 --out "$OUT/layer_$shape$tag.md" > "$OUT/layer_$shape$tag.log" 2>&1
     done
 fi
@@ -36,7 +38,7 @@ if [[ $STAGES == *hybrid* ]]; then
             for batch in $BATCHES; do
                 lengths="2048 8192"
                 [[ $batch == 1 ]] && lengths="2048 8192 131072"
-                time_left && run python3 -m bench.hybrid_inference --model "$shape" --student "$student" --window "$WINDOW" --contexts \
+                time_left && run python3 -m bench.hybrid_inference --model "$shape" --student "$student" "${STUDENT_OPTIONS[@]}" --contexts \
                     --lengths $lengths --linear-counts 0 "$half" --prefill-batch "$batch" \
                     --out "$OUT/prefill${batch}_${student}_$shape$tag.md" > /dev/null
             done
