@@ -6,6 +6,7 @@ module import only torch, transformers and dtr_core's core; flash-attn is used w
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.metadata
 import json
@@ -21,6 +22,8 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import is_flash_attn_2_available
+
+from dtr_core.specs import StudentSpec
 
 # Hand-written configs with the real architectures' shapes; the benchmarks use random weights.
 ARCHITECTURES = {
@@ -61,13 +64,13 @@ def describe_attention(config) -> str:
 def add_student_options(parser) -> None:
     """The product's student options a benchmark's students take: ``--window`` and ``--shared-kv``."""
     parser.add_argument("--window", type=int, default=0, help="the students' softmax window (0: none)")
-    parser.add_argument("--shared-kv", action="store_true",
+    parser.add_argument("--shared-kv", action=argparse.BooleanOptionalAction, default=StudentSpec.shared_kv,
                         help="students share the teacher's K/V heads by groups of query heads (student.shared_kv)")
 
 
 def student_label(window: int, shared_kv: bool) -> str:
-    """The student options of ``add_student_options``, for a table's description ("" when neither is set)."""
-    return ", ".join([f"window {window}"] * bool(window) + ["shared K/V heads"] * shared_kv)
+    """The student options of ``add_student_options``, for a table's description."""
+    return ", ".join([f"window {window}"] * bool(window) + ["shared K/V heads" if shared_kv else "K/V per query head"])
 
 
 def default_device(smoke: bool) -> str:

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             "architecture": f"{setup.num_layers} layers, {describe_attention(config)}, vocab {config.vocab_size}",
             "prompts": (f"{args.batch} prompts of {tokens_label(args.lengths[0])}-{tokens_label(args.lengths[1])} "
                         f"tokens (evenly spread, left-padded), {args.new_tokens} new tokens each, greedy"),
-            "student": (args.student + (f" ({options})" if (options := student_label(args.window, args.shared_kv)) else "")
+            "student": (f"{args.student} ({student_label(args.window, args.shared_kv)})"
                         + ", random init from the teacher's projections (speed does not depend on their values)"),
             "dtype": str(dtype).removeprefix("torch."),
             "linear_layers": {k: setup.linear_layers(k) for k in counts},

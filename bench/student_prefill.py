@@ -42,6 +42,7 @@ from bench.common import (
     markdown_table,
     median_ms,
     synchronize,
+    student_label,
     tokens_label,
     unless_oom,
     warm_until_steady,
@@ -187,7 +188,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
         f"Card: {meta['environment']['card']}. {environment_line(meta['environment'])}.",
         f"Command: `{meta['command']}`",
         f"Shape: {meta['shape']} attention ({meta['attention']}), {meta['dtype']}, random weights, window "
-        f"{meta['window']}{', shared K/V heads' if meta.get('shared_kv') else ''}; scan backend: {meta.get('backend')}. "
+        f"{meta['window']}, {student_label(0, meta['shared_kv'])}; scan backend: {meta.get('backend')}. "
         f"Median of {meta['repeats']} calls.",
         "",
         markdown_table(headers, table),

@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DECODER_WINDOW} for decoders, 0 for encoders)")
     parser.add_argument("--short-conv", type=int, default=StudentSpec.short_conv,
                         help="kernel size of short causal convolutions on the scan's q/k/v (0: none)")
-    parser.add_argument("--shared-kv", action="store_true",
+    parser.add_argument("--shared-kv", action=argparse.BooleanOptionalAction, default=StudentSpec.shared_kv,
                         help="on a grouped-query teacher, each group of query heads shares one K/V projection as in "
-                             "the teacher (cheaper projections, fewer weights); default: one per query head")
+                             "the teacher (cheaper projections, fewer weights); --no-shared-kv: one per query head")
     parser.add_argument("--tolerance", type=float, default=SearchSpec.tolerance,
                         help="how far the primary target may fall from the full model's validation score")
     parser.add_argument("--tolerance-mode", default=SearchSpec.tolerance_mode, help="relative | absolute")

@@ -83,11 +83,13 @@ class StudentSpec:
     a decoder's (causal) layers, 0 for an encoder's (``window_for``).
     ``short_conv``: kernel size of causal depthwise convolutions on the scan's q/k/v, initialised to
     the identity (as in Gated DeltaNet and Mamba); 0: none.
-    ``shared_kv``: on a teacher with grouped-query attention, each group of query heads shares one key and one value
-    projection, as in the teacher (LoLCATs keeps the teacher's groups too): the projections cost what the teacher's
-    do and the student has fewer weights. False: one K/V projection per query head, each starting as a copy of its
-    group's (more to train, and at Llama-1B's 4 query heads per K/V head the projections cost 1.6× the teacher's).
-    No effect on teachers without grouped K/V heads.
+    ``shared_kv`` (default): on a teacher with grouped-query attention, each group of query heads shares one key and
+    one value projection, as in the teacher (LoLCATs keeps the teacher's groups too): the projections cost what the
+    teacher's do and the student has fewer weights (32% fewer on SmolLM2-135M), distilling as well (relative errors
+    within ±8% of one K/V per query head on 4 of its layers, BENCHMARKS.md "fifth session"). False: one K/V
+    projection per query head, each starting as a copy of its group's (the students of issues 1-15 until then; at
+    Llama-1B's 4 query heads per K/V head the projections cost 1.6× the teacher's). No effect on teachers without
+    grouped K/V heads.
     """
 
     kind: str = "gla"
@@ -96,7 +98,7 @@ class StudentSpec:
     chunk_size: int = 32
     window: int | Literal["auto"] = "auto"
     short_conv: int = 0
-    shared_kv: bool = False
+    shared_kv: bool = True
 
     def __post_init__(self) -> None:
         kinds = self.kind.split(",") if isinstance(self.kind, str) else [self.kind]

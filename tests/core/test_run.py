@@ -55,7 +55,8 @@ def test_tiny_run_produces_every_artefact(tmp_path, family, kind):
     text = format_summary(summary)
     assert "distillation" in text and plan_line in text
     # Which students, with the window "auto" resolved: 64 tokens on a decoder, none on an encoder.
-    students = "gla (hedgehog features, " + ("no softmax window)" if family == "bert" else "64-token softmax window)")
+    students = "gla (hedgehog features, " + {"bert": "no softmax window)", "gpt2": "64-token softmax window)",
+                                              "llama": "64-token softmax window, 2 shared K/V heads)"}[family]
     assert f"Students: {students}." in (out / "report" / "report.md").read_text() and students in text
     assert all(f"WARNING: {w}" in text for w in summary.distillation_warnings)
     config = json.loads((out / "hybrid" / "config.json").read_text())
@@ -88,11 +89,11 @@ def test_bfloat16_teacher_runs_every_stage(tmp_path, mode):
         assert all(math.isfinite(score) for score in summary.scores[split]["perplexity"].values())
 
 
-@pytest.mark.parametrize("mode, student", [("disk", StudentSpec(kind="gla", window=4, short_conv=3, shared_kv=True)),
+@pytest.mark.parametrize("mode, student", [("disk", StudentSpec(kind="gla", window=4, short_conv=3, shared_kv=False)),
                                            ("stream", StudentSpec(kind="gated_deltanet", window=4))])
 def test_window_and_convolution_students_run_every_stage(tmp_path, mode, student):
-    """Students that keep recall (and K/V heads shared like the teacher's) go through capture, distillation,
-    search and export like any other, and the exported hybrid decodes with their windows and convolution
+    """Students that keep recall (one K/V projection per query head, or shared like the teacher's) go through capture,
+    distillation, search and export like any other, and the exported hybrid decodes with their windows and convolution
     histories in its cache."""
     from transformers import AutoModelForCausalLM
 
@@ -315,13 +316,13 @@ def test_cli_flags_reach_the_specs():
     run, cache_dir = parse_args(["--model", "smollm2-135m", "--model-dtype", "bfloat16", "--target-kind", "exact_match",
                       "--eval-examples", "200", "--eval-batch-size", "100", "--mode", "stream",
                       "--token-budget", "1000", "--epochs", "3", "--run-to-end", "--window", "64",
-                      "--short-conv", "4", "--shared-kv"])
+                      "--short-conv", "4", "--no-shared-kv"])
     assert (run.model.path, run.model.dtype) == ("smollm2-135m", "bfloat16")
     assert (run.target.kind, run.target.max_eval_examples, run.target.batch_size) == ("exact_match", 200, 100)
     assert (run.capture.mode, run.capture.token_budget, run.distill.epochs) == ("stream", 1000, 3)
     assert run.search.run_to_end and cache_dir is None
-    assert (run.student.window, run.student.short_conv, run.student.shared_kv) == (64, 4, True)
-    assert not parse_args([])[0].student.shared_kv
+    assert (run.student.window, run.student.short_conv, run.student.shared_kv) == (64, 4, False)
+    assert parse_args([])[0].student.shared_kv
     assert parse_args(["--cache-dir", "/shared/cache"])[1] == "/shared/cache"
     assert parse_args([])[0].student.window == parse_args(["--window", "auto"])[0].student.window == "auto"
     with pytest.raises(SystemExit):

@@ -41,7 +41,7 @@ CASES = {
     "llama-gated_deltanet": ("llama", "gated_deltanet", (0, 2), {}),
     "qwen2-gla": ("qwen2", "gla", (0, 2), {}),
     "qwen2-gated_deltanet": ("qwen2", "gated_deltanet", (0, 2), {}),
-    "qwen2-gla-window-conv-shared-kv": ("qwen2", "gla", (0, 2), dict(window=3, short_conv=4, shared_kv=True)),
+    "qwen2-gla-window-conv-kv-per-query": ("qwen2", "gla", (0, 2), dict(window=3, short_conv=4, shared_kv=False)),
     "llama-gated_deltanet-window": ("llama", "gated_deltanet", (1,), dict(window=3)),
     "llama-all-linear": ("llama", "gla", (0, 1, 2), {}),
     "qwen2-no-linear": ("qwen2", "gla", (), {}),

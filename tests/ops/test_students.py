@@ -35,7 +35,7 @@ def make_student(family, kind, feature_map="hedgehog", layer_idx=0):
 @pytest.mark.parametrize("kind", KINDS)
 def test_student_starts_from_teacher_projections(family, kind):
     model, adapter, student = make_student(family, kind)
-    weights = adapter.read_attention_weights(model, 0).with_expanded_kv()
+    weights = adapter.read_attention_weights(model, 0)  # K/V heads shared as the teacher's (the default)
     torch.testing.assert_close(student.q_proj.weight, weights.q_weight)
     torch.testing.assert_close(student.k_proj.weight, weights.k_weight)
     torch.testing.assert_close(student.v_proj.weight, weights.v_weight)

@@ -237,8 +237,8 @@ def test_shared_kv_heads_start_as_one_per_query_head_with_the_teachers_projectio
     K/V projections (fewer weights); trained, each group's query heads still read one key and one value."""
     model = tiny_model("llama")  # 4 query heads, 2 K/V heads
     weights = adapter_for(model).read_attention_weights(model, 1)
-    per_query = student_from_teacher(StudentSpec(kind=kind, window=window), weights, causal=True, seed=3)
-    shared = student_from_teacher(StudentSpec(kind=kind, window=window, shared_kv=True), weights, causal=True, seed=3)
+    per_query = student_from_teacher(StudentSpec(kind=kind, window=window, shared_kv=False), weights, causal=True, seed=3)
+    shared = student_from_teacher(StudentSpec(kind=kind, window=window), weights, causal=True, seed=3)
     assert shared.k_proj.weight.shape == weights.k_weight.shape and shared.v_proj.weight.shape == weights.v_weight.shape
     assert per_query.k_proj.weight.shape == weights.q_weight.shape
     assert sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in per_query.parameters())

@@ -38,7 +38,7 @@ def test_groups_map_onto_specs():
                                "refresh=[distill]", "tracking=off")
     assert run.student.kind == "gated_deltanet" and run.search.tolerance == 0.05
     assert options_for("student=auto")[0].student.kinds == ("gla", "gated_deltanet")
-    assert not run.student.shared_kv and options_for("student.shared_kv=true")[0].student.shared_kv
+    assert run.student.shared_kv and not options_for("student.shared_kv=false")[0].student.shared_kv
     assert run.capture.token_budget == 16000 and run.distill.epochs is None
     assert options.refresh == frozenset({"distill"}) and not options.tracking_enabled
 

@@ -136,15 +136,15 @@ def test_smollm2_targets_commands_are_valid_runs(tmp_path, args, acceptance):
     result = subprocess.run(["bash", "tools/gpu/smollm2_targets.sh", *args], cwd=REPO, capture_output=True, text=True,
                             timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
                                              "ARGS_FILE": str(tmp_path / "args"),
-                                             **({"ACCEPTANCE": acceptance, "SHARED_KV": "1"} if acceptance else {})})
+                                             **({"ACCEPTANCE": acceptance, "SHARED_KV": "0"} if acceptance else {})})
     assert result.returncode == 0, result.stderr[-2000:]
     argv = (tmp_path / "args").read_text().split("\0")[:-1]
     run, cache_dir = parse_args(argv)
     assert cache_dir == "/var/tmp/smollm2-cache" and run.model.path == "smollm2-135m"
     assert run.search.acceptance == (acceptance or SearchSpec.acceptance)
-    assert run.student.shared_kv == bool(acceptance)  # SHARED_KV=1 comes with the acceptance rule here
+    assert run.student.shared_kv != bool(acceptance)  # SHARED_KV=0 comes with the acceptance rule here
     if acceptance:
-        assert argv[argv.index("--output-dir") + 1].endswith(f"_shared_{acceptance}")
+        assert argv[argv.index("--output-dir") + 1].endswith(f"_kv_per_query_{acceptance}")
     assert run.capture.mode == "stream" and run.device == "cuda"
     if args[0] == "guarded":
         (guard,) = run.guards

@@ -4,8 +4,8 @@
 # (bench.hybrid_inference, prefill only), both shapes. Results land in $OUT; the Triton autotune choices
 # come back as $OUT/triton.tgz (carry them next time as .gpu_cache/triton.tgz).
 # Usage, from the repository root on the device (carry .whl): bash tools/gpu/prefill.sh
-# STAGES="tests layer hybrid" (default all three), SHAPES, STUDENTS, BATCHES (prefill batches), WINDOW and SHARED_KV=1
-# (the students' student.shared_kv) pick what runs;
+# STAGES="tests layer hybrid" (default all three), SHAPES, STUDENTS, BATCHES (prefill batches), WINDOW and SHARED_KV
+# (0: one K/V projection per query head; unset: the product's default, shared) pick what runs;
 # LIMIT_S (default 560) stops starting new runs. Everything takes about 20 minutes: split it over calls.
 source tools/gpu/device_env.sh
 LIMIT_S=${LIMIT_S:-560}
@@ -14,8 +14,8 @@ SHAPES=${SHAPES:-"llama-1b qwen-1.5b"}
 STUDENTS=${STUDENTS:-"gla gated_deltanet"}
 BATCHES=${BATCHES:-"1 8"}
 WINDOW=${WINDOW:-0}  # the students' softmax window
-STUDENT_OPTIONS=(--window "$WINDOW" ${SHARED_KV:+--shared-kv})
-tag=$([[ $WINDOW == 0 ]] || echo "_w$WINDOW")${SHARED_KV:+_shared}
+STUDENT_OPTIONS=(--window "$WINDOW" $([[ ${SHARED_KV-} == 0 ]] && echo --no-shared-kv))
+tag=$([[ $WINDOW == 0 ]] || echo "_w$WINDOW")$([[ ${SHARED_KV-} == 0 ]] && echo _kv_per_query)
 time_left() { (( SECONDS < LIMIT_S )); }
 run() { echo "== $* (at ${SECONDS}s)"; "$@"; }
 

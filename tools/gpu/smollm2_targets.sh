@@ -10,8 +10,8 @@
 # smollm2_quality.sh: TOKENS (1M), EPOCHS (2; EPOCHS= empty trains on the budget, cycling the data), MODEL_DTYPE (bfloat16), EVAL_EXAMPLES (200),
 # EVAL_BATCH (100), LIMIT_S (540), ACCEPTANCE (point | bootstrap: the search's acceptance rule, default
 # the product's), CONFIDENCE (the bootstrap's, default the product's), STUDENT (gla | gated_deltanet),
-# WINDOW and SHORT_CONV (the student's softmax window, unset: the product's auto, and convolution size), SHARED_KV=1
-# (K/V heads shared like the teacher's), GENERAL_SHARE (share of
+# WINDOW and SHORT_CONV (the student's softmax window, unset: the product's auto, and convolution size), SHARED_KV=0
+# (one K/V projection per query head; unset: the product's default, shared), GENERAL_SHARE (share of
 # general text in the distillation data). Back in $OUT: smollm2_<run>.log and report_<run>.{json,md};
 # <run> names the student options, the general share and the acceptance rule when given.
 set -o pipefail
@@ -25,7 +25,7 @@ COMMON=(--model smollm2-135m --model-dtype "${MODEL_DTYPE:-bfloat16}" --mode str
         --cache-dir /var/tmp/smollm2-cache
         ${ACCEPTANCE:+--acceptance "$ACCEPTANCE"} ${CONFIDENCE:+--confidence "$CONFIDENCE"}
         ${STUDENT:+--student "$STUDENT"} ${WINDOW:+--window "$WINDOW"} ${SHORT_CONV:+--short-conv "$SHORT_CONV"}
-        ${SHARED_KV:+--shared-kv}
+        $([[ ${SHARED_KV-} == 0 ]] && echo --no-shared-kv)
         ${GENERAL_SHARE:+--general-share "$GENERAL_SHARE"})
 case $MODE in
     perplexity)
@@ -43,7 +43,7 @@ case $MODE in
               --target 'name=headline_f1,label_field=headline,prompt_template=Article: {text}\nHeadline:,num_fewshot=1,max_length=160') ;;
     *) echo "unknown mode $MODE"; exit 2 ;;
 esac
-NAME=$NAME${STUDENT:+_$STUDENT}${WINDOW:+_w$WINDOW}${SHORT_CONV:+_c$SHORT_CONV}${SHARED_KV:+_shared}${GENERAL_SHARE:+_g$GENERAL_SHARE}${ACCEPTANCE:+_$ACCEPTANCE}
+NAME=$NAME${STUDENT:+_$STUDENT}${WINDOW:+_w$WINDOW}${SHORT_CONV:+_c$SHORT_CONV}$([[ ${SHARED_KV-} == 0 ]] && echo _kv_per_query)${GENERAL_SHARE:+_g$GENERAL_SHARE}${ACCEPTANCE:+_$ACCEPTANCE}
 nvidia-smi -L
 timeout -k 10 "${LIMIT_S:-540}" python3 -m dtr_core "${COMMON[@]}" "${ARGS[@]}" \
     --output-dir "/var/tmp/smollm2-$NAME" > "$OUT/smollm2_$NAME.log" 2>&1
