@@ -254,9 +254,11 @@ def test_two_processes_equal_one(tmp_path):
     _, adapter = sharpened_teacher("bert")
     single = stream("bert", tmp_path / "single", "gated_deltanet", batches=uneven_batches(adapter))
     parallel = load_tensors(tmp_path / "students.safetensors")
+    # Two processes sum a step's gradients in another order than one: float32 rounding, which Adam's normalised steps
+    # carry on (up to 1.6e-6 on weights of 0.08 on this machine's CPU; 1e-6 had passed on another).
     for layer in single.layers:
         for name, tensor in layer.state_dict.items():
-            torch.testing.assert_close(parallel[f"{layer.layer_idx}.{name}"], tensor, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(parallel[f"{layer.layer_idx}.{name}"], tensor, rtol=1e-5, atol=1e-5, msg=name)
     single_errors = torch.tensor([layer.rel_error_final for layer in single.layers], dtype=torch.float64)
     torch.testing.assert_close(parallel["rel_error_final"], single_errors, rtol=1e-5, atol=0)
     # Only rank 0 wrote checkpoints, into the same configuration's folder as one process would.
