@@ -1,9 +1,10 @@
 """Issue 15: one student layer's prefill against the attention it replaces, and where the student's time goes.
 
 Shape: an architecture's attention (``--shape``, random weights, bf16), batch x length hidden states, one
-forward without a cache (inference). Per row: the teacher's attention module under SDPA; the student eager,
-as a hybrid's prefill runs it (fused feature map, log-decays and readout, ``kernels.py``); the same student
-on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran before issue 15); the student replayed as
+forward without a cache (inference). Per row: the teacher's attention module under SDPA; the student as a
+hybrid's prefill runs it (fused feature map, log-decays and readout, ``kernels.py``; at most
+``prefill_graphs.GRAPH_MAX_TOKENS`` tokens replayed as a CUDA graph); the same student eager; then, eager, the same
+student on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran before issue 15); the student replayed as
 a CUDA graph (its GPU time alone: eager minus graph is what the host adds); the student's scan operator
 alone on its prepared inputs, and the host's share of it; the host time of one eager student call (Python
 and launches, before the GPU finishes), and how many calls in it made the host wait for the GPU (torch's
@@ -141,6 +142,8 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             warm_until_steady(student_call, device, window=2)
             q, k, v, gates = scan_inputs(student, hidden)
             row["ms"][kind] = median_ms(student_call, repeats, device)
+            student.replay_prefill = False  # from here on every call eager, as before prefill graphs
+            row["ms"][f"{kind} eager"] = median_ms(student_call, repeats, device)
             student.prefill_kernels = "torch"
             row["ms"][f"{kind} unfused"] = median_ms(student_call, repeats, device)
             student.prefill_kernels = "auto"
@@ -160,13 +163,15 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["backend"] = student.last_backend
             if profile_top:
                 row["profiles"][kind] = kernel_table(student_call, device, profile_top)
+            student.replay_prefill = True
     return row
 
 
 def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
     headers = ["batch", "tokens", "attention ms", "attention graph ms"]
     for kind in kinds:
-        headers += [f"{kind} ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms", f"{kind} host waits",
+        headers += [f"{kind} ms", f"{kind} eager ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms",
+                    f"{kind} host waits",
                     f"{kind} scan ms", f"{kind} scan host ms", f"{kind} scan without normaliser ms",
                     f"{kind} normaliser kernel ms", f"{kind} / attention"]
     table = []
@@ -176,7 +181,8 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
                 cell(ms.get("attention graph"), ".3f")]
         for kind in kinds:
             ratio = ms[kind] / ms["attention"] if isinstance(ms.get(kind), float) else None
-            line += [cell(ms.get(kind), ".3f"), cell(ms.get(f"{kind} unfused"), ".3f"),
+            line += [cell(ms.get(kind), ".3f"), cell(ms.get(f"{kind} eager"), ".3f"),
+                     cell(ms.get(f"{kind} unfused"), ".3f"),
                      cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
                      cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"),
                      cell(ms.get(f"{kind} scan host"), ".3f"), cell(ms.get(f"{kind} scan without normaliser"), ".3f"),

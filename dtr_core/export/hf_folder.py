@@ -28,7 +28,8 @@ FORMAT_VERSION = 1
 MODELING_FILE = "modeling_dtr_hybrid.py"
 # Copied next to the modeling file unchanged: everything it imports, directly or through each other.
 COPIED_SOURCES = ("students.py", "base.py", "gla.py", "gated_deltanet.py", "feature_maps.py", "backends.py",
-                  "cache.py", "kernels.py", "decoding.py", "window.py", "short_conv.py")
+                  "cache.py", "kernels.py", "decoding.py", "window.py", "short_conv.py",
+                  "prefill_graphs.py")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from . import kernels
 from .backends import Output, needs_grad, resolve_backend
 from .cache import state_layer
 from .feature_maps import FEATURE_MAPS, feature_dim, hedgehog, initial_hedgehog_weight
+from .prefill_graphs import replayed_attend, replays_as_graph
 from .short_conv import causal_conv, identity_kernel
 from .window import (
     combine_normalised,
@@ -124,6 +125,9 @@ class LinearAttentionStudent(nn.Module):
     # CUDA when no gradient is recorded (inference: prefill and decoding), "triton" always (the tests run
     # them in Triton's CPU interpreter), "torch" never. Not part of the config: it changes no result.
     prefill_kernels: str = "auto"
+    # Whether a short call that starts a sequence replays as a CUDA graph on CUDA without gradients
+    # (``prefill_graphs.py``): the host's time to issue the kernels bounds such calls. Changes no result.
+    replay_prefill: bool = True
 
     def __init__(
         self,
@@ -363,6 +367,9 @@ class LinearAttentionStudent(nn.Module):
             raise RuntimeError(f"a state updated in place advances one token per call; got {hidden_states.shape[1]}")
         pieces = self._row_pieces(hidden_states, layer)
         if len(pieces) == 1:
+            if replays_as_graph(hidden_states, layer, self.replay_prefill):
+                valid = key_padding_mask(attention_mask, hidden_states.shape[1])
+                return replayed_attend(self, hidden_states, valid, position_embeddings, layer), None
             return self._attend(hidden_states, attention_mask, layer, position_embeddings), None
         batch = hidden_states.shape[0]
         parts = [None if layer is None else layer.rows(rows) for rows in pieces]

@@ -342,16 +342,17 @@ class StaticDecoder:
         self._logits.copy_(ran[0])
 
 
-def capture_graph(run, device) -> torch.cuda.CUDAGraph:
+def capture_graph(run, device, pool=None) -> torch.cuda.CUDAGraph:
     """``run()`` once for real on a side stream (kernels compile, cuBLAS settles its workspaces), then
-    recorded as a CUDA graph; recording runs nothing, so the graph's first replay is the second run."""
+    recorded as a CUDA graph (its memory from ``pool``, a ``torch.cuda.graph_pool_handle()``, when given);
+    recording runs nothing, so the graph's first replay is the second run."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         run()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         run()
     return graph
 
