@@ -22,7 +22,8 @@ run() { echo "== $* (at ${SECONDS}s)"; "$@"; }
 if [[ $STAGES == *tests* ]]; then
     # First-config autotuning (tests/conftest.py) in a cache of its own, so the benchmarks' choices stay honest.
     TRITON_CACHE_DIR=/tmp/triton-tests DTR_TRITON_FIRST_CONFIG=1 TRITON_F32_DEFAULT=ieee run python3 -m pytest -m gpu \
-        -n 4 -p no:benchmark -q --tb=short tests/ops/test_prefill_kernels.py tests/ops/test_gpu_static_decoding.py \
+        -n 4 -p no:benchmark -q --tb=short tests/ops/test_prefill_kernels.py tests/ops/test_prefill_graphs.py \
+        tests/ops/test_gpu_static_decoding.py \
         2>&1 | tail -15
 fi
 if [[ $STAGES == *layer* ]]; then
