@@ -83,7 +83,8 @@ class PrefillGraph:
             self.layer = FreshLayer() if with_layer else None
             self.output = attend(self.hidden_states, self.valid, self.layer, self.position_embeddings)
 
-        self.graph = capture_graph(run, hidden_states.device, pool)
+        with torch.cuda.device(hidden_states.device):  # a graph is captured on the current device's streams
+            self.graph = capture_graph(run, hidden_states.device, pool)
 
     def __call__(self, hidden_states, valid, position_embeddings, layer) -> torch.Tensor:
         self.hidden_states.copy_(hidden_states)
@@ -92,7 +93,8 @@ class PrefillGraph:
         if position_embeddings is not None:
             for held, table in zip(self.position_embeddings, position_embeddings):
                 held.copy_(table)
-        self.graph.replay()
+        with torch.cuda.device(hidden_states.device):
+            self.graph.replay()
         if layer is not None:
             self.layer.hand_over(layer)
         return self.output.clone()
@@ -122,11 +124,14 @@ class PrefillGraphs:
 
 
 def shape_key(student, hidden_states, valid, position_embeddings, layer) -> tuple:
-    """What a captured call depends on beyond its inputs' values; the weights' addresses come last."""
+    """What a captured call depends on beyond its inputs' values: their shapes, the modes and switches that pick its
+    kernels, and (last) the addresses of the weights it reads."""
     tables = None if position_embeddings is None else tuple(
         (tuple(table.shape), table.dtype) for table in position_embeddings)
-    return (hidden_states.device, tuple(hidden_states.shape), hidden_states.dtype, valid is None, tables,
-            layer is None, torch.is_inference_mode_enabled(),
+    device = hidden_states.device
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    return (device, tuple(hidden_states.shape), hidden_states.dtype, valid is None, tables, layer is None,
+            torch.is_inference_mode_enabled(), autocast, student.prefill_kernels, student.backend,
             tuple(tensor.data_ptr() for tensor in itertools.chain(student.parameters(), student.buffers())))
 
 

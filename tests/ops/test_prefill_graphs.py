@@ -52,6 +52,32 @@ def test_a_call_stored_in_a_fresh_layer_hands_the_cache_what_the_cache_gets(opti
                                    student(more, attention_mask=mask, cache=direct)[0], rtol=0, atol=0)
 
 
+def test_a_graph_is_not_replayed_for_calls_that_would_run_other_kernels():
+    student = perturbed_student(dict(kind="gla"))
+    x, valid = padded_inputs()
+
+    def key():
+        return prefill_graphs.shape_key(student, x, valid, None, None)
+
+    first = key()
+    assert key() == first
+    keys = set()
+    student.prefill_kernels = "torch"
+    keys.add(key())
+    student.prefill_kernels, student.backend = "auto", "auto"
+    keys.add(key())
+    with torch.inference_mode():
+        keys.add(key())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys.add(key())
+    student.backend = "chunked"
+    student.double()  # weights at new addresses: the old graph would read freed memory
+    keys.add(key())
+    assert first not in keys and len(keys) == 5
+    assert prefill_graphs.shape_key(student, x[:, :-1], valid[:, :-1], None, None) != key()
+    assert prefill_graphs.shape_key(student, x, None, None, None) != key()
+
+
 def test_graphs_serve_short_inference_calls_that_start_a_sequence_only():
     x = torch.zeros(1, 64, 8)
     assert not prefill_graphs.replays_as_graph(x, None, True)  # the CPU: never
