@@ -30,7 +30,6 @@ from .specs import (
     TargetSpec,
     spec_from_dict,
 )
-from .report import format_summary
 
 
 class HelpWithDefaults(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -197,7 +196,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunSpec, str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # before the imports below (torch, transformers: seconds): a bad flag is refused at once
+        run, cache_dir = parse_args(argv)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from .distributed import close_distributed, init_distributed, rank_and_world
+    from .report import format_summary
     from .run import default_cache_dir, run_dtr
     from .runner import PlainRunner
     from .stage_cache import StageCache
@@ -205,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
     made: list[Path] = []  # folders this run created, deepest first
     try:
-        run, cache_dir = parse_args(argv)
         run = dataclasses.replace(run, device=init_distributed(run.device))
         log = print if rank_and_world()[0] == 0 else lambda line: None  # one voice for N processes
         check_inputs(run)  # before the cache folder is made: bad input leaves nothing behind

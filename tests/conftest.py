@@ -161,3 +161,20 @@ def shared_prefect_api(tmp_path_factory):
 def on_shared_prefect_server(monkeypatch, shared_prefect_api):
     """Flow processes this test starts talk to the session's Prefect server (``flow_env`` copies os.environ)."""
     monkeypatch.setenv("PREFECT_API_URL", shared_prefect_api)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_reference(tmp_path_factory, shared_prefect_api) -> tuple[str, str, Path]:
+    """One uninterrupted flow run (tracking off) on a tiny Llama: (model, data, its output folder). The tests that
+    compare their export with an uninterrupted run's (resume after SIGKILL, the Dask runner) share it: one flow
+    process (about 35 s on 2 cores) instead of one each."""
+    from test_flow import overrides, run_flow  # tests/integration, on the path once its tests are collected
+
+    root = tmp_path_factory.mktemp("tiny-reference")
+    model = save_tiny_model("llama", root / "model", num_layers=3)
+    data = write_jsonl(root / "data.jsonl", synthetic_texts(300))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_API_URL", shared_prefect_api)
+        result = run_flow(overrides(model, data, root / "out") + ["tracking=off"], root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model, data, root / "out"

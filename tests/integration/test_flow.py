@@ -119,12 +119,10 @@ def kill_when(process: subprocess.Popen, ready, log: Path, timeout=300) -> None:
                          + log.read_text()[-3000:])
 
 
-def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_setup):
-    reference = run_flow(overrides(*tiny_setup, tmp_path / "reference"), tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_flow_reference):
+    model, data, reference = tiny_flow_reference
     out = tmp_path / "out"
-    args = overrides(*tiny_setup, out)
+    args = overrides(model, data, out)
     distilled = lambda: len(list((out / "cache" / "distill").glob("*.json")))  # noqa: E731
     evaluated = lambda: len(list((out / "cache" / "evaluate").glob("*.json")))  # noqa: E731
 
@@ -141,10 +139,10 @@ def test_resume_after_sigkill_recomputes_only_unfinished_work(tmp_path, tiny_set
     assert {p: p.stat().st_mtime_ns for p in done_layers} == done_layers
     assert 3 <= len(done_evaluations) < 1 + 3 * 4 // 2
 
-    final = run_flow(overrides(*tiny_setup, out), tmp_path)
+    final = run_flow(args, tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in done_evaluations} == done_evaluations
-    assert exported_weights(out) == exported_weights(tmp_path / "reference")
+    assert exported_weights(out) == exported_weights(reference)
     # The three attempts are one MLflow run: each start continued the killed one.
     (run,) = mlflow_runs(out)
     assert run.info.status == "FINISHED"

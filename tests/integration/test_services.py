@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from services import VENV_BIN, Service, free_port, prefect_server, wait_http
+from services import VENV_BIN, Service, free_port, wait_http
 from test_flow import exported_weights, flow_env, overrides, run_flow
 
 # Every test starts servers or flow processes; flows run against the session's Prefect server (conftest.py)
@@ -65,10 +65,9 @@ def test_flow_logs_to_mlflow_server_over_http(tmp_path, tiny_setup, mlflow_serve
     assert "card/passkey_128/m_opt" in metrics
 
 
-def test_dask_runner_gives_the_same_hybrid(tmp_path, tiny_setup):
-    threads = run_flow(overrides(*tiny_setup, tmp_path / "threads") + ["tracking=off"], tmp_path)
-    assert threads.returncode == 0, threads.stderr[-3000:]
-    dask = run_flow(overrides(*tiny_setup, tmp_path / "dask") + ["tracking=off", "runtime=dask",
+def test_dask_runner_gives_the_same_hybrid(tmp_path, tiny_flow_reference):
+    model, data, threads = tiny_flow_reference  # the default runner's (threads) run
+    dask = run_flow(overrides(model, data, tmp_path / "dask") + ["tracking=off", "runtime=dask",
                                                                   "runtime.dask_workers=2"], tmp_path)
     assert dask.returncode == 0, dask.stderr[-3000:]
     log = dask.stderr + dask.stdout
@@ -77,13 +76,11 @@ def test_dask_runner_gives_the_same_hybrid(tmp_path, tiny_setup):
     assert len(layer_pids) >= 1 and flow_pid not in layer_pids  # layers ran in Dask worker processes
     evaluation_pids = {int(pid) for pid in re.findall(r"evaluate [\w-]+ \[[\d, ]*\]: .*\(process (\d+)\)", log)}
     assert len(evaluation_pids) >= 1 and flow_pid not in evaluation_pids  # and so did the search's candidates
-    assert exported_weights(tmp_path / "dask") == exported_weights(tmp_path / "threads")
+    assert exported_weights(tmp_path / "dask") == exported_weights(threads)
 
 
 def test_deployment_runs_on_a_local_prefect_server(tmp_path, tiny_setup):
-    port = free_port()
-    env = {**flow_env(tmp_path), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    server = prefect_server(port, tmp_path / "prefect-server", tmp_path / "server.log")
+    env = flow_env(tmp_path)  # the session's Prefect server (PREFECT_API_URL): a server of its own cost 15-20 s
     worker = None
     try:
         worker = Service([sys.executable, "-m", "flows.serve", "--name", "test"], env, tmp_path / "serve.log")
@@ -108,4 +105,3 @@ def test_deployment_runs_on_a_local_prefect_server(tmp_path, tiny_setup):
     finally:
         if worker:
             worker.stop()
-        server.stop()
