@@ -10,7 +10,7 @@ import torch
 from dtr_core.acceptance import ExampleScores, paired_bootstrap_bound
 from dtr_core.direction import Direction
 from dtr_core.search import CandidateScores, SearchResult, TargetGuard, greedy_replace, read_off
-from dtr_core.specs import RunSpec, SearchSpec, SpecError, TargetSpec
+from dtr_core.specs import SearchSpec, SpecError
 from dtr_core.targets.decoder_tasks import Contains, MultipleChoice
 from dtr_core.targets.tasks import LinearProbe, Perplexity, ProbeClassification
 

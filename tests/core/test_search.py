@@ -3,7 +3,7 @@
 import pytest
 
 from dtr_core.direction import Direction
-from dtr_core.search import (CandidateScores, RoundEvaluator, SearchResult, TargetGuard, greedy_replace,
+from dtr_core.search import (RoundEvaluator, SearchResult, TargetGuard, greedy_replace,
                              read_off)
 from dtr_core.specs import SearchSpec, SpecError
 
