@@ -133,9 +133,13 @@ def write_jsonl(path, rows: list[tuple[str, int]]) -> str:
 @pytest.fixture
 def tiny_setup(tmp_path) -> tuple[str, str]:
     """A saved 3-layer tiny Llama and a jsonl task: what the flow tests point the pipeline at."""
-    model = save_tiny_model("llama", tmp_path / "model", num_layers=3)
-    data = write_jsonl(tmp_path / "data.jsonl", synthetic_texts(300))
-    return model, data
+    return write_tiny_setup(tmp_path)
+
+
+def write_tiny_setup(folder: Path) -> tuple[str, str]:
+    """``tiny_setup``'s model and data, written under ``folder``."""
+    return save_tiny_model("llama", folder / "model", num_layers=3), write_jsonl(folder / "data.jsonl",
+                                                                                 synthetic_texts(300))
 
 
 # One Prefect server for the flow tests (tests/integration), started when a test first asks for it and stopped
@@ -171,8 +175,7 @@ def tiny_flow_reference(tmp_path_factory, shared_prefect_api) -> tuple[str, str,
     from test_flow import overrides, run_flow  # tests/integration, on the path once its tests are collected
 
     root = tmp_path_factory.mktemp("tiny-reference")
-    model = save_tiny_model("llama", root / "model", num_layers=3)
-    data = write_jsonl(root / "data.jsonl", synthetic_texts(300))
+    model, data = write_tiny_setup(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PREFECT_API_URL", shared_prefect_api)
         result = run_flow(overrides(model, data, root / "out") + ["tracking=off"], root)

@@ -5,8 +5,8 @@ to issue from Python against 0.33-0.39 ms of GPU work replayed as a graph (H200,
 the attention it replaces issues a handful. So on CUDA, without gradients, a student call of at most
 ``GRAPH_MAX_TOKENS`` tokens that starts a sequence (no cache, or an empty cache layer) is captured as a CUDA graph
 the second time its shape comes (the first runs eagerly: kernels compile and autotune outside any capture) and
-replayed from then on, for a few shapes per student. The replay runs the same kernels on the same inputs as the eager call, so its output is the
-eager call's.
+replayed from then on, for a few shapes per student. The replay runs the same kernels on the same inputs as the
+eager call, so its output is the eager call's.
 
 A captured call stores into ``FreshLayer`` what it would store into the cache; each replay hands copies to the real
 layer. Graphs hold raw addresses of the student's weights, so their key includes those addresses: a student moved
