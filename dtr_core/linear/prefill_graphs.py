@@ -71,7 +71,8 @@ def starts_sequence(layer) -> bool:
 class PrefillGraph:
     """One student call captured for one shape: static inputs, the graph, and the outputs it rewrites."""
 
-    def __init__(self, attend, hidden_states, valid, position_embeddings, with_layer: bool, pool) -> None:
+    def __init__(self, attend, hidden_states, valid, position_embeddings, with_layer: bool, pool: "GraphPool") -> None:
+        self.pool = pool  # held for as long as this graph lives (see GraphPool)
         self.hidden_states = hidden_states.clone()
         self.valid = None if valid is None else valid.clone()
         self.position_embeddings = None if position_embeddings is None else tuple(
@@ -84,7 +85,7 @@ class PrefillGraph:
             self.output = attend(self.hidden_states, self.valid, self.layer, self.position_embeddings)
 
         with torch.cuda.device(hidden_states.device):  # a graph is captured on the current device's streams
-            self.graph = capture_graph(run, hidden_states.device, pool)
+            self.graph = capture_graph(run, hidden_states.device, pool.handle)
 
     def __call__(self, hidden_states, valid, position_embeddings, layer) -> torch.Tensor:
         self.hidden_states.copy_(hidden_states)
@@ -135,15 +136,26 @@ def shape_key(student, hidden_states, valid, position_embeddings, layer) -> tupl
             tuple(tensor.data_ptr() for tensor in itertools.chain(student.parameters(), student.buffers())))
 
 
-_POOLS: dict = {}
+class GraphPool:
+    """The memory pool a shape's graphs are captured in, held by each of them. PyTorch refuses a capture into a pool
+    whose graphs are all gone while blocks allocated during those captures are still held (e.g. a workspace a
+    kernel library keeps), so a pool is shared only while one of its graphs lives; after that the shape gets a new
+    one."""
+
+    def __init__(self) -> None:
+        self.handle = torch.cuda.graph_pool_handle()
+
+
+_POOLS: "weakref.WeakValueDictionary[tuple, GraphPool]" = weakref.WeakValueDictionary()
 _STUDENT_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, PrefillGraphs]" = weakref.WeakKeyDictionary()
 
 
-def shared_pool(key: tuple):
-    """The memory pool every student's graph of this shape is captured in."""
-    if key not in _POOLS:
-        _POOLS[key] = torch.cuda.graph_pool_handle()
-    return _POOLS[key]
+def shared_pool(key: tuple) -> GraphPool:
+    """The memory pool every student's graph of this shape is captured in, while one of them lives."""
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = GraphPool()
+    return pool
 
 
 def replayed_attend(student, hidden_states, valid, position_embeddings, layer) -> torch.Tensor:
