@@ -13,6 +13,7 @@ on the host), that time by kind of kernel, and the kernels that take most of it.
 
     python -m bench.decode_batches --model llama-1b --context 65536 --batches 16 32 48 56 64
     python -m bench.decode_batches --model qwen-1.5b --linear 14 --batches 147 --profile 20
+    python -m bench.decode_batches --model llama-1b --linear 8 --window 64 --context 4608 --batches 64 --profile 5
     python -m bench.decode_batches --smoke                    # tiny model on the CPU (no counters)
 """
 
@@ -30,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import (
     ALLOCATOR_COUNTERS,
     ARCHITECTURES,
+    add_student_options,
     allocator_counters,
     cell,
     default_device,
@@ -40,6 +42,7 @@ from bench.common import (
     peak_memory_gib,
     release_memory,
     reset_peak_memory,
+    student_label,
     synchronize,
     unless_oom,
 )
@@ -52,7 +55,7 @@ from bench.hybrid_setup import (
     prefilled_cache,
     random_tokens,
 )
-from dtr_core.specs import StudentSpec
+from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
 FLOAT_COLUMNS = ("ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib")
 # Kernel kinds by name fragment (first match wins): SDPA's flash / memory-efficient kernels, fla's Triton
@@ -152,6 +155,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-1b", choices=sorted(ARCHITECTURES))
     parser.add_argument("--linear", type=int, default=0, help="linear layers (evenly spread, as in hybrid_inference)")
+    parser.add_argument("--student", default="gla", choices=STUDENT_KINDS)
+    add_student_options(parser)
     parser.add_argument("--context", type=int, default=65536)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32, 48, 56, 60, 64])
     parser.add_argument("--steps", type=int, default=8)
@@ -168,8 +173,9 @@ def main(argv=None) -> None:
         args.profile = min(args.profile, 2)
     device = default_device(args.smoke)
     dtype = default_dtype(device)
-    setup = build_setup(args.model, StudentSpec(kind="gla", window=0), device, dtype, args.smoke, args.steps,
-                        max(args.batches), [args.linear], args.cache)
+    spec = StudentSpec(kind=args.student, window=args.window, shared_kv=args.shared_kv)
+    setup = build_setup(args.model, spec, device, dtype, args.smoke, args.steps, max(args.batches), [args.linear],
+                        args.cache)
     rows = []
     with torch.inference_mode(), hybrid(setup, args.linear):
         ids = random_tokens(setup, 1, args.context)
@@ -183,7 +189,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(row, flush=True)
     columns = ["batch", "ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib", *ALLOCATOR_COUNTERS]
-    print(f"\n{args.model}, {args.linear} linear layers, context {args.context}, {args.cache} cache, "
+    print(f"\n{args.model}, {args.linear} linear layers ({args.student}, {student_label(args.window, args.shared_kv)}), "
+          f"context {args.context}, {args.cache} cache, "
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
     print(markdown_table(columns, [[cell(row.get(name), ".2f" if name in FLOAT_COLUMNS else "d")
                                     for name in columns] for row in rows]))

@@ -182,9 +182,11 @@ def test_hybrid_inference_refuses_layers_the_model_lacks(tmp_path):
 def test_decode_batches_smoke_has_a_row_per_batch(capsys):
     from bench import decode_batches
 
-    decode_batches.main(["--smoke", "--linear", "2"])
-    rows = [line for line in table_lines(capsys.readouterr().out) if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    decode_batches.main(["--smoke", "--linear", "2", "--student", "gated_deltanet", "--window", "4"])
+    out = capsys.readouterr().out
+    rows = [line for line in table_lines(out) if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and all("—" not in row.split("|")[2] for row in rows)  # each batch timed
+    assert "2 linear layers (gated_deltanet, window 4, shared K/V heads)" in out
 
 
 def test_decode_batches_profile_breaks_step_time_down_by_kernel(capsys):
@@ -195,6 +197,20 @@ def test_decode_batches_profile_breaks_step_time_down_by_kernel(capsys):
     summaries = [line for line in out.splitlines() if line.startswith("batch ") and "device busy" in line]
     assert [line.split(":")[0] for line in summaries] == ["batch 1", "batch 2"]
     assert "aten::" in out  # on the CPU the profiled "kernels" are aten operators
+
+
+def test_prefill_alternating_times_both_models_in_every_round(tmp_path):
+    from bench import prefill_alternating
+
+    out = tmp_path / "alternating.md"
+    prefill_alternating.main(["--smoke", "--model", "llama-1b", "--student", "gla", "gated_deltanet", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [row["student"] for row in rows] == ["gla (shared K/V heads)", "gated_deltanet (shared K/V heads)"]
+    for row in rows:
+        assert len(row["full_ms_all"]) == len(row["hybrid_ms_all"]) == 2  # the smoke run's rounds
+        assert (row["linear"], row["layers"]) == (2, 4)
+        assert row["speedup_min"] <= row["speedup"] <= row["speedup_max"]
+    assert len(table_lines(out.read_text())) == 2 + 2
 
 
 def test_kernel_kinds_follow_the_kernel_names():

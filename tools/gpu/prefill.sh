@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Issue 15 on the lent GPU: the fused prefill kernels' `gpu` tests, one student layer against the attention it
 # replaces (bench.student_prefill, with each row's kernels), and the hybrids' prefill at batch 1 and 8
-# (bench.hybrid_inference, prefill only), both shapes. Results land in $OUT; the Triton autotune choices
-# come back as $OUT/triton.tgz (carry them next time as .gpu_cache/triton.tgz).
+# (bench.hybrid_inference, prefill only), both shapes, and the batch-1 prompts with the full model and the L/2
+# hybrid timed in turns (bench.prefill_alternating: host-bound rows whose time moves between processes). Results land
+# in $OUT; the Triton autotune choices come back as $OUT/triton.tgz (carry them next time as .gpu_cache/triton.tgz).
 # Usage, from the repository root on the device (carry .whl): bash tools/gpu/prefill.sh
-# STAGES="tests layer hybrid" (default all three), SHAPES, STUDENTS, BATCHES (prefill batches), WINDOW and SHARED_KV
-# (0: one K/V projection per query head; unset: the product's default, shared) pick what runs;
+# STAGES="tests layer hybrid alternating" (default all four), SHAPES, STUDENTS, BATCHES (prefill batches), WINDOW and
+# SHARED_KV (0: one K/V projection per query head; unset: the product's default, shared) pick what runs;
 # LIMIT_S (default 560) stops starting new runs. Everything takes about 20 minutes: split it over calls.
 source tools/gpu/device_env.sh
 LIMIT_S=${LIMIT_S:-560}
-STAGES=${STAGES:-"tests layer hybrid"}
+STAGES=${STAGES:-"tests layer hybrid alternating"}
 SHAPES=${SHAPES:-"llama-1b qwen-1.5b"}
 STUDENTS=${STUDENTS:-"gla gated_deltanet"}
 BATCHES=${BATCHES:-"1 8"}
@@ -46,7 +47,11 @@ if [[ $STAGES == *hybrid* ]]; then
         done
     done
 fi
+if [[ $STAGES == *alternating* ]]; then
+    time_left && run python3 -m bench.prefill_alternating --model $SHAPES --student $STUDENTS "${STUDENT_OPTIONS[@]}" \
+        --lengths 2048 8192 --rounds 10 --warm-up 15 --out "$OUT/alternating$tag.md" > /dev/null
+fi
 (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton.tgz" -T -)
-tail -n 4 "$OUT"/*.log; rm -f "$OUT"/*.log
+if compgen -G "$OUT/*.log" > /dev/null; then tail -n 4 "$OUT"/*.log; rm -f "$OUT"/*.log; fi
 (cd "$OUT" && ls ./*.json > /dev/null 2>&1 && tar czf results_json.tgz ./*.json && rm -f ./*.json)
 echo "== done after ${SECONDS}s"
