@@ -99,8 +99,8 @@ def compiled(form):
 
 
 def resolve_step_backend(backend: str, q: torch.Tensor, state: torch.Tensor) -> str:
-    """The backend an in-place decoding step (``gla.gla_step_``) runs: "auto" picks Triton on CUDA when
-    the state is stored V-first."""
+    """The backend an in-place decoding step (``gla.gla_step_``, ``gated_deltanet.gated_delta_step_``) runs: "auto"
+    picks Triton on CUDA when the state is stored V-first."""
     v_first = state.transpose(-1, -2).is_contiguous()
     if backend == "auto":
         return "triton" if triton is not None and q.is_cuda and v_first else "torch"
@@ -114,6 +114,14 @@ def resolve_step_backend(backend: str, q: torch.Tensor, state: torch.Tensor) -> 
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def check_step(name: str, length: int, state: torch.Tensor) -> None:
+    """What an in-place decoding step takes: one token, and an fp32 state."""
+    if length != 1:
+        raise ValueError(f"{name} advances one token; got T={length}")
+    if state.dtype != torch.float32:
+        raise ValueError(f"{name} keeps an fp32 state; got {state.dtype}")
 
 
 def check_qkv(q, k, v, initial_state) -> Tuple[int, int, int, int, int]:

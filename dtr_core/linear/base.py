@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .backends import Output, needs_grad, resolve_backend
+from .backends import Output, needs_grad, resolve_backend, resolve_step_backend
 from .cache import state_layer
 from .feature_maps import FEATURE_MAPS, feature_dim, hedgehog, initial_hedgehog_weight
 from .prefill_graphs import replayed_attend, replays_as_graph
@@ -112,7 +112,8 @@ class LinearAttentionStudent(nn.Module):
 
     A subclass sets ``kind`` (its name in ``config_dict()``) and ``state_sums_writes``, and defines
     ``_build_gates`` (its parameters), ``_gates`` (their per-token values) and ``_operator`` (its
-    scan); it may override ``_resolve_backend`` and ``_step_in_place``.
+    scan) and ``_in_place_step`` (its decoding step on a state it overwrites); it may override
+    ``_resolve_backend``.
     """
 
     kind: str
@@ -218,18 +219,23 @@ class LinearAttentionStudent(nn.Module):
         ``kwargs``: scale, backend, chunk_size, initial_state, output_final_state."""
         raise NotImplementedError
 
+    @staticmethod
+    def _in_place_step(q, k, v, *gates_scale_state, backend: str) -> torch.Tensor:
+        """The mechanism's decoding step (e.g. ``gla.gla_step_``) on q/k [B, 1, H, K], v [B, 1, H, V], its gates, the
+        scale and an fp32 state [B, H, K, V] that it overwrites; backend "triton" or "torch"."""
+        raise NotImplementedError
+
     def _resolve_backend(self, q, k, v, gates) -> str:
         """The backend a scan on these inputs runs (training may take another than inference)."""
         return resolve_backend(self.backend, q, differentiated=needs_grad(q, k, v, *gates))
 
     def _step_in_place(self, q, k, v, gates, state: torch.Tensor) -> torch.Tensor:
         """One decoding token whose new state overwrites ``state`` (a cache layer in static mode, see
-        ``cache.RecurrentStateLayer``); v comes with its ``_value_columns``. Here by a scan whose new state is
-        copied in; a mechanism with an in-place kernel overrides this."""
-        out, new_state = self._scan(q, k, v, gates, initial_state=state, output_final_state=True,
-                                    normaliser_column=False)
-        state.copy_(new_state)
-        return out
+        ``cache.RecurrentStateLayer``); v comes with its ``_value_columns``. By the mechanism's ``_in_place_step``
+        (one Triton kernel on CUDA); a student held to a PyTorch backend keeps the step in PyTorch too."""
+        wanted = "torch" if self.backend in ("recurrent", "chunked") else "auto"
+        self.last_backend = resolve_step_backend(wanted, q, state)
+        return self._in_place_step(q, k, v, *gates, 1.0, state, backend=self.last_backend)
 
     # ------------------------------------------------------------------ shared
 

@@ -15,7 +15,7 @@ switching the cache's layers to their static mode while it is open):
   a device tensor: ``decode_attention`` (Triton on CUDA, ``kernels.decode_attention_triton``: the keys
   split across programs, each key/value head read once for all the query heads that share it), switched
   in by ``static_attention`` only while a step runs or is captured;
-* students advance their recurrent states in place (``gla.gla_step_``; other kinds copy the new state in);
+* students advance their recurrent states in place (``gla.gla_step_``, ``gated_deltanet.gated_delta_step_``);
 * positions come from a device tensor that the step itself increments, one per sequence: in a left-padded
   batch each sequence counts from its first real token, and its full-attention layers skip the padding
   (a per-sequence ``start`` of the attended positions, also on the device).

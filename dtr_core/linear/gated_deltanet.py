@@ -6,7 +6,8 @@
 
 Side by side, as in fla: the step-by-step reference (``gated_delta_recurrent``), the chunkwise
 PyTorch form (``gated_delta_chunked``, differentiable, runs anywhere), the dispatcher that can also
-call fla's Triton kernels on CUDA (``gated_delta``) and the student layer (``GatedDeltaNetStudent``).
+call fla's Triton kernels on CUDA (``gated_delta``), the in-place decoding step (``gated_delta_step_``) and
+the student layer (``GatedDeltaNetStudent``).
 Conventions (layout, dtypes, backends): ``backends.py``.
 
 Copied next to exported hybrids: imports only torch, its siblings and (inside try) fla.
@@ -23,16 +24,19 @@ from .backends import (
     Output,
     check_chunk_size,
     check_qkv,
+    check_step,
     compiled,
     from_chunks,
     heads_first,
     masked_exp,
     needs_grad,
     resolve_backend,
+    resolve_step_backend,
     starting_state,
     to_chunks,
 )
 from .base import LinearAttentionStudent, retention_logits
+from .kernels import gated_delta_step_triton
 
 try:  # optional: backends.resolve_backend refuses the fla backends when fla could not be imported
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -209,6 +213,42 @@ def gated_delta(
     )
 
 
+def gated_delta_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    state: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One gated-delta decoding step that updates ``state`` in place and returns the output.
+
+    Args:
+        q, k: [B, 1, H, K] (L2-normalised). v: [B, 1, H, V]. g (log-decay), beta: [B, 1, H].
+        state: fp32 [B, H, K, V], overwritten with the state after this token.
+        backend: "auto" (Triton on CUDA when the state is stored V-first, else "torch"),
+            "triton" (``kernels.gated_delta_step_triton``; also on CPU tensors under TRITON_INTERPRET=1) or "torch".
+
+    Returns:
+        o [B, 1, H, V] in q's dtype.
+
+    As ``gla.gla_step_``: the state never moves, so a captured CUDA graph replays the step, and one kernel reads
+    and writes it once (a scan from it would write a new state, then copy that in).
+    """
+    B, T, H, K, V = _check_inputs(q, k, v, g, beta, state)
+    check_step("gated_delta_step_", T, state)
+    backend = resolve_step_backend(backend, q, state)
+    if backend == "torch":
+        qf, kf, vf = (x[:, 0].float() for x in (q, k, v))  # [B, H, *]
+        state.mul_(g[:, 0].float().exp()[..., None, None])
+        u = beta[:, 0].float()[..., None] * (vf - torch.einsum("bhk,bhkv->bhv", kf, state))
+        state.add_(kf[..., None] * u[..., None, :])
+        return (scale * torch.einsum("bhk,bhkv->bhv", qf, state))[:, None].to(q.dtype)
+    return gated_delta_step_triton(q, k, v, g, beta, scale, state)
+
+
 class GatedDeltaNetStudent(LinearAttentionStudent):
     """A Gated DeltaNet student: the delta rule with a per-head data-dependent decay and write strength
     (``decay_proj``, ``beta_proj``), L2-normalised q/k and an RMS-normalised readout. Arguments: see
@@ -236,6 +276,8 @@ class GatedDeltaNetStudent(LinearAttentionStudent):
     @staticmethod
     def _operator(q, k, v, gates, **kwargs) -> Output:
         return gated_delta(q, k, v, *gates, **kwargs)
+
+    _in_place_step = staticmethod(gated_delta_step_)
 
     def _resolve_backend(self, q, k, v, gates) -> str:
         # fla cannot differentiate the gated delta rule everywhere: a call that will be differentiated

@@ -22,8 +22,9 @@ from torch import nn
 from .backends import (
     Output,
     check_chunk_size,
-    compiled,
     check_qkv,
+    check_step,
+    compiled,
     from_chunks,
     heads_first,
     masked_exp,
@@ -239,10 +240,7 @@ def gla_step_(
     each kernel row one value channel's K contiguous keys, read whole whatever V is.
     """
     B, T, H, K, V = _check_inputs(q, k, v, g, state)
-    if T != 1:
-        raise ValueError(f"gla_step_ advances one token; got T={T}")
-    if state.dtype != torch.float32:
-        raise ValueError(f"the GLA state must be fp32; got {state.dtype}")
+    check_step("gla_step_", T, state)
     backend = resolve_step_backend(backend, q, state)
     if backend == "torch":
         qf, kf, vf, gf = (x[:, 0].float() for x in (q, k, v, g))  # [B, H, *]
@@ -277,9 +275,4 @@ class GLAStudent(LinearAttentionStudent):
     def _operator(q, k, v, gates, **kwargs) -> Output:
         return gla(q, k, v, *gates, **kwargs)
 
-    def _step_in_place(self, q, k, v, gates, state):
-        # GLA has its own in-place step (one Triton kernel on CUDA) instead of a scan plus a state copy; a
-        # student held to a PyTorch backend keeps the step in PyTorch too.
-        wanted = "torch" if self.backend in ("recurrent", "chunked") else "auto"
-        self.last_backend = resolve_step_backend(wanted, q, state)
-        return gla_step_(q, k, v, *gates, 1.0, state, backend=self.last_backend)
+    _in_place_step = staticmethod(gla_step_)

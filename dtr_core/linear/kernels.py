@@ -1,6 +1,6 @@
 """The Triton kernels of inference, with their launchers.
 
-Decoding: GLA's in-place state step and the split-key attention of one new token over preallocated
+Decoding: GLA's and the gated delta rule's in-place state steps and the split-key attention of one new token over preallocated
 key/value buffers. Both read lengths and states on the device and never move memory, so a captured CUDA
 graph replays them (see ``decoding.py``).
 
@@ -11,7 +11,7 @@ window's own steps (rotary positions, lagged queries, the window's attention joi
 over a static decoder's ring histories too) and, for large batches, a GLA scan's normaliser apart from its
 values are kernels as well.
 
-The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``,
+The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``, ``gated_deltanet.gated_delta_step_``,
 ``decoding.decode_attention``, ``feature_maps.hedgehog``, ``base.LinearAttentionStudent``), which also
 choose between the two.
 
@@ -60,6 +60,30 @@ def gla_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     block_v = max(1, min(32, 8192 // block_k))  # a [block_v, block_k] fp32 tile per program
     _gla_step_kernel[(triton.cdiv(V, block_v), B * H)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state, o, scale,
+        K=K, V=V, BLOCK_K=block_k, BLOCK_V=block_v,
+    )
+    return o
+
+
+def gated_delta_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                            scale: float, state: torch.Tensor) -> torch.Tensor:
+    """One gated-delta step on ``state`` in place, by ``_gated_delta_step_kernel``; checked by
+    ``gated_deltanet.gated_delta_step_``.
+
+    Args:
+        q, k: [B, 1, H, K]. v: [B, 1, H, V]. g (log-decay), beta: [B, 1, H].
+        state: fp32 [B, H, K, V] stored V-first (``state.transpose(-1, -2)`` contiguous).
+
+    Returns:
+        o [B, 1, H, V] in q's dtype.
+    """
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
+    block_k = triton.next_power_of_2(K)
+    block_v = max(1, min(32, 8192 // block_k))  # a [block_v, block_k] fp32 tile per program, as in the GLA step
+    _gated_delta_step_kernel[(triton.cdiv(V, block_v), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), state, o, scale,
         K=K, V=V, BLOCK_K=block_k, BLOCK_V=block_v,
     )
     return o
@@ -362,6 +386,29 @@ if triton is not None:
         tile_ok = channel_ok[:, None] & key_ok[None, :]
         b_s = tl.load(p_state, mask=tile_ok, other=0)
         b_s = b_s * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
+        tl.store(p_state, b_s, mask=tile_ok)
+        tl.store(o + i_bh * V + channels, tl.sum(b_s * b_q[None, :], axis=1).to(o.dtype.element_ty), mask=channel_ok)
+
+    @triton.jit
+    def _gated_delta_step_kernel(q, k, v, g, beta, state, o, scale, K: tl.constexpr, V: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+        # One (sequence, head) and BLOCK_V value channels; each channel's row of the state is updated on its own:
+        # S[v, :] *= exp(g); u = beta * (v[v] - k . S[v, :]); S[v, :] += u * k; o[v] = scale * q . S[v, :].
+        # q/k rows are K long, v/o rows V long, g and beta one value per (sequence, head), state rows [V, K].
+        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        keys = tl.arange(0, BLOCK_K)
+        channels = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        key_ok, channel_ok = keys < K, channels < V
+        b_q = tl.load(q + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32) * scale
+        b_k = tl.load(k + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
+        b_v = tl.load(v + i_bh * V + channels, mask=channel_ok, other=0).to(tl.float32)
+        b_decay = tl.exp(tl.load(g + i_bh).to(tl.float32))
+        b_beta = tl.load(beta + i_bh).to(tl.float32)
+        p_state = state + i_bh * V * K + channels[:, None] * K + keys[None, :]
+        tile_ok = channel_ok[:, None] & key_ok[None, :]
+        b_s = tl.load(p_state, mask=tile_ok, other=0) * b_decay
+        b_u = b_beta * (b_v - tl.sum(b_s * b_k[None, :], axis=1))
+        b_s = b_s + b_u[:, None] * b_k[None, :]
         tl.store(p_state, b_s, mask=tile_ok)
         tl.store(o + i_bh * V + channels, tl.sum(b_s * b_q[None, :], axis=1).to(o.dtype.element_ty), mask=channel_ok)
 

@@ -14,6 +14,7 @@ from dtr_core.hybrid import hybrid_view
 from dtr_core.linear import backends
 from dtr_core.linear.build import student_from_teacher
 from dtr_core.linear.decoding import StaticDecoder, decode_attention, prompt_positions
+from dtr_core.linear.gated_deltanet import gated_delta_step_
 from dtr_core.linear.gla import gla_step_
 from dtr_core.specs import StudentSpec
 
@@ -54,6 +55,22 @@ def test_triton_gla_step_matches_torch():
     state = initial.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert backends.resolve_step_backend("auto", q, state) == "triton"
     got = gla_step_(q, k, v, g, 1.0, state)
+    assert rel_err(got, expected) <= 1e-2 and rel_err(state, expected_state) <= 1e-4
+
+
+def test_triton_gated_delta_step_matches_torch():
+    torch.manual_seed(0)
+    # Gated DeltaNet at Qwen2.5-1.5B shape: unit keys of 128, values of 128
+    q, k = (torch.nn.functional.normalize(torch.randn(5, 1, 12, 128, device="cuda"), dim=-1).bfloat16()
+            for _ in range(2))
+    v = torch.randn(5, 1, 12, 128, device="cuda", dtype=torch.bfloat16)
+    g = torch.nn.functional.logsigmoid(torch.randn(5, 1, 12, device="cuda")).bfloat16()
+    beta = torch.rand(5, 1, 12, device="cuda").bfloat16()
+    initial = torch.randn(5, 12, 128, 128, device="cuda")
+    expected_state = initial.clone()
+    expected = gated_delta_step_(q, k, v, g, beta, 1.0, expected_state, backend="torch")
+    state = initial.transpose(-1, -2).contiguous().transpose(-1, -2)
+    got = gated_delta_step_(q, k, v, g, beta, 1.0, state)
     assert rel_err(got, expected) <= 1e-2 and rel_err(state, expected_state) <= 1e-4
 
 

@@ -80,6 +80,8 @@ LAUNCHES = textwrap.dedent("""
         step = torch.randn(B, 1, H, D, dtype=dtype)
         kernels.gla_step_triton(step, step, step, -torch.rand(B, 1, H, D, dtype=dtype), 0.125,
                                 torch.zeros(B, H, D, D))
+        kernels.gated_delta_step_triton(step, step, step, -torch.rand(B, 1, H, dtype=dtype),
+                                        torch.rand(B, 1, H, dtype=dtype), 0.125, torch.zeros(B, H, D, D))
         buffers = torch.randn(B, 2, 1024, D, dtype=dtype)
         for start in (None, torch.zeros(B, dtype=torch.int64)):
             kernels.decode_attention_triton(torch.randn(B, 8, 1, D, dtype=dtype), buffers, buffers,

@@ -21,6 +21,7 @@ from dtr_core.linear.decoding import (
     prompt_positions,
     static_generate,
 )
+from dtr_core.linear.gated_deltanet import gated_delta_recurrent, gated_delta_step_
 from dtr_core.linear.gla import gla_recurrent, gla_step_
 
 STEPS = 5
@@ -161,23 +162,46 @@ def test_decode_attention_torch_skips_each_sequences_left_padding():
         decode_attention(query, keys, values, torch.tensor([length]), start=start[:2])
 
 
-def test_gla_step_in_place_matches_the_recurrence():
+def step_inputs(kind: str, B=2, H=3, K=8, V=5):
+    """One token's q, k, v and gates for ``kind``'s step (positive keys for GLA, unit keys for the delta rule), and
+    a random initial state."""
+    q, k = (torch.randn(B, 1, H, K) for _ in range(2))
+    if kind == "gla":
+        q, k = q.softmax(-1), k.softmax(-1)
+        gates = (torch.nn.functional.logsigmoid(torch.randn(B, 1, H, K)),)
+    else:
+        q, k = (torch.nn.functional.normalize(x, dim=-1) for x in (q, k))
+        gates = (torch.nn.functional.logsigmoid(torch.randn(B, 1, H)), torch.rand(B, 1, H))
+    return q, k, torch.randn(B, 1, H, V), gates, torch.randn(B, H, K, V)
+
+
+STEP_AND_RECURRENCE = {"gla": (gla_step_, gla_recurrent), "gated_deltanet": (gated_delta_step_, gated_delta_recurrent)}
+
+
+@pytest.mark.parametrize("kind", sorted(STEP_AND_RECURRENCE))
+def test_a_step_in_place_matches_the_recurrence(kind):
     torch.manual_seed(0)
-    q, k = (torch.randn(2, 1, 3, 8).softmax(-1) for _ in range(2))
-    v, g = torch.randn(2, 1, 3, 5), torch.nn.functional.logsigmoid(torch.randn(2, 1, 3, 8))
-    initial = torch.randn(2, 3, 8, 5)
-    expected_out, expected_state = gla_recurrent(q, k, v, g, 0.5, initial, output_final_state=True)
+    step, recurrence = STEP_AND_RECURRENCE[kind]
+    q, k, v, gates, initial = step_inputs(kind)
+    expected_out, expected_state = recurrence(q, k, v, *gates, 0.5, initial, output_final_state=True)
     for state in (initial.clone(), initial.transpose(-1, -2).contiguous().transpose(-1, -2)):
-        out = gla_step_(q, k, v, g, 0.5, state)
+        out = step(q, k, v, *gates, 0.5, state)
         assert (out - expected_out).abs().max() <= 1e-6 and (state - expected_state).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="V-first"):
-        gla_step_(q, k, v, g, 0.5, initial.clone(), backend="triton")
+        step(q, k, v, *gates, 0.5, initial.clone(), backend="triton")
+    with pytest.raises(ValueError, match="fp32 state"):
+        step(q, k, v, *gates, 0.5, initial.double())
+    two = [torch.cat([x, x], dim=1) for x in (q, k, v, *gates)]
+    with pytest.raises(ValueError, match="advances one token"):
+        step(*two[:3], *two[3:], 0.5, initial.clone())
 
 
 INTERPRETED_KERNELS = textwrap.dedent("""
     import torch
+    import sys
     from dtr_core.linear.decoding import decode_attention
-    from dtr_core.linear.gla import gla_recurrent, gla_step_
+    sys.path.insert(0, "tests/ops")  # this module's own imports (test_generation) sit there
+    from test_static_decoding import STEP_AND_RECURRENCE, step_inputs
 
     torch.manual_seed(0)
     # Grouped-query attention with 3 query heads per key/value head; lengths inside a key block, on a
@@ -202,13 +226,13 @@ INTERPRETED_KERNELS = textwrap.dedent("""
             worst = max(worst, (got - reference).abs().max().item())
     assert worst <= 1e-5, worst
 
-    q, k = (torch.randn(3, 1, 2, 16).softmax(-1) for _ in range(2))
-    v, g = torch.randn(3, 1, 2, 9), torch.nn.functional.logsigmoid(torch.randn(3, 1, 2, 16))
-    initial = torch.randn(3, 2, 16, 9)
-    expected_out, expected_state = gla_recurrent(q, k, v, g, 0.5, initial, output_final_state=True)
-    state = initial.transpose(-1, -2).contiguous().transpose(-1, -2)
-    out = gla_step_(q, k, v, g, 0.5, state, backend="triton")
-    assert (out - expected_out).abs().max() <= 1e-5 and (state - expected_state).abs().max() <= 1e-5
+    # Both in-place steps, with value rows wider than one program's tile of channels.
+    for kind, (step, recurrence) in STEP_AND_RECURRENCE.items():
+        q, k, v, gates, initial = step_inputs(kind, B=3, H=2, K=16, V=41)
+        expected_out, expected_state = recurrence(q, k, v, *gates, 0.5, initial, output_final_state=True)
+        state = initial.transpose(-1, -2).contiguous().transpose(-1, -2)
+        out = step(q, k, v, *gates, 0.5, state, backend="triton")
+        assert (out - expected_out).abs().max() <= 1e-5 and (state - expected_state).abs().max() <= 1e-5, kind
     print("kernels ok")
 """)
 
