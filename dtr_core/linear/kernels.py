@@ -370,21 +370,30 @@ def _multiprocessors(device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
-    def _gla_step_kernel(q, k, v, g, state, o, scale, K: tl.constexpr, V: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-        # One (sequence, head) and BLOCK_V value channels: S[v, :] = exp(g) * S[v, :] + v[v] * k,
-        # o[v] = scale * q . S[v, :]. q/k/g rows are K long, v/o rows V long, state rows [V, K].
+    def _state_step_tile(q, k, v, state, scale, K: tl.constexpr, V: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+        # What an in-place step kernel's program works on: one (sequence, head) and BLOCK_V value channels. Its q
+        # (scaled), k and v rows in fp32 (q/k rows K long, v rows V long), and its [BLOCK_V, BLOCK_K] tile of the
+        # state, whose rows [V, K] are stored V-first, loaded with the tile's pointers and mask.
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         keys = tl.arange(0, BLOCK_K)
         channels = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
         key_ok, channel_ok = keys < K, channels < V
         b_q = tl.load(q + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32) * scale
         b_k = tl.load(k + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
-        b_g = tl.load(g + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
         b_v = tl.load(v + i_bh * V + channels, mask=channel_ok, other=0).to(tl.float32)
         p_state = state + i_bh * V * K + channels[:, None] * K + keys[None, :]
         tile_ok = channel_ok[:, None] & key_ok[None, :]
         b_s = tl.load(p_state, mask=tile_ok, other=0)
+        return i_bh, keys, key_ok, channels, channel_ok, b_q, b_k, b_v, p_state, tile_ok, b_s
+
+    @triton.jit
+    def _gla_step_kernel(q, k, v, g, state, o, scale, K: tl.constexpr, V: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+        # S[v, :] = exp(g) * S[v, :] + v[v] * k, o[v] = scale * q . S[v, :]; g rows are K long.
+        i_bh, keys, key_ok, channels, channel_ok, b_q, b_k, b_v, p_state, tile_ok, b_s = _state_step_tile(
+            q, k, v, state, scale, K, V, BLOCK_K, BLOCK_V)
+        b_g = tl.load(g + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
         b_s = b_s * tl.exp(b_g)[None, :] + b_v[:, None] * b_k[None, :]
         tl.store(p_state, b_s, mask=tile_ok)
         tl.store(o + i_bh * V + channels, tl.sum(b_s * b_q[None, :], axis=1).to(o.dtype.element_ty), mask=channel_ok)
@@ -392,22 +401,12 @@ if triton is not None:
     @triton.jit
     def _gated_delta_step_kernel(q, k, v, g, beta, state, o, scale, K: tl.constexpr, V: tl.constexpr,
                                  BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-        # One (sequence, head) and BLOCK_V value channels; each channel's row of the state is updated on its own:
-        # S[v, :] *= exp(g); u = beta * (v[v] - k . S[v, :]); S[v, :] += u * k; o[v] = scale * q . S[v, :].
-        # q/k rows are K long, v/o rows V long, g and beta one value per (sequence, head), state rows [V, K].
-        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        keys = tl.arange(0, BLOCK_K)
-        channels = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        key_ok, channel_ok = keys < K, channels < V
-        b_q = tl.load(q + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32) * scale
-        b_k = tl.load(k + i_bh * K + keys, mask=key_ok, other=0).to(tl.float32)
-        b_v = tl.load(v + i_bh * V + channels, mask=channel_ok, other=0).to(tl.float32)
-        b_decay = tl.exp(tl.load(g + i_bh).to(tl.float32))
-        b_beta = tl.load(beta + i_bh).to(tl.float32)
-        p_state = state + i_bh * V * K + channels[:, None] * K + keys[None, :]
-        tile_ok = channel_ok[:, None] & key_ok[None, :]
-        b_s = tl.load(p_state, mask=tile_ok, other=0) * b_decay
-        b_u = b_beta * (b_v - tl.sum(b_s * b_k[None, :], axis=1))
+        # Each value channel's row of the state on its own: S[v, :] *= exp(g); u = beta * (v[v] - k . S[v, :]);
+        # S[v, :] += u * k; o[v] = scale * q . S[v, :]. g and beta: one value per (sequence, head).
+        i_bh, keys, key_ok, channels, channel_ok, b_q, b_k, b_v, p_state, tile_ok, b_s = _state_step_tile(
+            q, k, v, state, scale, K, V, BLOCK_K, BLOCK_V)
+        b_s = b_s * tl.exp(tl.load(g + i_bh).to(tl.float32))
+        b_u = tl.load(beta + i_bh).to(tl.float32) * (b_v - tl.sum(b_s * b_k[None, :], axis=1))
         b_s = b_s + b_u[:, None] * b_k[None, :]
         tl.store(p_state, b_s, mask=tile_ok)
         tl.store(o + i_bh * V + channels, tl.sum(b_s * b_q[None, :], axis=1).to(o.dtype.element_ty), mask=channel_ok)
