@@ -114,6 +114,7 @@ class PrefillGraphs:
         key = shape_key(student, hidden_states, valid, position_embeddings, layer)
         graph = self.graphs.get(key)
         if graph is None:
+            self.forget_moved_weights(key[-1])
             if key not in self.seen or len(self.graphs) >= GRAPHS_PER_STUDENT:
                 if len(self.seen) >= SHAPES_COUNTED:
                     self.seen.clear()
@@ -122,6 +123,12 @@ class PrefillGraphs:
             graph = self.graphs[key] = PrefillGraph(student._attend, hidden_states, valid, position_embeddings,
                                                     layer is not None, shared_pool(key[:-1]))
         return graph(hidden_states, valid, position_embeddings, layer)
+
+    def forget_moved_weights(self, addresses: tuple) -> None:
+        """Drop the graphs captured on weights that have moved since (the student went to another device or dtype
+        and back, or was reloaded): they can never replay, yet they would hold their memory and their place among
+        ``GRAPHS_PER_STUDENT``."""
+        self.graphs = {key: graph for key, graph in self.graphs.items() if key[-1] == addresses}
 
 
 def shape_key(student, hidden_states, valid, position_embeddings, layer) -> tuple:

@@ -80,6 +80,22 @@ def test_a_graph_is_not_replayed_for_calls_that_would_run_other_kernels():
     assert prefill_graphs.shape_key(student, x, None, None, None) != key()
 
 
+def test_graphs_of_weights_that_moved_are_dropped():
+    # A student moved away and back (bench.hybrid_setup.hybrid does it for every row; users offload) has its weights
+    # at new addresses: its graphs can never replay, and must not keep their memory or their places.
+    student = perturbed_student(dict(kind="gla"))
+    x, valid = padded_inputs()
+    graphs = prefill_graphs.PrefillGraphs()
+    key = prefill_graphs.shape_key(student, x, valid, None, None)
+    other_shape = prefill_graphs.shape_key(student, x[:, :-1], valid[:, :-1], None, None)
+    moved = (*key[:-1], tuple(address + 1 for address in key[-1]))
+    graphs.graphs = {other_shape: "kept: same weights", moved: "dropped: weights since moved"}
+    with torch.no_grad():  # on the CPU the call runs eagerly: it only counts the shape
+        expected = student._attend(x, valid, None, None)
+        torch.testing.assert_close(graphs.call(student, x, valid, None, None), expected)
+    assert graphs.graphs == {other_shape: "kept: same weights"} and key in graphs.seen
+
+
 def test_graphs_serve_short_inference_calls_that_start_a_sequence_only():
     x = torch.zeros(1, 64, 8)
     assert not prefill_graphs.replays_as_graph(x, None, True)  # the CPU: never
@@ -125,7 +141,7 @@ def test_replayed_calls_equal_eager_calls_in_bf16(options, with_cache):
 
 @pytest.mark.gpu
 @needs_cuda_and_fla
-def test_a_shape_is_captured_again_after_its_graphs_are_gone():
+def test_a_shape_is_captured_again_after_its_graphs_are_gone_or_its_weights_moved():
     # PyTorch refused (an internal assert, leaving the CUDA generator unusable) a capture into the memory pool of a
     # shape whose graphs had all been freed while a block from those captures was still held (H200, torch 2.11).
     x, valid = padded_inputs(batch=2, length=300, hidden=256, device="cuda", dtype=torch.bfloat16)
@@ -136,6 +152,11 @@ def test_a_shape_is_captured_again_after_its_graphs_are_gone():
             outputs = [student(x, attention_mask=valid.long())[0] for _ in range(3)]  # eager, captured, replayed
         torch.testing.assert_close(outputs[1], outputs[0])
         torch.testing.assert_close(outputs[2], outputs[0])
+        assert len(prefill_graphs._STUDENT_GRAPHS[student].graphs) == 1
+        student.cpu().cuda()  # weights at new addresses: the graph is dropped, and the shape captured anew
+        with torch.no_grad():
+            moved = [student(x, attention_mask=valid.long())[0] for _ in range(3)]
+        torch.testing.assert_close(moved[2], outputs[0])
         assert len(prefill_graphs._STUDENT_GRAPHS[student].graphs) == 1
         del student
         gc.collect()
