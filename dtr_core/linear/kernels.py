@@ -53,16 +53,7 @@ def gla_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     Returns:
         o [B, 1, H, V] in q's dtype.
     """
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
-    block_k = triton.next_power_of_2(K)
-    block_v = max(1, min(32, 8192 // block_k))  # a [block_v, block_k] fp32 tile per program
-    _gla_step_kernel[(triton.cdiv(V, block_v), B * H)](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), state, o, scale,
-        K=K, V=V, BLOCK_K=block_k, BLOCK_V=block_v,
-    )
-    return o
+    return _state_step(_gla_step_kernel, q, k, v, (g,), scale, state)
 
 
 def gated_delta_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -77,13 +68,18 @@ def gated_delta_step_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
     Returns:
         o [B, 1, H, V] in q's dtype.
     """
+    return _state_step(_gated_delta_step_kernel, q, k, v, (g, beta), scale, state)
+
+
+def _state_step(kernel, q, k, v, gates: tuple, scale: float, state: torch.Tensor) -> torch.Tensor:
+    """Launch an in-place step kernel (arguments q, k, v, *gates, state, o, scale) over (value tiles, B*H)."""
     B, _, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(B, 1, H, V, dtype=q.dtype, device=q.device)
     block_k = triton.next_power_of_2(K)
-    block_v = max(1, min(32, 8192 // block_k))  # a [block_v, block_k] fp32 tile per program, as in the GLA step
-    _gated_delta_step_kernel[(triton.cdiv(V, block_v), B * H)](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), state, o, scale,
+    block_v = max(1, min(32, 8192 // block_k))  # a [block_v, block_k] fp32 tile per program
+    kernel[(triton.cdiv(V, block_v), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), *(gate.contiguous() for gate in gates), state, o, scale,
         K=K, V=V, BLOCK_K=block_k, BLOCK_V=block_v,
     )
     return o
