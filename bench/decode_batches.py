@@ -189,8 +189,8 @@ def main(argv=None) -> None:
             rows.append(row)
             print(row, flush=True)
     columns = ["batch", "ms", "host_ms", "tokens_per_s", "allocated_gib", "reserved_gib", *ALLOCATOR_COUNTERS]
-    print(f"\n{args.model}, {args.linear} linear layers ({args.student}, {student_label(args.window, args.shared_kv)}), "
-          f"context {args.context}, {args.cache} cache, "
+    students = f"{args.student}, {student_label(args.window, args.shared_kv)}"
+    print(f"\n{args.model}, {args.linear} linear layers ({students}), context {args.context}, {args.cache} cache, "
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
     print(markdown_table(columns, [[cell(row.get(name), ".2f" if name in FLOAT_COLUMNS else "d")
                                     for name in columns] for row in rows]))

@@ -52,12 +52,17 @@ def warm_up(run, seconds: float) -> None:
         run()
 
 
+def prompt(setup, ids: torch.Tensor):
+    """The prompt's forward, as bench.hybrid_inference times it."""
+    return setup.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
 def alternate(setup, length: int, batch: int, rounds: int, repeats: int) -> dict:
     """One length: ``rounds`` rounds of (full model, L/2 hybrid), ``repeats`` timed prompts each."""
     ids = random_tokens(setup, batch, length)
 
     def prefill():
-        return setup.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return prompt(setup, ids)
 
     layers = setup.linear_layers(setup.num_layers // 2)
     students = {i: setup.students[i].to(setup.device) for i in layers}
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             label = f"{kind} ({student_label(args.window, args.shared_kv)})"
             with torch.inference_mode():
                 ids = random_tokens(setup, args.batch, max(args.lengths))
-                warm_up(lambda: setup.model(input_ids=ids, use_cache=True, logits_to_keep=1), args.warm_up)
+                warm_up(lambda: prompt(setup, ids), args.warm_up)
                 for length in args.lengths:
                     rows.append({"model": model, "student": label,
                                  **alternate(setup, length, args.batch, args.rounds, args.repeats)})

@@ -1,7 +1,7 @@
 """The Triton kernels of inference, with their launchers.
 
-Decoding: GLA's and the gated delta rule's in-place state steps and the split-key attention of one new token over preallocated
-key/value buffers. Both read lengths and states on the device and never move memory, so a captured CUDA
+Decoding: GLA's and the gated delta rule's in-place state steps and the split-key attention of one new token over
+preallocated key/value buffers. They read lengths and states on the device and never move memory, so a captured CUDA
 graph replays them (see ``decoding.py``).
 
 A student's prefill (issue 15): its feature map, its log-decays and its readout, each one kernel where
@@ -11,9 +11,9 @@ window's own steps (rotary positions, lagged queries, the window's attention joi
 over a static decoder's ring histories too) and, for large batches, a GLA scan's normaliser apart from its
 values are kernels as well.
 
-The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``, ``gated_deltanet.gated_delta_step_``,
-``decoding.decode_attention``, ``feature_maps.hedgehog``, ``base.LinearAttentionStudent``), which also
-choose between the two.
+The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``,
+``gated_deltanet.gated_delta_step_``, ``decoding.decode_attention``, ``feature_maps.hedgehog``,
+``base.LinearAttentionStudent``), which also choose between the two.
 
 Copied next to exported hybrids: imports only torch and (inside try) Triton.
 """
