@@ -86,12 +86,14 @@ def test_exported_hybrid_runs_fla_in_bf16_like_pytorch(kind, tmp_path):
 
 
 def test_exported_hybrid_decodes_with_fused_recurrent_kernels(tmp_path):
+    """transformers' own loop (what generate() falls back to where the static path cannot go) steps the students on
+    fla's fused recurrent kernels; the static path is tests/ops/test_gpu_static_decoding.py's."""
     model = load(export_gpu_sized_hybrid("gla", tmp_path / "hybrid"), torch.float32)
     prompt = torch.randint(3, 100, (2, 50), generator=torch.Generator().manual_seed(1)).cuda()
 
     def greedy(use_cache):
         out = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=0,
-                             output_logits=True, return_dict_in_generate=True)
+                             output_logits=True, return_dict_in_generate=True, static_decoding=False)
         return out.sequences, torch.stack(out.logits, dim=1), out.past_key_values
 
     tokens, logits, cache = greedy(use_cache=True)
