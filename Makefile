@@ -32,7 +32,7 @@ mlflow-ui: $(BIN)/.installed
 # flow tests of a file share its fixtures); most of the suite waits on whole processes starting up, so on 2 cores
 # this took 762 s where one process took 1225 s.
 test: $(BIN)/.installed
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The quick loop (about a minute on 2 cores): everything but whole-process runs, real weights and the GPU,
 # on two worker processes of one thread each (two workers of two OpenMP threads each on two cores ran 3x slower).
