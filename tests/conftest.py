@@ -69,6 +69,18 @@ def run_triton_script(script: str, done_line: str, env: dict[str, str]) -> None:
     assert done.returncode == 0 and done_line in done.stdout, done.stderr[-3000:]
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far ``a`` is from ``b``, relative to ``b`` (Frobenius norms, in fp32)."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def bf16_bound(pytorch_bf16: torch.Tensor, exact: torch.Tensor) -> float:
+    """How far a fast path in bf16 may be from the fp32 PyTorch result ``exact``: 1e-2, or 1.5x the PyTorch form's
+    own bf16 error where bf16 alone costs more (two bf16 paths differ by their own rounding: neither is the
+    reference)."""
+    return max(1e-2, 1.5 * rel_err(pytorch_bf16, exact))
+
+
 def tiny_config(family: str, num_layers: int = 2):
     """vocab 100, hidden 64, ``num_layers`` layers, 4 heads / 2 KV heads where the family has GQA."""
     from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config

@@ -5,7 +5,8 @@ without CUDA and fla."""
 
 import pytest
 import torch
-from test_gpu_hybrid import export_gpu_sized_hybrid, load, rel_err
+from conftest import rel_err
+from test_gpu_hybrid import export_gpu_sized_hybrid, load
 from test_static_decoding import greedy_steps, prefill
 from test_static_generation import static_steps
 

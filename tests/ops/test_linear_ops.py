@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import rel_err
 
 from dtr_core.linear import backends
 from dtr_core.linear.gated_deltanet import gated_delta, gated_delta_chunked, gated_delta_recurrent
@@ -20,10 +21,6 @@ TOL = 1e-4
 
 # Per-step log-decay ranges: strong decays underflow a naive exp(-cumsum) within one chunk.
 DECAYS = {"strong": (-8.0, 0.0), "weak": (-1e-3, 0.0)}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def uniform(shape, low, high, gen):
