@@ -6,13 +6,12 @@ hybrid's prefill runs it (fused feature map, log-decays and readout, ``kernels.p
 ``prefill_graphs.GRAPH_MAX_TOKENS`` tokens replayed as a CUDA graph); the same student eager; then, eager, the same
 student on the unfused PyTorch forms (``prefill_kernels="torch"``, what ran before issue 15); the student replayed as
 a CUDA graph (its GPU time alone: eager minus graph is what the host adds); the student's scan operator
-alone on its prepared inputs, and the host's share of it; the host time of one eager student call (Python
-and launches, before the GPU finishes), and how many calls in it made the host wait for the GPU (torch's
-sync debug mode; a wait stops the host from running ahead of the GPU in a whole model, so its time adds to
-the GPU's). For a softmax-like readout the scan is also timed without the all-ones value column that
-accumulates its normaliser (V = D instead of D + 1), to size what that column costs, and the kernel that
-computes the normaliser apart (``kernels.normaliser_triton``, past a size) is timed alone. ``--profile`` adds
-each row's kernels by GPU time (torch.profiler), to see which of the student's parts to fuse.
+alone on its prepared inputs as the student runs it (GLA: ``kernels.gla_prefill_triton``), and the host's share
+of it; the mechanism's operator on the same inputs (``_operator``: fla's kernels, with a softmax-like readout's
+all-ones value column); the host time of one eager student call (Python and launches, before the GPU
+finishes), and how many calls in it made the host wait for the GPU (torch's sync debug mode; a wait stops the
+host from running ahead of the GPU in a whole model, so its time adds to the GPU's). ``--profile`` adds each
+row's kernels by GPU time (torch.profiler), to see which of the student's parts to fuse.
 
     python -m bench.student_prefill --out $OUT/student_prefill.md     # on the GPU
     python -m bench.student_prefill --smoke                           # tiny sizes on the CPU, seconds
@@ -51,7 +50,6 @@ from bench.common import (
 )
 from dtr_core.adapters import adapter_for
 from dtr_core.linear.build import student_from_teacher
-from dtr_core.linear import kernels
 from dtr_core.linear.decoding import capture_graph
 from dtr_core.specs import STUDENT_KINDS, StudentSpec
 
@@ -150,17 +148,13 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["ms"][f"{kind} graph"] = graph_ms(student_call, repeats, device)
             row["ms"][f"{kind} host"] = host_ms(student_call, repeats, device)
             row[f"{kind} host waits"] = host_waits(student_call, device)
-            def scan(normaliser_column=True):
-                return student._scan(q, k, v, gates, normaliser_column=normaliser_column)
+            def scan():
+                return student._causal_scan(q, k, v, gates, None, student._fused(hidden))
 
             row["ms"][f"{kind} scan"] = median_ms(scan, repeats, device)
             row["ms"][f"{kind} scan host"] = host_ms(scan, repeats, device)
-            if student.normalised_readout:  # the same scan without the normaliser's all-ones value column
-                row["ms"][f"{kind} scan without normaliser"] = median_ms(lambda: scan(False), repeats, device)
-                if student._fused(hidden):  # the normaliser by its own kernel (kernels.separate_normaliser_pays)
-                    row["ms"][f"{kind} normaliser kernel"] = median_ms(
-                        lambda: kernels.normaliser_triton(q, k, gates[0]), repeats, device)
             row["backend"] = student.last_backend
+            row["ms"][f"{kind} operator"] = median_ms(lambda: student._scan(q, k, v, gates), repeats, device)
             if profile_top:
                 row["profiles"][kind] = kernel_table(student_call, device, profile_top)
             student.replay_prefill = True
@@ -172,8 +166,7 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
     for kind in kinds:
         headers += [f"{kind} ms", f"{kind} eager ms", f"{kind} unfused ms", f"{kind} graph ms", f"{kind} host ms",
                     f"{kind} host waits",
-                    f"{kind} scan ms", f"{kind} scan host ms", f"{kind} scan without normaliser ms",
-                    f"{kind} normaliser kernel ms", f"{kind} / attention"]
+                    f"{kind} scan ms", f"{kind} scan host ms", f"{kind} operator ms", f"{kind} / attention"]
     table = []
     for row in rows:
         ms = row["ms"]
@@ -185,8 +178,8 @@ def render(meta: dict, rows: list[dict], kinds: list[str]) -> str:
                      cell(ms.get(f"{kind} unfused"), ".3f"),
                      cell(ms.get(f"{kind} graph"), ".3f"), cell(ms.get(f"{kind} host"), ".3f"),
                      cell(row.get(f"{kind} host waits"), "d"), cell(ms.get(f"{kind} scan"), ".3f"),
-                     cell(ms.get(f"{kind} scan host"), ".3f"), cell(ms.get(f"{kind} scan without normaliser"), ".3f"),
-                     cell(ms.get(f"{kind} normaliser kernel"), ".3f"), cell(ratio, ".2f")]
+                     cell(ms.get(f"{kind} scan host"), ".3f"), cell(ms.get(f"{kind} operator"), ".3f"),
+                     cell(ratio, ".2f")]
         table.append(line)
     lines = [
         "## One student layer's prefill against the attention it replaces",

@@ -113,7 +113,7 @@ class LinearAttentionStudent(nn.Module):
     A subclass sets ``kind`` (its name in ``config_dict()``) and ``state_sums_writes``, and defines
     ``_build_gates`` (its parameters), ``_gates`` (their per-token values) and ``_operator`` (its
     scan) and ``_in_place_step`` (its decoding step on a state it overwrites); it may override
-    ``_resolve_backend``.
+    ``_resolve_backend`` and set ``_kernel_scan``.
     """
 
     kind: str
@@ -129,6 +129,9 @@ class LinearAttentionStudent(nn.Module):
     # Whether a short call that starts a sequence replays as a CUDA graph on CUDA without gradients
     # (``prefill_graphs.py``): the host's time to issue the kernels bounds such calls. Changes no result.
     replay_prefill: bool = True
+    # The mechanism's own Triton scan for causal calls on the fused kernels (``kernels.gla_prefill_triton``'s
+    # contract: the normaliser apart, no value column), or None: ``_operator`` serves every call.
+    _kernel_scan = None
 
     def __init__(
         self,
@@ -340,14 +343,11 @@ class LinearAttentionStudent(nn.Module):
             return kernels.log_decay_triton(logits, LOG_DECAY_FLOOR)
         return F.logsigmoid(logits.float()).clamp_min(LOG_DECAY_FLOOR)
 
-    def _scan(self, q, k, v, gates, reverse: bool = False, initial_state=None, output_final_state=False,
-              normaliser_column: bool = True):
-        """``_operator`` on the backend this call resolves to (recorded in ``last_backend``); ``reverse``
-        scans from the last token to the first (the backward half of a bidirectional student);
-        ``normaliser_column``: v [B, T, H, D] gets ``_value_columns``' (False: v has it, or the normaliser is
-        computed apart)."""
-        if normaliser_column:
-            v = self._value_columns(v)
+    def _scan(self, q, k, v, gates, reverse: bool = False, initial_state=None, output_final_state=False):
+        """``_operator`` on the backend this call resolves to (recorded in ``last_backend``), v [B, T, H, D] with
+        ``_value_columns``' columns; ``reverse`` scans from the last token to the first (the backward half of a
+        bidirectional student)."""
+        v = self._value_columns(v)
         if reverse:
             q, k, v = (t.flip(1) for t in (q, k, v))
             gates = tuple(gate.flip(1) for gate in gates)
@@ -410,12 +410,12 @@ class LinearAttentionStudent(nn.Module):
             out = self._window_readout(window_inputs, linear, fused, layout)
         else:
             valid = key_padding_mask(attention_mask, length)
-            separate = self._separate_normaliser(hidden_states, layer)
+            fused = self._fused(hidden_states)
             q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
-            out, mass = self._causal_scan(q, k, v, gates, layer, separate)
+            out, mass = self._causal_scan(q, k, v, gates, layer, fused)
             if not self.causal:
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
-            out = self._readout(out, self._fused(hidden_states), mass)
+            out = self._readout(out, fused, mass)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return out if self.o_proj is None else self.o_proj(out)
 
@@ -497,22 +497,9 @@ class LinearAttentionStudent(nn.Module):
         return q, k, v, gates
 
     def _value_columns(self, v: torch.Tensor) -> torch.Tensor:
-        """v [B, T, H, D] as a scan takes it: with an all-ones column for the softmax-like readout, which makes the
-        same scan accumulate the normaliser sum_s w_ts (unless computed apart: ``_separate_normaliser``)."""
+        """v [B, T, H, D] as ``_operator`` takes it: with an all-ones column for the softmax-like readout, which makes
+        the same scan accumulate the normaliser sum_s w_ts (``_kernel_scan`` computes it apart)."""
         return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1) if self.normalised_readout else v
-
-    def _separate_normaliser(self, hidden_states, layer) -> bool:
-        """Whether this call's normaliser comes from a kernel of its own (``kernels.normaliser_triton``) instead of
-        an all-ones value column in the scan: fused causal calls of a softmax-like readout large enough
-        (``kernels.separate_normaliser_pays``; always when the kernels are forced, as the tests do), but not a
-        static decoding step, whose state keeps the column."""
-        if not (self.normalised_readout and self.causal and self._fused(hidden_states)):
-            return False
-        if layer is not None and layer.in_place:
-            return False
-        batch, length, _ = hidden_states.shape
-        return self.prefill_kernels == "triton" or kernels.separate_normaliser_pays(batch, length, self.num_heads,
-                                                                                   self.key_dim)
 
     def _convolved(self, x: torch.Tensor, name: str, layer) -> torch.Tensor:
         """``x`` [B, T, H*D] through the short convolution ``name``, continuing a cache's history."""
@@ -522,21 +509,27 @@ class LinearAttentionStudent(nn.Module):
             layer.keep(name, history)
         return out
 
-    def _causal_scan(self, q, k, v, gates, layer, separate_normaliser: bool = False) -> tuple:
+    def _causal_scan(self, q, k, v, gates, layer, fused: bool = False) -> tuple:
         """The forward scan, continuing and updating ``layer``'s state when decoding with a cache: (its output,
-        the normaliser [B, T, H] when ``separate_normaliser``, else None).
+        the normaliser [B, T, H] when ``_kernel_scan`` computed it apart, else None). ``fused``: a causal call
+        over more than one token runs the mechanism's ``_kernel_scan`` where it has one (a single token takes
+        ``_operator``'s one-token form: one kernel).
 
-        Apart, the normaliser's running key sum is still kept as the state's last value column, as an all-ones
-        column would have left it: a cache holds one state layout whichever way a call computed it."""
+        A cache keeps one state layout whichever way a call computed it: a softmax-like readout's running key
+        sum is the state's last value column, as an all-ones value column leaves it."""
         if layer is not None and layer.in_place:
             return self._step_in_place(q, k, self._value_columns(v), gates, layer.state), None
-        state, mass, key_sum = None if layer is None else layer.state, None, None
-        if separate_normaliser:
-            start = None if state is None else state[..., -1]
-            state = None if state is None else state[..., :-1].contiguous()
-            mass, key_sum = kernels.normaliser_triton(q, k, gates[0], start, output_final_state=layer is not None)
-        out, state = self._scan(q, k, v, gates, output_final_state=layer is not None, initial_state=state,
-                                normaliser_column=not separate_normaliser)
+        state = None if layer is None else layer.state
+        if not (fused and self.causal and self._kernel_scan is not None and q.shape[1] > 1):
+            out, state = self._scan(q, k, v, gates, output_final_state=layer is not None, initial_state=state)
+            if layer is not None:
+                layer.advance(state, q.shape[1])
+            return out, None
+        key_sums = self.normalised_readout
+        start, start_sum = (state[..., :-1], state[..., -1]) if state is not None and key_sums else (state, None)
+        self.last_backend = "triton"
+        out, mass, state, key_sum = self._kernel_scan(q, k, v, *gates, 1.0, start, start_sum,
+                                                      output_final_state=layer is not None, key_sums=key_sums)
         if layer is not None:
             layer.advance(state if key_sum is None else torch.cat([state, key_sum[..., None]], dim=-1), q.shape[1])
         return out, mass
@@ -616,8 +609,7 @@ class LinearAttentionStudent(nn.Module):
             if layer is not None:
                 for name, tensor in new.items():
                     layer.keep(name, last_window(histories[name], tensor, window))
-        separate = fused and self._separate_normaliser(hidden_states, layer)
-        linear, mass = self._causal_scan(lagged_q, *scan_inputs, layer, separate)
+        linear, mass = self._causal_scan(lagged_q, *scan_inputs, layer, fused)
         if not self.causal:  # the keys W or more tokens later: the same lagged scan, from the end
             flipped = [x.flip(1) for x in (q, k, v, *gates)]
             backward_q = lagged_queries(flipped[0], flipped[3], history_or_zeros(None, flipped[3], window), window)

@@ -35,7 +35,7 @@ from .backends import (
     to_chunks,
 )
 from .base import LinearAttentionStudent, retention_logits
-from .kernels import gla_step_triton
+from .kernels import gla_prefill_triton, gla_step_triton
 
 try:  # optional: backends.resolve_backend refuses the fla backends when fla could not be imported
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
@@ -276,3 +276,4 @@ class GLAStudent(LinearAttentionStudent):
         return gla(q, k, v, *gates, **kwargs)
 
     _in_place_step = staticmethod(gla_step_)
+    _kernel_scan = staticmethod(gla_prefill_triton)

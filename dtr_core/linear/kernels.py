@@ -21,6 +21,7 @@ Copied next to exported hybrids: imports only torch and (inside try) Triton.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -175,48 +176,87 @@ def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
     return out.view(logits.shape)
 
 
-_NORMALISER_TOKENS = 64  # tokens per step of the normaliser kernel's loop
-_NORMALISER_CHANNELS = 32  # key channels per program
-# Where a GLA scan's normaliser by a kernel of its own (``normaliser_triton``) beats an all-ones value column:
-# the column takes V = D + 1, two of fla's value tiles. On an H200 (Llama-1B shape, BENCHMARKS.md "Issues 14 and
-# 15, fourth session") the kernel saved 0.93 ms of 7.10 at batch 8 x 8K and 0.23 of 1.81 at 8 x 2K, and lost 0.22
-# ms at 1 x 8K: it runs each (sequence, head, channel tile) through the tokens serially, so it needs many of them.
-SEPARATE_NORMALISER_MIN_TOKENS = 16384
-SEPARATE_NORMALISER_MIN_PROGRAMS = 512
+_SCAN_CHUNK = 64  # tokens per chunk of the prefill scan
+_SCAN_BLOCK = 16  # rows per decay reference inside a chunk: exponents stay within 8 rows (64 nats at the floor)
+_SCAN_CHUNK_KEYS = 32  # key channels per program of the chunk decays' kernel
 
 
-def separate_normaliser_pays(batch: int, length: int, heads: int, key_dim: int) -> bool:
-    """Whether ``normaliser_triton`` should serve a scan of these sizes rather than an all-ones value column."""
-    programs = batch * heads * -(-key_dim // _NORMALISER_CHANNELS)
-    return batch * length >= SEPARATE_NORMALISER_MIN_TOKENS and programs >= SEPARATE_NORMALISER_MIN_PROGRAMS
+class ScanTiles(NamedTuple):
+    """The launch configuration of ``gla_prefill_triton``'s two main kernels: the state kernel's [keys, values]
+    tile per program, the output kernel's key channels per step and value channels per program, and the warps of
+    each. The defaults are the fastest of ``python -m bench.gla_scan --sweep`` on an H200 at Qwen2.5-1.5B's shape
+    (batch 1 and 8, 2K and 8K tokens; at Llama-3.2-1B's, within 12% of its fastest: BENCHMARKS.md, issue 15,
+    tenth session). Two warps spill: 5-9x slower."""
+    state_keys: int = 64
+    state_values: int = 64
+    state_warps: int = 8
+    output_keys: int = 32
+    output_values: int = 128
+    output_warps: int = 4
 
 
-def normaliser_triton(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor | None = None,
-                      output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What a GLA scan accumulates in an all-ones value column, in one kernel: per key channel the decayed sum
-    of keys ``z_t = exp(g_t) * z_{t-1} + k_t`` (from ``initial``, zeros when None) and ``mass_t = q_t . z_t``.
+def _tile(size: int, cap: int) -> int:
+    """A tile side for ``size`` channels: their next power of two, at least 16 (tl.dot's least), at most ``cap``."""
+    return min(cap, max(16, triton.next_power_of_2(size)))
+
+
+def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+                       initial_state: torch.Tensor | None = None, initial_key_sum: torch.Tensor | None = None,
+                       output_final_state: bool = False, key_sums: bool = False,
+                       tiles: ScanTiles = ScanTiles()) -> tuple:
+    """GLA's chunkwise scan for inference (``gla.gla``'s contract, no gradient), in two kernels, and with
+    ``key_sums`` the normaliser a softmax-like readout needs: what an all-ones value column would accumulate,
+    ``mass_t = q_t . z_t`` with ``z_t`` the decayed sum of keys, without widening the values.
+
+    fla's ``chunk_gla`` takes five kernels and keeps the chunk's decays in fp32 in memory; with hedgehog features
+    (K = 2 x the head size) its intra-chunk scores, built in 16 x 16 tiles by three of them, were half its time
+    on an H200 (BENCHMARKS.md, issue 15, ninth session). Here one kernel walks the chunks of a (sequence, head)
+    and stores the state (and z) entering each (``_gla_chunk_states_kernel``), and one program per (chunk, head)
+    computes the chunk's decays, its scores, its output and its mass in registers (``_gla_chunk_output_kernel``).
 
     Args:
-        q, k, log_decay: [B, T, H, K] (the scan's queries, keys and log-decays).
-        initial: fp32 [B, H, K] or None. output_final_state: also return z after the last token.
+        q, k, g: [B, T, H, K], g a log-decay in [-8, 0] (``base.LOG_DECAY_FLOOR``: the scores' exponents are
+            bounded by 8 rows of it). v: [B, T, H, V]. scale: multiplies q.
+        initial_state: fp32 [B, H, K, V] or None (zeros); initial_key_sum: fp32 [B, H, K] or None (zeros).
+        output_final_state: also return the state (and z) after the last token.
+        key_sums: also compute the mass and z.
+        tiles: the kernels' launch configuration.
 
-    Returns mass fp32 [B, T, H] and the final z fp32 [B, H, K] or None. Each program runs one (sequence, head)
-    and a tile of key channels through the tokens, a block at a time (an associative scan inside the block,
-    the running sum carried between blocks); the tiles' partial masses are summed after.
+    Returns (o [B, T, H, V] in q's dtype, mass fp32 [B, T, H] or None, final state fp32 [B, H, K, V] or None,
+    final z fp32 [B, H, K] or None).
     """
     batch, length, heads, key_dim = q.shape
-    q, k, log_decay = q.contiguous(), k.contiguous(), log_decay.contiguous()
-    tiles = triton.cdiv(key_dim, _NORMALISER_CHANNELS)
-    n_rows = batch * length * heads
-    parts = torch.empty(tiles, n_rows, dtype=torch.float32, device=q.device)
-    final = torch.empty(batch, heads, key_dim, dtype=torch.float32, device=q.device) if output_final_state else parts
-    start = parts if initial is None else initial.float().contiguous()  # unread without one
-    _normaliser_kernel[(batch * heads, tiles)](
-        q, k, log_decay, start, parts, final, length, n_rows, H=heads, K=key_dim, BT=_NORMALISER_TOKENS,
-        BK=_NORMALISER_CHANNELS, HAS_INITIAL=initial is not None, STORE_FINAL=output_final_state,
+    value_dim = v.shape[-1]
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    chunks = triton.cdiv(length, _SCAN_CHUNK)
+    device, ieee = q.device, q.dtype == torch.float32
+    states = torch.empty(batch, chunks, heads, key_dim, value_dim, dtype=q.dtype, device=device)
+    sums = torch.empty(batch, chunks, heads, key_dim, dtype=torch.float32, device=device) if key_sums else states
+    final = torch.empty(batch, heads, key_dim, value_dim, dtype=torch.float32, device=device) \
+        if output_final_state else states
+    final_sum = torch.empty(batch, heads, key_dim, dtype=torch.float32, device=device) \
+        if output_final_state and key_sums else sums
+    start = final if initial_state is None else initial_state.float().contiguous()  # unread without one
+    start_sum = final_sum if initial_key_sum is None else initial_key_sum.float().contiguous()
+    key_block, value_block = _tile(key_dim, tiles.state_keys), _tile(value_dim, tiles.state_values)
+    decays = torch.empty(batch, length, heads, key_dim, dtype=torch.float32, device=device)
+    _chunk_decays_kernel[(chunks, triton.cdiv(key_dim, _SCAN_CHUNK_KEYS), batch * heads)](
+        g, decays, length, H=heads, K=key_dim, BT=_SCAN_CHUNK, BK=_SCAN_CHUNK_KEYS)
+    _gla_chunk_states_kernel[(triton.cdiv(key_dim, key_block), triton.cdiv(value_dim, value_block), batch * heads)](
+        k, v, decays, start, start_sum, states, sums, final, final_sum, length, H=heads, K=key_dim, V=value_dim,
+        BT=_SCAN_CHUNK, BK=key_block, BV=value_block, HAS_INITIAL=initial_state is not None,
+        STORE_FINAL=output_final_state, KEY_SUMS=key_sums, IEEE=ieee, num_warps=tiles.state_warps,
     )
-    mass = parts.sum(0).view(batch, length, heads)
-    return mass, (final if output_final_state else None)
+    out = torch.empty_like(v, dtype=q.dtype)
+    mass = torch.empty(batch, length, heads, dtype=torch.float32, device=device) if key_sums else out
+    value_block = _tile(value_dim, tiles.output_values)
+    _gla_chunk_output_kernel[(chunks, triton.cdiv(value_dim, value_block), batch * heads)](
+        q, k, v, decays, states, sums, out, mass, scale, length, H=heads, K=key_dim, V=value_dim, BT=_SCAN_CHUNK,
+        BC=_SCAN_BLOCK, BK=_tile(key_dim, tiles.output_keys), BV=value_block, KEY_SUMS=key_sums, IEEE=ieee,
+        num_warps=tiles.output_warps,
+    )
+    return (out, mass if key_sums else None, final if output_final_state else None,
+            final_sum if output_final_state and key_sums else None)
 
 
 def _mass_and_stride(scan: torch.Tensor, mass: torch.Tensor | None, dim: int) -> tuple[torch.Tensor, int]:
@@ -228,7 +268,7 @@ def _mass_and_stride(scan: torch.Tensor, mass: torch.Tensor | None, dim: int) ->
 def normalised_readout_triton(scan: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
     """A softmax-like readout: ``values / (normaliser + 1e-6)``, from a scan output [B, T, H, D + 1] whose last
     value column accumulated the normaliser, or from values [B, T, H, D] and the normaliser ``mass`` [B, T, H]
-    (``normaliser_triton``); returns [B, T, H * D] in the scan's dtype."""
+    (``gla_prefill_triton``'s); returns [B, T, H * D] in the scan's dtype."""
     batch, length, heads, width = scan.shape
     dim = width - (mass is None)
     scan = scan.contiguous()
@@ -323,7 +363,7 @@ def window_readout_triton(q: torch.Tensor, keys, values, valid, linear: torch.Te
         keys, values: (history [B, W, H, D] or None, new [B, T, H, D]); valid: (history [B, W] or None, new
             [B, T]), nonzero for real tokens. A missing history is the start of a sequence: no keys there.
         linear: [B, T, H, D + 1] (normalised: the normaliser in the last column) or [B, T, H, D] (the RMS
-            readout, or normalised by ``mass`` [B, T, H], ``normaliser_triton``'s).
+            readout, or normalised by ``mass`` [B, T, H], ``gla_prefill_triton``'s).
         window: W (``window_kernels_fit``). scale: multiplies the scores. offset: [H]. norm_weight: [H, D].
         early_linear: new token t's scan output is ``linear``'s row t - W (none before token W: zero), as a
             scan of ``lagged_queries_triton(..., early=True)``'s queries gives it.
@@ -513,49 +553,130 @@ if triton is not None:
         tl.store(out + offsets, tl.maximum(log_sigmoid, floor).to(out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _linear_recurrence(decay_a, sum_a, decay_b, sum_b):
-        # z -> decay * z + sum, composed: a first, then b.
-        return decay_a * decay_b, sum_a * decay_b + sum_b
+    def _dot(a, b, IEEE: tl.constexpr):
+        # IEEE: fp32 tiles multiplied exactly (the tests' fp32). Otherwise a takes b's dtype: bf16 products with
+        # values and states, as fla's kernels take them; TF32 for the scores, whose operands are fp32.
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(b.dtype), b)
 
     @triton.jit
-    def _normaliser_kernel(q, k, log_decay, initial, parts, final, T, n_rows, H: tl.constexpr, K: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr):
-        # One (sequence, head), BK key channels: z_t = exp(g_t) z_{t-1} + k_t, BT tokens at a time. Rows past T
-        # decay by 1 and add 0, so a block's last row is the running sum after its last token. Each block's loads
-        # are issued before the block ahead is scanned (a while loop is not pipelined by Triton, and the
-        # interpreter needs one: it takes compile-time range bounds only), so their latency overlaps that scan.
-        i_bh, i_k = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    def _chunk_decays_kernel(g, decays, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+        # One chunk of one (sequence, head), BK key channels: the log-decays summed from the chunk's start, fp32.
+        i_t, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
-        channels = i_k * BK + tl.arange(0, BK)
-        channel_ok = channels < K
-        rows = tl.arange(0, BT)
+        tokens, keys = i_t * BT + tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
+        ok = (tokens < T)[:, None] & (keys < K)[None, :]
+        p = ((i_b * T + tokens[:, None]) * H + i_h) * K + keys[None, :]
+        tl.store(decays + p, tl.cumsum(tl.load(g + p, mask=ok, other=0).to(tl.float32), axis=0), mask=ok)
+
+    @triton.jit
+    def _gla_chunk_states_kernel(k, v, decays, initial, initial_sum, states, sums, final, final_sum, T,
+                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                                 BK: tl.constexpr, BV: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                                 STORE_FINAL: tl.constexpr, KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
+        # One (sequence, head), a [BK, BV] tile of the state, through the chunks: stores the state entering each
+        # chunk (and, in the first value tile's programs, the key sum z entering it), then writes the chunk:
+        # S = exp(b_last) S + (k exp(b_last - b))^T v, with b the chunk's decays (_chunk_decays_kernel), read as
+        # [BK, BT] tiles (keys by rows, the product's natural operand). Rows past T write 0. A chunk's loads are
+        # issued before the chunk ahead is written (Triton does not pipeline a while loop, and the interpreter
+        # needs one for a bound known at run time).
+        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        keys, channels, rows = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+        key_ok, channel_ok = keys < K, channels < V
+        tile, tile_ok = keys[:, None] * V + channels[None, :], key_ok[:, None] & channel_ok[None, :]
+        z = tl.zeros([BK], tl.float32)
         if HAS_INITIAL:
-            z = tl.load(initial + i_bh * K + channels, mask=channel_ok, other=0)
+            state = tl.load(initial + i_bh * K * V + tile, mask=tile_ok, other=0)
+            if KEY_SUMS:
+                z = tl.load(initial_sum + i_bh * K + keys, mask=key_ok, other=0)
         else:
-            z = tl.zeros([BK], tl.float32)
-        ok = (rows < T)[:, None] & channel_ok[None, :]
-        p = ((i_b * T + rows[:, None]) * H + i_h) * K + channels[None, :]
-        next_g = tl.load(log_decay + p, mask=ok, other=0)
-        next_k = tl.load(k + p, mask=ok, other=0)
-        next_q = tl.load(q + p, mask=ok, other=0)
-        start = 0
-        while start < T:
-            decay, written, b_q = tl.exp(next_g.to(tl.float32)), next_k.to(tl.float32), next_q.to(tl.float32)
-            ahead = start + BT + rows
-            ok = (ahead < T)[:, None] & channel_ok[None, :]
-            p = ((i_b * T + ahead[:, None]) * H + i_h) * K + channels[None, :]
-            next_g = tl.load(log_decay + p, mask=ok, other=0)
-            next_k = tl.load(k + p, mask=ok, other=0)
-            next_q = tl.load(q + p, mask=ok, other=0)
-            decay_run, written_run = tl.associative_scan((decay, written), 0, _linear_recurrence)
-            sums = decay_run * z[None, :] + written_run
-            tokens = start + rows
-            tl.store(parts + i_k * n_rows + (i_b * T + tokens) * H + i_h, tl.sum(b_q * sums, axis=1),
-                     mask=tokens < T)
-            z = tl.sum(tl.where(rows[:, None] == BT - 1, sums, 0.0), axis=0)
-            start += BT
+            state = tl.zeros([BK, BV], tl.float32)
+        n_chunks = tl.cdiv(T, BT)
+        token_ok = rows < T
+        p_k = ((i_b * T + rows[None, :]) * H + i_h) * K + keys[:, None]
+        p_v = ((i_b * T + rows[:, None]) * H + i_h) * V + channels[None, :]
+        p_last = ((i_b * T + tl.minimum(BT, T) - 1) * H + i_h) * K + keys
+        next_k = tl.load(k + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
+        next_b = tl.load(decays + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
+        next_last = tl.load(decays + p_last, mask=key_ok, other=0)
+        next_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
+        chunk = 0
+        while chunk < n_chunks:
+            b_k, b_b, b_last, b_v = next_k, next_b, next_last, next_v
+            here = (i_b * n_chunks + chunk) * H + i_h
+            tl.store(states + here * K * V + tile, state.to(states.dtype.element_ty), mask=tile_ok)
+            if KEY_SUMS:
+                tl.store(sums + here * K + keys, z, mask=key_ok & (i_v == 0))
+            token_ok = (chunk + 1) * BT + rows < T
+            p_k += BT * H * K
+            p_v += BT * H * V
+            p_last = ((i_b * T + tl.minimum((chunk + 2) * BT, T) - 1) * H + i_h) * K + keys
+            next_k = tl.load(k + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
+            next_b = tl.load(decays + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
+            next_last = tl.load(decays + p_last, mask=key_ok, other=0)
+            next_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
+            written = b_k.to(tl.float32) * tl.exp(b_last[:, None] - b_b)
+            state = state * tl.exp(b_last)[:, None] + _dot(written, b_v, IEEE)
+            if KEY_SUMS:
+                z = z * tl.exp(b_last) + tl.sum(written, axis=1)
+            chunk += 1
         if STORE_FINAL:
-            tl.store(final + i_bh * K + channels, z, mask=channel_ok)
+            tl.store(final + i_bh * K * V + tile, state, mask=tile_ok)
+            if KEY_SUMS:
+                tl.store(final_sum + i_bh * K + keys, z, mask=key_ok & (i_v == 0))
+
+    @triton.jit
+    def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr, K: tl.constexpr,
+                                 V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                                 BV: tl.constexpr, KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
+        # One chunk of one (sequence, head), BV value channels: o = (q exp(b)) S + A v and mass = (q exp(b)) . z +
+        # rowsum(A), with S and z entering the chunk (_gla_chunk_states_kernel) and the causal scores
+        # A[i, j] = sum_c q[i,c] k[j,c] exp(b[i,c] - b[j,c]). A is built one block of BC keys at a time as one
+        # product, its decays split at a reference row m in the middle of the block: exp(b_i - m) exp(m - b_j).
+        # For a key in the block each factor spans at most BC/2 rows (<= 64 nats at the -8 floor: no overflow);
+        # a query after the block has b_i <= m (its factor <= 1, at worst underflowing where the true weight is
+        # below e^-40 anyway). Queries before the block, and keys after the query inside it, are masked.
+        i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_b, i_h = i_bh // H, i_bh % H
+        n_chunks = tl.cdiv(T, BT)
+        rows, channels = tl.arange(0, BT), i_v * BV + tl.arange(0, BV)
+        tokens, channel_ok = i_t * BT + rows, channels < V
+        token_ok = tokens < T
+        block = rows // BC
+        here = (i_b * n_chunks + i_t) * H + i_h
+        inter = tl.zeros([BT, BV], tl.float32)
+        scores = tl.zeros([BT, BT], tl.float32)
+        inter_mass = tl.zeros([BT], tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            keys = i_k * BK + tl.arange(0, BK)
+            key_ok = keys < K
+            ok = token_ok[:, None] & key_ok[None, :]
+            p = ((i_b * T + tokens[:, None]) * H + i_h) * K + keys[None, :]
+            b_q = tl.load(q + p, mask=ok, other=0).to(tl.float32) * scale
+            b_k = tl.load(k + p, mask=ok, other=0).to(tl.float32)
+            # Rows past T take the last token's decays (as if decayed by 1): the reference rows stay bounded.
+            decay = tl.load(decays + p + (tl.minimum(tokens, T - 1) - tokens)[:, None] * H * K, mask=key_ok[None, :],
+                            other=0)
+            b_s = tl.load(states + here * K * V + keys[:, None] * V + channels[None, :],
+                          mask=key_ok[:, None] & channel_ok[None, :], other=0)
+            reading = b_q * tl.exp(decay)
+            inter += _dot(reading, b_s, IEEE)
+            if KEY_SUMS:
+                inter_mass += tl.sum(reading * tl.load(sums + here * K + keys, mask=key_ok, other=0)[None, :], axis=1)
+            for c in tl.static_range(BT // BC):
+                middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
+                q_c = b_q * tl.exp(tl.where(block[:, None] >= c, decay - middle[None, :], float("-inf")))
+                k_c = b_k * tl.exp(tl.where(block[:, None] == c, middle[None, :] - decay, float("-inf")))
+                scores += _dot(q_c, tl.trans(k_c), IEEE)
+        scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
+        p_v = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
+        b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
+        tl.store(out + p_v, (inter + _dot(scores, b_v, IEEE)).to(out.dtype.element_ty),
+                 mask=token_ok[:, None] & channel_ok[None, :])
+        if KEY_SUMS and i_v == 0:
+            tl.store(mass + (i_b * T + tokens) * H + i_h, inter_mass + tl.sum(scores, axis=1), mask=token_ok)
 
     @triton.jit
     def _normalised_readout_kernel(scan, mass, out, n_rows, D: tl.constexpr, WIDTH: tl.constexpr,

@@ -77,6 +77,11 @@ LAUNCHES = textwrap.dedent("""
                                           ring=True)
             kernels.window_readout_triton(x[:, :1], *rings, linear[:, :1, :, :D], window, 0.125,
                                           norm_weight=torch.rand(H, D), ring=True)
+        features, decay = torch.rand(B, T, H, 2 * D, dtype=dtype), -torch.rand(B, T, H, 2 * D, dtype=dtype)
+        kernels.gla_prefill_triton(features, features, x, decay, 1.0, key_sums=True)
+        kernels.gla_prefill_triton(features, features, x, decay, 1.0, torch.zeros(B, H, 2 * D, D),
+                                   torch.zeros(B, H, 2 * D), output_final_state=True, key_sums=True)
+        kernels.gla_prefill_triton(features, features, x, decay, 1.0)
         step = torch.randn(B, 1, H, D, dtype=dtype)
         kernels.gla_step_triton(step, step, step, -torch.rand(B, 1, H, D, dtype=dtype), 0.125,
                                 torch.zeros(B, H, D, D))

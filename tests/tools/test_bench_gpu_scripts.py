@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_in_triton_interpreter
 
 from bench import attention, dtr_pass, hybrid_inference, hybrid_setup, hybrid_timing, student_cost, student_prefill
 
@@ -135,9 +136,29 @@ def test_student_prefill_times_each_kind_fused_and_unfused(tmp_path):
     assert [(row["batch"], row["tokens"]) for row in rows] == [(1, 64), (2, 64)]
     for row in rows:
         for kind in ("gla", "gated_deltanet"):
-            assert all(row["ms"][name] > 0 for name in (kind, f"{kind} unfused", f"{kind} host", f"{kind} scan"))
+            assert all(row["ms"][name] > 0 for name in (kind, f"{kind} unfused", f"{kind} host", f"{kind} scan",
+                                                        f"{kind} operator"))
             assert row["ms"][f"{kind} graph"] is None  # no CUDA graphs on the CPU
     assert "| 2 | 64 |" in out.read_text()
+
+
+GLA_SCAN_SMOKE = """
+import json, sys
+from bench import gla_scan
+gla_scan.main(["--smoke", "--shapes", "llama-1b", "--batches", "1", "2", "--profile", "3", "--out", sys.argv[1]])
+rows = json.load(open(sys.argv[1][:-3] + ".json"))["rows"]
+assert [(row["batch"], row["tokens"]) for row in rows] == [(1, 100), (2, 100)]
+assert all(row["output difference"] < 1e-5 and row["normaliser difference"] < 1e-5 for row in rows)
+assert all(set(row["ms"]) == {"fla with column", "fla without column", "ours"} for row in rows)
+print("gla scan smoke ok")
+"""
+
+
+@pytest.mark.integration
+def test_gla_scan_smoke_compares_the_scans_in_the_interpreter(tmp_path):
+    # Off CUDA "fla" is the chunked PyTorch form, and our kernels run in Triton's interpreter.
+    run_in_triton_interpreter(GLA_SCAN_SMOKE.replace("sys.argv[1]", repr(str(tmp_path / "gla_scan.md"))),
+                              "gla scan smoke ok")
 
 
 def test_hybrid_inference_prefills_a_batch(tmp_path):
