@@ -59,11 +59,12 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def sweep_configurations() -> list[kernels.ScanTiles]:
-    """The state kernel's tiles and warps, then the output kernel's (the other kernel at its default)."""
+def sweep_configurations() -> tuple[list[kernels.ScanTiles], list[kernels.ScanTiles]]:
+    """The state kernel's tiles, warps and segments, then the output kernel's (the other kernel at its default)."""
     default = kernels.ScanTiles()
     states = [default._replace(state_keys=keys, state_values=values, state_warps=warps)
-              for keys, values, warps in itertools.product((32, 64), (32, 64), (2, 4, 8))]
+              for keys, values, warps in itertools.product((32, 64), (32, 64), (4, 8))]
+    states += [default._replace(state_programs_per_sm=per_sm) for per_sm in (0, 1, 4, 8)]
     outputs = [default._replace(output_keys=keys, output_values=values, output_warps=warps)
                for keys, values, warps in itertools.product((32, 64), (64, 128), (4, 8))]
     return states, outputs

@@ -193,6 +193,9 @@ class ScanTiles(NamedTuple):
     output_keys: int = 32
     output_values: int = 128
     output_warps: int = 4
+    # A long prompt with few (sequence, head, tile) programs splits its chunks into segments that run in parallel,
+    # up to this many state programs per multiprocessor; a third kernel then carries each segment's start in.
+    state_programs_per_sm: int = 2
 
 
 def _tile(size: int, cap: int) -> int:
@@ -242,11 +245,29 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     decays = torch.empty(batch, length, heads, key_dim, dtype=torch.float32, device=device)
     _chunk_decays_kernel[(chunks, triton.cdiv(key_dim, _SCAN_CHUNK_KEYS), batch * heads)](
         g, decays, length, H=heads, K=key_dim, BT=_SCAN_CHUNK, BK=_SCAN_CHUNK_KEYS)
-    _gla_chunk_states_kernel[(triton.cdiv(key_dim, key_block), triton.cdiv(value_dim, value_block), batch * heads)](
-        k, v, decays, start, start_sum, states, sums, final, final_sum, length, H=heads, K=key_dim, V=value_dim,
-        BT=_SCAN_CHUNK, BK=key_block, BV=value_block, HAS_INITIAL=initial_state is not None,
-        STORE_FINAL=output_final_state, KEY_SUMS=key_sums, IEEE=ieee, num_warps=tiles.state_warps,
+    tile_grid = (triton.cdiv(key_dim, key_block), triton.cdiv(value_dim, value_block))
+    programs = tile_grid[0] * tile_grid[1] * batch * heads
+    segments = max(1, min(chunks, tiles.state_programs_per_sm * _multiprocessors(device) // programs))
+    segment_chunks = triton.cdiv(chunks, segments)
+    segments = triton.cdiv(chunks, segment_chunks)  # none left empty
+    # Each segment's state after its last chunk from a zero start (segment 0: from the initial state), its key sum,
+    # and its chunks' total log-decay per key.
+    carries = torch.empty(batch * heads * segments, key_dim, value_dim, dtype=torch.float32, device=device)
+    carry_sums = torch.empty(batch * heads * segments, key_dim, dtype=torch.float32, device=device)
+    totals = torch.empty_like(carry_sums)
+    _gla_chunk_states_kernel[(*tile_grid, batch * heads * segments)](
+        k, v, decays, start, start_sum, states, sums, carries, carry_sums, totals, length, segment_chunks, segments,
+        H=heads, K=key_dim, V=value_dim, BT=_SCAN_CHUNK, BK=key_block, BV=value_block,
+        HAS_INITIAL=initial_state is not None, KEY_SUMS=key_sums, IEEE=ieee, num_warps=tiles.state_warps,
     )
+    if segments > 1:
+        _gla_segment_starts_kernel[(*tile_grid, batch * heads * (segments - 1))](
+            states, sums, decays, carries, carry_sums, totals, final, final_sum, length, segment_chunks, segments,
+            H=heads, K=key_dim, V=value_dim, BT=_SCAN_CHUNK, BK=key_block, BV=value_block, KEY_SUMS=key_sums,
+            STORE_FINAL=output_final_state, num_warps=tiles.state_warps,
+        )
+    elif output_final_state:  # one segment: its carry is the final state
+        final, final_sum = carries.view(final.shape), carry_sums.view(batch, heads, key_dim)
     out = torch.empty_like(v, dtype=q.dtype)
     mass = torch.empty(batch, length, heads, dtype=torch.float32, device=device) if key_sums else out
     value_block = _tile(value_dim, tiles.output_values)
@@ -571,39 +592,44 @@ if triton is not None:
         tl.store(decays + p, tl.cumsum(tl.load(g + p, mask=ok, other=0).to(tl.float32), axis=0), mask=ok)
 
     @triton.jit
-    def _gla_chunk_states_kernel(k, v, decays, initial, initial_sum, states, sums, final, final_sum, T,
-                                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                                 BK: tl.constexpr, BV: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                                 STORE_FINAL: tl.constexpr, KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
-        # One (sequence, head), a [BK, BV] tile of the state, through the chunks: stores the state entering each
-        # chunk (and, in the first value tile's programs, the key sum z entering it), then writes the chunk:
-        # S = exp(b_last) S + (k exp(b_last - b))^T v, with b the chunk's decays (_chunk_decays_kernel), read as
-        # [BK, BT] tiles (keys by rows, the product's natural operand). Rows past T write 0. A chunk's loads are
+    def _gla_chunk_states_kernel(k, v, decays, initial, initial_sum, states, sums, carries, carry_sums, totals, T,
+                                 SEGMENT_CHUNKS, SEGMENTS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INITIAL: tl.constexpr,
+                                 KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
+        # One (sequence, head), a [BK, BV] tile of the state, through one segment's chunks from a zero state
+        # (segment 0: from the initial state): stores the state entering each chunk (and, in the first value
+        # tile's programs, the key sum z entering it), then writes the chunk: S = exp(b_last) S +
+        # (k exp(b_last - b))^T v, with b the chunk's decays (_chunk_decays_kernel), read as [BK, BT] tiles (keys
+        # by rows, the product's natural operand). Rows past T write 0. At the segment's end: its state, z and
+        # total log-decay (_gla_segment_starts_kernel carries them into the next segments). A chunk's loads are
         # issued before the chunk ahead is written (Triton does not pipeline a while loop, and the interpreter
         # needs one for a bound known at run time).
-        i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_k, i_v, i_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_bh, i_s = i_bhs // SEGMENTS, i_bhs % SEGMENTS
         i_b, i_h = i_bh // H, i_bh % H
         keys, channels, rows = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
         key_ok, channel_ok = keys < K, channels < V
         tile, tile_ok = keys[:, None] * V + channels[None, :], key_ok[:, None] & channel_ok[None, :]
         z = tl.zeros([BK], tl.float32)
+        total = tl.zeros([BK], tl.float32)
+        state = tl.zeros([BK, BV], tl.float32)
         if HAS_INITIAL:
-            state = tl.load(initial + i_bh * K * V + tile, mask=tile_ok, other=0)
+            first = (i_s == 0).to(tl.float32)  # only segment 0 starts from the initial state
+            state = tl.load(initial + i_bh * K * V + tile, mask=tile_ok, other=0) * first
             if KEY_SUMS:
-                z = tl.load(initial_sum + i_bh * K + keys, mask=key_ok, other=0)
-        else:
-            state = tl.zeros([BK, BV], tl.float32)
+                z = tl.load(initial_sum + i_bh * K + keys, mask=key_ok, other=0) * first
         n_chunks = tl.cdiv(T, BT)
-        token_ok = rows < T
-        p_k = ((i_b * T + rows[None, :]) * H + i_h) * K + keys[:, None]
-        p_v = ((i_b * T + rows[:, None]) * H + i_h) * V + channels[None, :]
-        p_last = ((i_b * T + tl.minimum(BT, T) - 1) * H + i_h) * K + keys
+        chunk = i_s * SEGMENT_CHUNKS
+        end = tl.minimum(chunk + SEGMENT_CHUNKS, n_chunks)
+        token_ok = chunk * BT + rows < T
+        p_k = ((i_b * T + chunk * BT + rows[None, :]) * H + i_h) * K + keys[:, None]
+        p_v = ((i_b * T + chunk * BT + rows[:, None]) * H + i_h) * V + channels[None, :]
+        p_last = ((i_b * T + tl.minimum((chunk + 1) * BT, T) - 1) * H + i_h) * K + keys
         next_k = tl.load(k + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
         next_b = tl.load(decays + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
         next_last = tl.load(decays + p_last, mask=key_ok, other=0)
         next_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
-        chunk = 0
-        while chunk < n_chunks:
+        while chunk < end:
             b_k, b_b, b_last, b_v = next_k, next_b, next_last, next_v
             here = (i_b * n_chunks + chunk) * H + i_h
             tl.store(states + here * K * V + tile, state.to(states.dtype.element_ty), mask=tile_ok)
@@ -621,11 +647,64 @@ if triton is not None:
             state = state * tl.exp(b_last)[:, None] + _dot(written, b_v, IEEE)
             if KEY_SUMS:
                 z = z * tl.exp(b_last) + tl.sum(written, axis=1)
+            total += b_last
+            chunk += 1
+        tl.store(carries + i_bhs * K * V + tile, state, mask=tile_ok)
+        tl.store(totals + i_bhs * K + keys, total, mask=key_ok & (i_v == 0))
+        if KEY_SUMS:
+            tl.store(carry_sums + i_bhs * K + keys, z, mask=key_ok & (i_v == 0))
+
+    @triton.jit
+    def _gla_segment_starts_kernel(states, sums, decays, carries, carry_sums, totals, final, final_sum, T,
+                                   SEGMENT_CHUNKS, SEGMENTS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY_SUMS: tl.constexpr,
+                                   STORE_FINAL: tl.constexpr):
+        # One (sequence, head), a [BK, BV] tile, one segment after the first: the state C entering the segment,
+        # folded from the earlier segments' carries (C = exp(total) C + carry), added to the state (and z) stored
+        # for each of its chunks, decayed from the segment's start to the chunk's; the last segment also writes the
+        # final state, its carry plus C decayed through it.
+        i_k, i_v, i_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        i_bh, i_s = i_bhs // (SEGMENTS - 1), i_bhs % (SEGMENTS - 1) + 1
+        i_b, i_h = i_bh // H, i_bh % H
+        keys, channels = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+        key_ok, channel_ok = keys < K, channels < V
+        tile, tile_ok = keys[:, None] * V + channels[None, :], key_ok[:, None] & channel_ok[None, :]
+        sums_ok = key_ok & (i_v == 0)
+        carry = tl.zeros([BK, BV], tl.float32)
+        carry_z = tl.zeros([BK], tl.float32)
+        earlier = 0
+        while earlier < i_s:
+            decay = tl.exp(tl.load(totals + (i_bh * SEGMENTS + earlier) * K + keys, mask=key_ok, other=0))
+            carry = carry * decay[:, None] + tl.load(carries + (i_bh * SEGMENTS + earlier) * K * V + tile,
+                                                     mask=tile_ok, other=0)
+            if KEY_SUMS:
+                carry_z = carry_z * decay + tl.load(carry_sums + (i_bh * SEGMENTS + earlier) * K + keys,
+                                                    mask=key_ok, other=0)
+            earlier += 1
+        n_chunks = tl.cdiv(T, BT)
+        chunk = i_s * SEGMENT_CHUNKS
+        end = tl.minimum(chunk + SEGMENT_CHUNKS, n_chunks)
+        decayed = tl.zeros([BK], tl.float32)  # log-decay from the segment's start to the chunk's
+        while chunk < end:
+            here = (i_b * n_chunks + chunk) * H + i_h
+            scale = tl.exp(decayed)
+            p_state = states + here * K * V + tile
+            tl.store(p_state, (tl.load(p_state, mask=tile_ok, other=0).to(tl.float32) + scale[:, None] * carry)
+                     .to(states.dtype.element_ty), mask=tile_ok)
+            if KEY_SUMS:
+                tl.store(sums + here * K + keys, tl.load(sums + here * K + keys, mask=sums_ok, other=0)
+                         + scale * carry_z, mask=sums_ok)
+            last = tl.minimum((chunk + 1) * BT, T) - 1
+            decayed += tl.load(decays + ((i_b * T + last) * H + i_h) * K + keys, mask=key_ok, other=0)
             chunk += 1
         if STORE_FINAL:
-            tl.store(final + i_bh * K * V + tile, state, mask=tile_ok)
-            if KEY_SUMS:
-                tl.store(final_sum + i_bh * K + keys, z, mask=key_ok & (i_v == 0))
+            if i_s == SEGMENTS - 1:  # decayed: now the segment's total
+                own = i_bh * SEGMENTS + i_s
+                tl.store(final + i_bh * K * V + tile, tl.load(carries + own * K * V + tile, mask=tile_ok, other=0)
+                         + tl.exp(decayed)[:, None] * carry, mask=tile_ok)
+                if KEY_SUMS:
+                    tl.store(final_sum + i_bh * K + keys, tl.load(carry_sums + own * K + keys, mask=sums_ok, other=0)
+                             + tl.exp(decayed) * carry_z, mask=sums_ok)
 
     @triton.jit
     def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr, K: tl.constexpr,

@@ -80,7 +80,8 @@ LAUNCHES = textwrap.dedent("""
         features, decay = torch.rand(B, T, H, 2 * D, dtype=dtype), -torch.rand(B, T, H, 2 * D, dtype=dtype)
         kernels.gla_prefill_triton(features, features, x, decay, 1.0, key_sums=True)
         kernels.gla_prefill_triton(features, features, x, decay, 1.0, torch.zeros(B, H, 2 * D, D),
-                                   torch.zeros(B, H, 2 * D), output_final_state=True, key_sums=True)
+                                   torch.zeros(B, H, 2 * D), output_final_state=True, key_sums=True,
+                                   tiles=kernels.ScanTiles(state_programs_per_sm=64))  # in segments
         kernels.gla_prefill_triton(features, features, x, decay, 1.0)
         step = torch.randn(B, 1, H, D, dtype=dtype)
         kernels.gla_step_triton(step, step, step, -torch.rand(B, 1, H, D, dtype=dtype), 0.125,
