@@ -195,7 +195,7 @@ class ScanTiles(NamedTuple):
     output_warps: int = 4
     # A long prompt with few (sequence, head, tile) programs splits its chunks into segments that run in parallel,
     # up to this many state programs per multiprocessor; a third kernel then carries each segment's start in.
-    state_programs_per_sm: int = 2
+    state_programs_per_sm: int = 4
 
 
 def _tile(size: int, cap: int) -> int:
