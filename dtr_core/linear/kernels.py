@@ -8,8 +8,8 @@ A student's prefill (issue 15): its feature map, its log-decays and its readout,
 PyTorch ran 3-7 (a GLA student layer at 2K-8K tokens spent more GPU time in ~30 small PyTorch kernels
 than in its scan; BENCHMARKS.md). ``base.LinearAttentionStudent`` calls them on inference calls. A sliding
 window's own steps (rotary positions, lagged queries, the window's attention joined to the scan's readout,
-over a static decoder's ring histories too) and, for large batches, a GLA scan's normaliser apart from its
-values are kernels as well.
+over a static decoder's ring histories too) and GLA's whole scan, with its normaliser beside its values
+(``gla_prefill_triton``), are kernels as well.
 
 The PyTorch forms they must agree with live beside their callers (``gla.gla_step_``,
 ``gated_deltanet.gated_delta_step_``, ``decoding.decode_attention``, ``feature_maps.hedgehog``,
@@ -182,11 +182,12 @@ _SCAN_CHUNK_KEYS = 32  # key channels per program of the chunk decays' kernel
 
 
 class ScanTiles(NamedTuple):
-    """The launch configuration of ``gla_prefill_triton``'s two main kernels: the state kernel's [keys, values]
-    tile per program, the output kernel's key channels per step and value channels per program, and the warps of
-    each. The defaults are the fastest of ``python -m bench.gla_scan --sweep`` on an H200 at Qwen2.5-1.5B's shape
-    (batch 1 and 8, 2K and 8K tokens; at Llama-3.2-1B's, within 12% of its fastest: BENCHMARKS.md, issue 15,
-    tenth session). Two warps spill: 5-9x slower."""
+    """The launch configuration of ``gla_prefill_triton``'s state and output kernels: the state kernel's [keys,
+    values] tile per program, the output kernel's key channels per step and value channels per program, the warps of
+    each, and how far a prompt's chunks split into segments. The fastest of ``python -m bench.gla_scan --sweep`` on an
+    H200 (BENCHMARKS.md, issue 15, tenth session): the tiles at Qwen2.5-1.5B's shape, batch 1 and 8, 2K and 8K
+    tokens (at Llama-3.2-1B's within 12% of its fastest); the segments at Llama's batch 1 x 8K (they changed batch 1
+    by 5-9% at most). Two warps spill: 5-9x slower."""
     state_keys: int = 64
     state_values: int = 64
     state_warps: int = 8
@@ -207,15 +208,18 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
                        initial_state: torch.Tensor | None = None, initial_key_sum: torch.Tensor | None = None,
                        output_final_state: bool = False, key_sums: bool = False,
                        tiles: ScanTiles = ScanTiles()) -> tuple:
-    """GLA's chunkwise scan for inference (``gla.gla``'s contract, no gradient), in two kernels, and with
-    ``key_sums`` the normaliser a softmax-like readout needs: what an all-ones value column would accumulate,
-    ``mass_t = q_t . z_t`` with ``z_t`` the decayed sum of keys, without widening the values.
+    """GLA's chunkwise scan for inference (``gla.gla``'s contract, no gradient), and with ``key_sums`` the normaliser
+    a softmax-like readout needs: what an all-ones value column would accumulate, ``mass_t = q_t . z_t`` with
+    ``z_t`` the decayed sum of keys, without widening the values.
 
-    fla's ``chunk_gla`` takes five kernels and keeps the chunk's decays in fp32 in memory; with hedgehog features
-    (K = 2 x the head size) its intra-chunk scores, built in 16 x 16 tiles by three of them, were half its time
-    on an H200 (BENCHMARKS.md, issue 15, ninth session). Here one kernel walks the chunks of a (sequence, head)
-    and stores the state (and z) entering each (``_gla_chunk_states_kernel``), and one program per (chunk, head)
-    computes the chunk's decays, its scores, its output and its mass in registers (``_gla_chunk_output_kernel``).
+    fla's ``chunk_gla`` takes six kernels; with hedgehog features (K = 2 x the head size) its intra-chunk scores,
+    built in 16 x 16 tiles by three of them that read q, k and the decays again for every tile, were half its time on
+    an H200 (BENCHMARKS.md, issue 15, ninth session). Here one kernel sums each chunk's log-decays
+    (``_chunk_decays_kernel``: summing across a tile's threads inside the other two cost more than reading these
+    back), one walks the chunks of a (sequence, head) and stores the state (and z) entering each
+    (``_gla_chunk_states_kernel``; a prompt with few such programs in parallel segments, joined by
+    ``_gla_segment_starts_kernel``), and one program per (chunk, head) computes the chunk's scores, its output and
+    its mass in registers (``_gla_chunk_output_kernel``).
 
     Args:
         q, k, g: [B, T, H, K], g a log-decay in [-8, 0] (``base.LOG_DECAY_FLOOR``: the scores' exponents are
@@ -711,7 +715,7 @@ if triton is not None:
                                  V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                                  BV: tl.constexpr, KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
         # One chunk of one (sequence, head), BV value channels: o = (q exp(b)) S + A v and mass = (q exp(b)) . z +
-        # rowsum(A), with S and z entering the chunk (_gla_chunk_states_kernel) and the causal scores
+        # rowsum(A), with b the chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
         # A[i, j] = sum_c q[i,c] k[j,c] exp(b[i,c] - b[j,c]). A is built one block of BC keys at a time as one
         # product, its decays split at a reference row m in the middle of the block: exp(b_i - m) exp(m - b_j).
         # For a key in the block each factor spans at most BC/2 rows (<= 64 nats at the -8 floor: no overflow);
