@@ -229,10 +229,8 @@ def test_prefill_kernels_on_cuda_match_pytorch_in_bf16(options):
     exact = run("torch", torch.float32)
     assert student._fused(hidden) is False  # grad mode on: never the fused path
     unfused = run("torch", torch.bfloat16)
-    for mode in ("auto", "triton"):
-        fused = run(mode, torch.bfloat16)
-        error = rel_err(fused, exact)
-        assert error <= bf16_bound(unfused, exact), (mode, error, rel_err(unfused, exact))
+    fused = run("auto", torch.bfloat16)  # CUDA without gradients: the kernels, GLA's scan among them
+    assert rel_err(fused, exact) <= bf16_bound(unfused, exact), (rel_err(fused, exact), rel_err(unfused, exact))
 
 
 @pytest.mark.gpu
