@@ -55,8 +55,13 @@ def build_model(name: str, *, device, dtype: torch.dtype, attn_implementation: s
     return model.to(dtype).eval()
 
 
+def attention_head_dim(config) -> int:
+    """The width of one attention head of a transformers ``config``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def describe_attention(config) -> str:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = attention_head_dim(config)
     return (f"hidden {config.hidden_size}, {config.num_attention_heads} heads x {head_dim}, "
             f"{config.num_key_value_heads} KV heads")
 

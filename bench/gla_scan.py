@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from bench.common import (
     ARCHITECTURES,
+    attention_head_dim,
     cell,
     command_line,
     default_device,
@@ -71,11 +72,9 @@ def sweep_configurations() -> tuple[list[kernels.ScanTiles], list[kernels.ScanTi
 
 
 def measure(shape: str, batch: int, length: int, repeats: int, device, dtype, sweep: bool, profile: int) -> dict:
-    dims = ARCHITECTURES[shape][2]
-    heads, head_dim = dims["num_attention_heads"], dims.get("head_dim") or dims["hidden_size"] // dims[
-        "num_attention_heads"]
-    if not is_cuda(device):  # --smoke
-        heads, head_dim = 2, 16
+    config_cls, _, dims = ARCHITECTURES[shape]
+    config = config_cls(**dims)
+    heads, head_dim = (config.num_attention_heads, attention_head_dim(config)) if is_cuda(device) else (2, 16)  # smoke
     q, k, v, g = scan_inputs(batch, length, heads, head_dim, device, dtype)
     row = {"shape": shape, "batch": batch, "tokens": length, "ms": {}}
     with torch.inference_mode():
