@@ -61,11 +61,13 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sweep_configurations() -> tuple[list[kernels.ScanTiles], list[kernels.ScanTiles]]:
-    """The state kernel's tiles, warps and segments, then the output kernel's (the other kernel at its default)."""
+    """The state kernel's tiles, warps, segments and pipeline depths, then the output kernel's (the other kernel at its
+    default)."""
     default = kernels.ScanTiles()
     states = [default._replace(state_keys=keys, state_values=values, state_warps=warps)
-              for keys, values, warps in itertools.product((32, 64), (32, 64), (4, 8))]
+              for keys, values, warps in itertools.product((32, 64), (64, 128), (4, 8))]
     states += [default._replace(state_programs_per_sm=per_sm) for per_sm in (0, 1, 4, 8)]
+    states += [default._replace(state_stages=stages, segmented_state_stages=stages) for stages in (1, 2, 3, 4)]
     outputs = [default._replace(output_keys=keys, output_values=values, output_warps=warps)
                for keys, values, warps in itertools.product((32, 64), (64, 128), (4, 8))]
     return states, outputs
@@ -100,8 +102,8 @@ def measure(shape: str, batch: int, length: int, repeats: int, device, dtype, sw
             timed = {tiles: median_ms(lambda: ours(tiles), repeats, device) for tiles in states}
             best_states = min(timed, key=timed.get)
             for tiles in outputs:
-                tiles = tiles._replace(state_keys=best_states.state_keys, state_values=best_states.state_values,
-                                       state_warps=best_states.state_warps)
+                tiles = tiles._replace(**{name: getattr(best_states, name) for name in kernels.ScanTiles._fields
+                                          if name.startswith(("state_", "segmented_"))})
                 timed[tiles] = median_ms(lambda: ours(tiles), repeats, device)
             ranked = sorted(timed, key=timed.get)
             row["sweep"] = [{"tiles": tiles._asdict(), "ms": timed[tiles]} for tiles in ranked]

@@ -52,8 +52,8 @@ def pytest_collection_modifyitems(config, items):
 
 def run_in_triton_interpreter(script: str, done_line: str) -> None:
     """Run ``script`` in a fresh Python with TRITON_INTERPRET=1 (read at Triton's import: hence the subprocess), from
-    the repository root, and require that it prints ``done_line``."""
-    run_triton_script(script, done_line, {"TRITON_INTERPRET": "1"})
+    the repository root, and require that it prints ``done_line``. The script runs after ``triton_interpreter_fix``."""
+    run_triton_script("import triton_interpreter_fix\n" + script, done_line, {"TRITON_INTERPRET": "1"})
 
 
 def run_triton_script(script: str, done_line: str, env: dict[str, str]) -> None:

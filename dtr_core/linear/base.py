@@ -167,7 +167,8 @@ class LinearAttentionStudent(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         # Query heads per key/value head: above 1, each group of query heads shares one K/V projection, as in a
         # GQA teacher (its projections cost what the teacher's do); the keys and values are repeated per query
-        # head right after the projections, so everything after them sees one K/V head per query head.
+        # head right after the projections, so everything after them sees one K/V head per query head, except on
+        # the kernels that read the shared heads themselves (``_kernels_share_kv``).
         self.kv_groups = num_heads // kv_heads
         self.chunk_size, self.backend = chunk_size, backend
         # Position in the layer stack, set when the student is installed: names its cache slot.
@@ -327,7 +328,8 @@ class LinearAttentionStudent(nn.Module):
 
     def _features(self, x: torch.Tensor, fused: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, H, D] → [B, T, H, key_dim]: the feature map, L2-normalised if ``normalised_features``, and
-        zero where ``valid`` [B, T] is False (a zero key writes nothing, so padding never reaches real tokens)."""
+        zero where ``valid`` [B, T] is False (a zero key writes nothing, so padding never reaches real tokens).
+        ``fused`` hedgehog features also take shared K heads [B, T, H_kv, D] (``kernels.hedgehog_triton``)."""
         if fused and self.feature_map == "hedgehog":
             return kernels.hedgehog_triton(x, self.feature_weight, valid, self.normalised_features)
         features = x if self.feature_map == "identity" else hedgehog(x, self.feature_weight)
@@ -411,7 +413,8 @@ class LinearAttentionStudent(nn.Module):
         else:
             valid = key_padding_mask(attention_mask, length)
             fused = self._fused(hidden_states)
-            q, k, v, gates = self._scan_inputs(hidden_states, self._projections(hidden_states), valid, layer)
+            projections = self._projections(hidden_states, repeat=not self._kernels_share_kv(fused, length, layer))
+            q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer)
             out, mass = self._causal_scan(q, k, v, gates, layer, fused)
             if not self.causal:
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
@@ -461,10 +464,21 @@ class LinearAttentionStudent(nn.Module):
         """The RMS-normalised readout of a scan's output [B, T, H, D]."""
         return out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.out_norm_weight
 
-    def _projections(self, hidden_states):
-        """The q/k/v projections [B, T, H*D] (shared K/V heads repeated for their query heads)."""
-        return self.q_proj(hidden_states), self._per_query_head(self.k_proj(hidden_states)), \
-            self._per_query_head(self.v_proj(hidden_states))
+    def _projections(self, hidden_states, repeat: bool = True):
+        """The q/k/v projections [B, T, H*D]: shared K/V heads repeated for their query heads, or with ``repeat``
+        False as they are ([B, T, H_kv*D])."""
+        k, v = self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if repeat:
+            k, v = self._per_query_head(k), self._per_query_head(v)
+        return self.q_proj(hidden_states), k, v
+
+    def _kernels_share_kv(self, fused: bool, length: int, layer) -> bool:
+        """Whether a call without a window reads shared K/V heads where they lie: the feature-map kernel and the
+        mechanism's ``_kernel_scan`` take them, so a prompt on the fused kernels skips the repeat copies (at
+        Qwen2.5-1.5B's shape 5% of a GLA layer at 8K tokens, BENCHMARKS.md issue 15). Short convolutions run per
+        query head, and the other scans take one K/V head per query head."""
+        return (self.kv_groups > 1 and fused and self.causal and self._kernel_scan is not None and length > 1
+                and self.feature_map == "hedgehog" and not self.short_conv and not (layer is not None and layer.in_place))
 
     def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
         """A K or V projection [B, T, H_kv*D] → [B, T, H*D], each K/V head repeated for the query heads of its group
@@ -478,17 +492,16 @@ class LinearAttentionStudent(nn.Module):
     def _scan_inputs(self, hidden_states, projections, valid, layer):
         """(q, k, v, gates) as the scan reads them (v without ``_value_columns``' normaliser column): the
         ``projections`` through the short convolutions, feature map and gates; padding keys (``valid`` False)
-        zeroed, one dtype."""
+        zeroed, one dtype. k and v keep the projections' heads (``_kernels_share_kv``); features are per query head."""
         batch, length, _ = hidden_states.shape
-        shape = (batch, length, self.num_heads, self.head_dim)
         fused = self._fused(hidden_states)
         q, k, v = projections
         if self.short_conv:
             if valid is not None:  # padding's projections must not leak into real tokens' convolutions
                 q, k, v = (x * valid[:, :, None].to(x.dtype) for x in (q, k, v))
             q, k, v = (self._convolved(x, name, layer) for x, name in ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
-        q, k = self._features(q.view(shape), fused), self._features(k.view(shape), fused, valid)
-        v = v.view(shape)
+        q, k, v = (x.view(batch, length, -1, self.head_dim) for x in (q, k, v))
+        q, k = self._features(q, fused), self._features(k, fused, valid)
         gates = self._gates(hidden_states, fused)
         # One dtype for every kernel input: under autocast the projections come out in bf16 but
         # softmax features, normalised q/k and gates in fp32, and fla's kernels need them to agree.

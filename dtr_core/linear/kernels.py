@@ -151,19 +151,24 @@ def hedgehog_triton(x: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor |
     ``F.normalize``) and zeroed where ``valid`` is False.
 
     Args:
-        x: [B, T, H, D], each token's H*D values contiguous. weight: [H, D, D]. valid: bool [B, T] or None.
+        x: [B, T, H_x, D], each token's H_x*D values contiguous, H_x dividing H: head h's features are of x's head
+            h // (H / H_x) (a GQA teacher's shared key heads, read where they lie instead of repeated).
+        weight: [H, D, D]. valid: bool [B, T] or None.
 
     Returns:
         [B, T, H, 2D] in x's dtype (computed in fp32).
     """
-    batch, length, heads, dim = x.shape
+    batch, length, input_heads, dim = x.shape
+    heads = weight.shape[0]
+    if heads % input_heads:
+        raise ValueError(f"x has {input_heads} heads: they must divide the feature map's {heads}")
     rows = _token_rows(x)
     out = torch.empty(batch, length, heads, 2 * dim, dtype=x.dtype, device=x.device)
     keep = rows if valid is None else valid.reshape(-1).to(torch.uint8)  # without a mask the pointer is unread
     _hedgehog_kernel[(triton.cdiv(batch * length, _FEATURE_ROWS), heads)](
         rows, weight.to(x.dtype).contiguous(), keep, out, batch * length, rows.stride(0),
-        H=heads, D=dim, BLOCK_T=_FEATURE_ROWS, HAS_VALID=valid is not None, L2=l2_normalise,
-        IEEE=x.dtype == torch.float32,
+        H=heads, GROUP=heads // input_heads, D=dim, BLOCK_T=_FEATURE_ROWS, HAS_VALID=valid is not None,
+        L2=l2_normalise, IEEE=x.dtype == torch.float32,
     )
     return out
 
@@ -189,8 +194,12 @@ class ScanTiles(NamedTuple):
     tokens (at Llama-3.2-1B's within 12% of its fastest); the segments at Llama's batch 1 x 8K (they changed batch 1
     by 5-9% at most). Two warps spill: 5-9x slower."""
     state_keys: int = 64
-    state_values: int = 64
-    state_warps: int = 8
+    state_values: int = 128
+    state_warps: int = 4
+    # How deep the state kernel's loop over chunks is pipelined: with segments each program walks few chunks, and a
+    # shallower pipeline fills sooner.
+    state_stages: int = 3
+    segmented_state_stages: int = 2
     output_keys: int = 32
     output_values: int = 128
     output_warps: int = 4
@@ -223,7 +232,8 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
 
     Args:
         q, k, g: [B, T, H, K], g a log-decay in [-8, 0] (``base.LOG_DECAY_FLOOR``: the scores' exponents are
-            bounded by 8 rows of it). v: [B, T, H, V]. scale: multiplies q.
+            bounded by 8 rows of it). v: [B, T, H_v, V], H_v dividing H: query head h reads value head
+            h // (H / H_v) (a GQA teacher's shared heads, read where they lie instead of repeated). scale: multiplies q.
         initial_state: fp32 [B, H, K, V] or None (zeros); initial_key_sum: fp32 [B, H, K] or None (zeros).
         output_final_state: also return the state (and z) after the last token.
         key_sums: also compute the mass and z.
@@ -233,7 +243,9 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     final z fp32 [B, H, K] or None).
     """
     batch, length, heads, key_dim = q.shape
-    value_dim = v.shape[-1]
+    value_heads, value_dim = v.shape[-2:]
+    if heads % value_heads:
+        raise ValueError(f"v has {value_heads} heads: they must divide q's {heads}")
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     chunks = triton.cdiv(length, _SCAN_CHUNK)
     device, ieee = q.device, q.dtype == torch.float32
@@ -261,8 +273,9 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     totals = torch.empty_like(carry_sums)
     _gla_chunk_states_kernel[(*tile_grid, batch * heads * segments)](
         k, v, decays, start, start_sum, states, sums, carries, carry_sums, totals, length, segment_chunks, segments,
-        H=heads, K=key_dim, V=value_dim, BT=_SCAN_CHUNK, BK=key_block, BV=value_block,
+        H=heads, HV=value_heads, K=key_dim, V=value_dim, BT=_SCAN_CHUNK, BK=key_block, BV=value_block,
         HAS_INITIAL=initial_state is not None, KEY_SUMS=key_sums, IEEE=ieee, num_warps=tiles.state_warps,
+        STAGES=tiles.state_stages if segments == 1 else tiles.segmented_state_stages,
     )
     if segments > 1:
         _gla_segment_starts_kernel[(*tile_grid, batch * heads * (segments - 1))](
@@ -272,13 +285,13 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         )
     elif output_final_state:  # one segment: its carry is the final state
         final, final_sum = carries.view(final.shape), carry_sums.view(batch, heads, key_dim)
-    out = torch.empty_like(v, dtype=q.dtype)
+    out = torch.empty(batch, length, heads, value_dim, dtype=q.dtype, device=device)
     mass = torch.empty(batch, length, heads, dtype=torch.float32, device=device) if key_sums else out
     value_block = _tile(value_dim, tiles.output_values)
     _gla_chunk_output_kernel[(chunks, triton.cdiv(value_dim, value_block), batch * heads)](
-        q, k, v, decays, states, sums, out, mass, scale, length, H=heads, K=key_dim, V=value_dim, BT=_SCAN_CHUNK,
-        BC=_SCAN_BLOCK, BK=_tile(key_dim, tiles.output_keys), BV=value_block, KEY_SUMS=key_sums, IEEE=ieee,
-        num_warps=tiles.output_warps,
+        q, k, v, decays, states, sums, out, mass, scale, length, H=heads, HV=value_heads, K=key_dim, V=value_dim,
+        BT=_SCAN_CHUNK, BC=_SCAN_BLOCK, BK=_tile(key_dim, tiles.output_keys), BV=value_block, KEY_SUMS=key_sums,
+        IEEE=ieee, num_warps=tiles.output_warps,
     )
     return (out, mass if key_sums else None, final if output_final_state else None,
             final_sum if output_final_state and key_sums else None)
@@ -540,14 +553,16 @@ if triton is not None:
         tl.store(out + i_bh * DIM + dims, result.to(out.dtype.element_ty))
 
     @triton.jit
-    def _hedgehog_kernel(x, w, valid, out, n_rows, x_row_stride, H: tl.constexpr, D: tl.constexpr,
-                         BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, L2: tl.constexpr, IEEE: tl.constexpr):
-        # BLOCK_T tokens of one head: p = x W, features [softmax(p), softmax(-p)] (2D wide), all in fp32.
+    def _hedgehog_kernel(x, w, valid, out, n_rows, x_row_stride, H: tl.constexpr, GROUP: tl.constexpr,
+                         D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, L2: tl.constexpr,
+                         IEEE: tl.constexpr):
+        # BLOCK_T tokens of one head (of x's head i_h // GROUP): p = x W, features [softmax(p), softmax(-p)] (2D
+        # wide), all in fp32.
         i_t, i_h = tl.program_id(0), tl.program_id(1)
         rows = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
         dims = tl.arange(0, D)
         row_ok = rows < n_rows
-        b_x = tl.load(x + rows[:, None].to(tl.int64) * x_row_stride + i_h * D + dims[None, :],
+        b_x = tl.load(x + rows[:, None].to(tl.int64) * x_row_stride + i_h // GROUP * D + dims[None, :],
                       mask=row_ok[:, None], other=0)
         b_w = tl.load(w + i_h * D * D + dims[:, None] * D + dims[None, :])
         if IEEE:  # fp32 inputs: no TF32 rounding, so the kernel agrees with PyTorch's fp32 einsum
@@ -597,17 +612,17 @@ if triton is not None:
 
     @triton.jit
     def _gla_chunk_states_kernel(k, v, decays, initial, initial_sum, states, sums, carries, carry_sums, totals, T,
-                                 SEGMENT_CHUNKS, SEGMENTS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                                 KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
+                                 SEGMENT_CHUNKS, SEGMENTS, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                                 V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                                 HAS_INITIAL: tl.constexpr, KEY_SUMS: tl.constexpr, IEEE: tl.constexpr,
+                                 STAGES: tl.constexpr):
         # One (sequence, head), a [BK, BV] tile of the state, through one segment's chunks from a zero state
         # (segment 0: from the initial state): stores the state entering each chunk (and, in the first value
         # tile's programs, the key sum z entering it), then writes the chunk: S = exp(b_last) S +
         # (k exp(b_last - b))^T v, with b the chunk's decays (_chunk_decays_kernel), read as [BK, BT] tiles (keys
         # by rows, the product's natural operand). Rows past T write 0. At the segment's end: its state, z and
-        # total log-decay (_gla_segment_starts_kernel carries them into the next segments). A chunk's loads are
-        # issued before the chunk ahead is written (Triton does not pipeline a while loop, and the interpreter
-        # needs one for a bound known at run time).
+        # total log-decay (_gla_segment_starts_kernel carries them into the next segments). The loop over chunks is
+        # software-pipelined STAGES deep: the next chunks' loads are in flight while this one is written.
         i_k, i_v, i_bhs = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         i_bh, i_s = i_bhs // SEGMENTS, i_bhs % SEGMENTS
         i_b, i_h = i_bh // H, i_bh % H
@@ -623,36 +638,25 @@ if triton is not None:
             if KEY_SUMS:
                 z = tl.load(initial_sum + i_bh * K + keys, mask=key_ok, other=0) * first
         n_chunks = tl.cdiv(T, BT)
-        chunk = i_s * SEGMENT_CHUNKS
-        end = tl.minimum(chunk + SEGMENT_CHUNKS, n_chunks)
-        token_ok = chunk * BT + rows < T
-        p_k = ((i_b * T + chunk * BT + rows[None, :]) * H + i_h) * K + keys[:, None]
-        p_v = ((i_b * T + chunk * BT + rows[:, None]) * H + i_h) * V + channels[None, :]
-        p_last = ((i_b * T + tl.minimum((chunk + 1) * BT, T) - 1) * H + i_h) * K + keys
-        next_k = tl.load(k + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
-        next_b = tl.load(decays + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
-        next_last = tl.load(decays + p_last, mask=key_ok, other=0)
-        next_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
-        while chunk < end:
-            b_k, b_b, b_last, b_v = next_k, next_b, next_last, next_v
+        start = i_s * SEGMENT_CHUNKS
+        for chunk in tl.range(start, tl.minimum(start + SEGMENT_CHUNKS, n_chunks), num_stages=STAGES):
+            token_ok = chunk * BT + rows < T
+            p_k = ((i_b * T + chunk * BT + rows[None, :]) * H + i_h) * K + keys[:, None]
+            p_v = ((i_b * T + chunk * BT + rows[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
+            p_last = ((i_b * T + tl.minimum((chunk + 1) * BT, T) - 1) * H + i_h) * K + keys
+            b_k = tl.load(k + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
+            b_b = tl.load(decays + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
+            b_last = tl.load(decays + p_last, mask=key_ok, other=0)
+            b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
             here = (i_b * n_chunks + chunk) * H + i_h
             tl.store(states + here * K * V + tile, state.to(states.dtype.element_ty), mask=tile_ok)
             if KEY_SUMS:
                 tl.store(sums + here * K + keys, z, mask=key_ok & (i_v == 0))
-            token_ok = (chunk + 1) * BT + rows < T
-            p_k += BT * H * K
-            p_v += BT * H * V
-            p_last = ((i_b * T + tl.minimum((chunk + 2) * BT, T) - 1) * H + i_h) * K + keys
-            next_k = tl.load(k + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
-            next_b = tl.load(decays + p_k, mask=key_ok[:, None] & token_ok[None, :], other=0)
-            next_last = tl.load(decays + p_last, mask=key_ok, other=0)
-            next_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
             written = b_k.to(tl.float32) * tl.exp(b_last[:, None] - b_b)
             state = state * tl.exp(b_last)[:, None] + _dot(written, b_v, IEEE)
             if KEY_SUMS:
                 z = z * tl.exp(b_last) + tl.sum(written, axis=1)
             total += b_last
-            chunk += 1
         tl.store(carries + i_bhs * K * V + tile, state, mask=tile_ok)
         tl.store(totals + i_bhs * K + keys, total, mask=key_ok & (i_v == 0))
         if KEY_SUMS:
@@ -711,9 +715,10 @@ if triton is not None:
                              + tl.exp(decayed) * carry_z, mask=sums_ok)
 
     @triton.jit
-    def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr, K: tl.constexpr,
-                                 V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                                 BV: tl.constexpr, KEY_SUMS: tl.constexpr, IEEE: tl.constexpr):
+    def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr,
+                                 HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                                 BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY_SUMS: tl.constexpr,
+                                 IEEE: tl.constexpr):
         # One chunk of one (sequence, head), BV value channels: o = (q exp(b)) S + A v and mass = (q exp(b)) . z +
         # rowsum(A), with b the chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
         # A[i, j] = sum_c q[i,c] k[j,c] exp(b[i,c] - b[j,c]). A is built one block of BC keys at a time as one
@@ -754,9 +759,10 @@ if triton is not None:
                 k_c = b_k * tl.exp(tl.where(block[:, None] == c, middle[None, :] - decay, float("-inf")))
                 scores += _dot(q_c, tl.trans(k_c), IEEE)
         scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
-        p_v = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
+        p_v = ((i_b * T + tokens[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
         b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
-        tl.store(out + p_v, (inter + _dot(scores, b_v, IEEE)).to(out.dtype.element_ty),
+        p_out = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
+        tl.store(out + p_out, (inter + _dot(scores, b_v, IEEE)).to(out.dtype.element_ty),
                  mask=token_ok[:, None] & channel_ok[None, :])
         if KEY_SUMS and i_v == 0:
             tl.store(mass + (i_b * T + tokens) * H + i_h, inter_mass + tl.sum(scores, axis=1), mask=token_ok)

@@ -25,6 +25,7 @@ STUDENT_OPTIONS = [
     # Windows the window kernels serve (a power of two >= 16), with rotary positions and convolutions.
     dict(kind="gla", window=16, rope=True),
     dict(kind="gated_deltanet", window=16, short_conv=4, kv_heads=1),  # K/V heads shared by the 3 query heads
+    dict(kind="gla", kv_heads=1),  # the feature map and the scan read the shared heads where they lie
 ]
 
 
@@ -63,6 +64,8 @@ INTERPRETED = textwrap.dedent("""
     assert worst(kernels.hedgehog_triton(x, weight), expected) <= 1e-6
     masked = F.normalize(expected, dim=-1) * valid[:, :, None, None]
     assert worst(kernels.hedgehog_triton(x, weight, valid, l2_normalise=True), masked) <= 1e-6
+    shared = x[:, :, :1]  # one key head for the 3 heads of the feature map
+    assert worst(kernels.hedgehog_triton(shared, weight), hedgehog(shared.expand(-1, -1, 3, -1), weight)) <= 1e-6
 
     cos, sin = torch.randn(2, 70, 16), torch.randn(2, 70, 16)
     assert worst(kernels.rotary_triton(x, cos, sin), rotate(x, cos, sin)) <= 1e-6
@@ -82,17 +85,20 @@ INTERPRETED = textwrap.dedent("""
     # column) and the final state and key sum, from a given state or from zeros. Over more tokens than two chunks
     # (not a multiple of one), decays at the -8 floor over many rows (the scores' exponents at their bound) and none
     # at all, more key channels than one tile and more value channels than one program of the state kernel; the
-    # chunks in one segment, or (the interpreter counts one multiprocessor) in several.
+    # chunks in one segment, or (the interpreter counts one multiprocessor) in several; value heads shared by
+    # query heads.
     np.seterr(over="ignore")  # masked scores (a key after its query) may overflow; they are replaced by zeros
-    for batch, length, heads, key_dim, value_dim, per_sm in ((2, 150, 3, 32, 16, 2), (1, 70, 2, 128, 80, 2),
-                                                             (1, 300, 2, 32, 16, 6), (1, 300, 1, 32, 16, 64)):
+    for batch, length, heads, key_dim, value_dim, per_sm, value_heads in (
+            (2, 150, 3, 32, 16, 2, 3), (1, 70, 2, 128, 160, 16, 2), (1, 300, 2, 32, 16, 6, 2),
+            (1, 300, 1, 32, 16, 64, 1), (2, 90, 4, 32, 16, 16, 2)):
         tiles = kernels.ScanTiles(state_programs_per_sm=per_sm)
         q, k = torch.rand(batch, length, heads, key_dim), torch.rand(batch, length, heads, key_dim)
         g = -torch.rand(batch, length, heads, key_dim) * 8
         g[0, 5:40], g[..., :3] = -8.0, 0.0
-        v = torch.randn(batch, length, heads, value_dim)
+        v = torch.randn(batch, length, value_heads, value_dim)
         start, start_sum = torch.rand(batch, heads, key_dim, value_dim), torch.rand(batch, heads, key_dim)
-        with_ones = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        per_head = v.repeat_interleave(heads // value_heads, dim=2)  # query head h reads value head h // group
+        with_ones = torch.cat([per_head, torch.ones_like(per_head[..., :1])], dim=-1)
         expected, state = gla_recurrent(q, k, with_ones, g, 0.5, torch.cat([start, start_sum[..., None]], dim=-1),
                                         output_final_state=True)
         out, mass, final, final_sum = kernels.gla_prefill_triton(q, k, v, g, 0.5, start, start_sum,
@@ -102,7 +108,7 @@ INTERPRETED = textwrap.dedent("""
         assert worst(final, state[..., :-1]) <= 1e-5 * state.abs().max()
         assert worst(final_sum, state[..., -1]) <= 1e-5 * state.abs().max()
         out, mass, final, final_sum = kernels.gla_prefill_triton(q, k, v, g, 0.5, tiles=tiles)
-        expected = gla_recurrent(q, k, v, g, 0.5)[0]
+        expected = gla_recurrent(q, k, per_head, g, 0.5)[0]
         assert worst(out, expected) <= 1e-5 * expected.abs().max() and mass is final is final_sum is None
     out_weight = torch.rand(3, 16)
     rms = scan[..., :16] * torch.rsqrt(scan[..., :16].pow(2).mean(-1, keepdim=True) + 1e-6) * out_weight
@@ -147,7 +153,7 @@ INTERPRETED = textwrap.dedent("""
         assert error <= 2e-5, (options, error)
 
     # Cached calls of any size (a prompt, single steps, a longer piece) continue like one forward.
-    for options in STUDENT_OPTIONS[-2:]:
+    for options in STUDENT_OPTIONS[-3:]:  # windows with rotary positions and convolutions, shared K/V heads
         student = perturbed_student(options)
         student.layer_idx, student.prefill_kernels = 0, "triton"
         with torch.no_grad():
