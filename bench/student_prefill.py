@@ -99,9 +99,12 @@ def host_waits(fn, device) -> int | None:
     return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
-def scan_inputs(student, hidden):
-    """The student's scan inputs (q, k, v, gates) for ``hidden``, as its forward prepares them."""
-    return student._scan_inputs(hidden, student._projections(hidden), None, None)
+def scan_inputs(student, hidden, kernel_scan: bool = False):
+    """The student's scan inputs (q, k, v, gates) for ``hidden`` as its forward prepares them: for its operator (a
+    K/V head per query head, log-decays), or with ``kernel_scan`` for a prompt's kernel scan (shared K/V heads where
+    the kernels read them, the decays' logits)."""
+    projections = student._projections(hidden, repeat=not student._shares_kv_in_kernels(kernel_scan))
+    return student._scan_inputs(hidden, projections, None, None, decay_logits=kernel_scan)
 
 
 def kernel_table(fn, device, top: int) -> list[dict]:
@@ -138,7 +141,9 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
                 return student(hidden)[0]
 
             warm_until_steady(student_call, device, window=2)
-            q, k, v, gates = scan_inputs(student, hidden)
+            fused = student._fused(hidden)
+            kernel_scan = student._prompt_kernel_scan(fused, length, None)
+            scanned = scan_inputs(student, hidden, kernel_scan)
             row["ms"][kind] = median_ms(student_call, repeats, device)
             student.replay_prefill = False  # from here on every call eager, as before prefill graphs
             row["ms"][f"{kind} eager"] = median_ms(student_call, repeats, device)
@@ -149,11 +154,12 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["ms"][f"{kind} host"] = host_ms(student_call, repeats, device)
             row[f"{kind} host waits"] = host_waits(student_call, device)
             def scan():
-                return student._causal_scan(q, k, v, gates, None, student._fused(hidden))
+                return student._causal_scan(*scanned, None, fused, decay_logits=kernel_scan, read_out=kernel_scan)
 
             row["ms"][f"{kind} scan"] = median_ms(scan, repeats, device)
             row["ms"][f"{kind} scan host"] = host_ms(scan, repeats, device)
             row["backend"] = student.last_backend
+            q, k, v, gates = scan_inputs(student, hidden)
             row["ms"][f"{kind} operator"] = median_ms(lambda: student._scan(q, k, v, gates), repeats, device)
             if profile_top:
                 row["profiles"][kind] = kernel_table(student_call, device, profile_top)

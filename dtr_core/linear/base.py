@@ -129,8 +129,9 @@ class LinearAttentionStudent(nn.Module):
     # Whether a short call that starts a sequence replays as a CUDA graph on CUDA without gradients
     # (``prefill_graphs.py``): the host's time to issue the kernels bounds such calls. Changes no result.
     replay_prefill: bool = True
-    # The mechanism's own Triton scan for causal calls on the fused kernels (``kernels.gla_prefill_triton``'s
-    # contract: the normaliser apart, no value column), or None: ``_operator`` serves every call.
+    # The mechanism's own Triton scan for prompts on the fused kernels (``kernels.gla_prefill_triton``'s contract:
+    # the normaliser apart, no value column, the gates' logits and the readout on request), or None: ``_operator``
+    # serves every call.
     _kernel_scan = None
 
     def __init__(
@@ -212,9 +213,9 @@ class LinearAttentionStudent(nn.Module):
         """Create the mechanism's own parameters (``self.key_dim`` and the projections exist)."""
         raise NotImplementedError
 
-    def _gates(self, hidden_states: torch.Tensor, fused: bool) -> tuple:
+    def _gates(self, hidden_states: torch.Tensor, fused: bool, decay_logits: bool = False) -> tuple:
         """hidden_states [B, T, hidden] → the tuple of per-token gate tensors ``_operator`` takes after v;
-        ``fused``: log-decays by ``_log_decays``' kernel."""
+        ``fused``: log-decays by ``_log_decays``' kernel; ``decay_logits``: their logits instead (``_log_decays``)."""
         raise NotImplementedError
 
     @staticmethod
@@ -338,9 +339,12 @@ class LinearAttentionStudent(nn.Module):
         return features if valid is None else features * valid[:, :, None, None].to(features.dtype)
 
     @staticmethod
-    def _log_decays(logits: torch.Tensor, fused: bool) -> torch.Tensor:
+    def _log_decays(logits: torch.Tensor, fused: bool, keep_logits: bool = False) -> torch.Tensor:
         """Per-token log-decays log(sigmoid(logits)) >= LOG_DECAY_FLOOR: fp32, or in the logits' dtype by one
-        kernel when ``fused`` (the scan reads them in v's dtype either way)."""
+        kernel when ``fused`` (the scan reads them in v's dtype either way); with ``keep_logits`` the logits as they
+        are, for a ``_kernel_scan`` that computes the log-decays as it sums them (one pass fewer over them)."""
+        if keep_logits:
+            return logits
         if fused:
             return kernels.log_decay_triton(logits, LOG_DECAY_FLOOR)
         return F.logsigmoid(logits.float()).clamp_min(LOG_DECAY_FLOOR)
@@ -413,12 +417,16 @@ class LinearAttentionStudent(nn.Module):
         else:
             valid = key_padding_mask(attention_mask, length)
             fused = self._fused(hidden_states)
-            projections = self._projections(hidden_states, repeat=not self._kernels_share_kv(fused, length, layer))
-            q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer)
-            out, mass = self._causal_scan(q, k, v, gates, layer, fused)
+            # A prompt on the kernel scan takes the gates' logits and returns its output read out.
+            kernel_scan = self._prompt_kernel_scan(fused, length, layer)
+            projections = self._projections(hidden_states, repeat=not self._shares_kv_in_kernels(kernel_scan))
+            q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer, decay_logits=kernel_scan)
+            out, mass = self._causal_scan(q, k, v, gates, layer, fused, decay_logits=kernel_scan,
+                                          read_out=kernel_scan)
             if not self.causal:
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
-            out = self._readout(out, fused, mass)
+            if not (kernel_scan and self.normalised_readout):
+                out = self._readout(out, fused, mass)
         out = out.reshape(batch, length, self.num_heads * self.head_dim)
         return out if self.o_proj is None else self.o_proj(out)
 
@@ -472,13 +480,18 @@ class LinearAttentionStudent(nn.Module):
             k, v = self._per_query_head(k), self._per_query_head(v)
         return self.q_proj(hidden_states), k, v
 
-    def _kernels_share_kv(self, fused: bool, length: int, layer) -> bool:
-        """Whether a call without a window reads shared K/V heads where they lie: the feature-map kernel and the
-        mechanism's ``_kernel_scan`` take them, so a prompt on the fused kernels skips the repeat copies (at
-        Qwen2.5-1.5B's shape 5% of a GLA layer at 8K tokens, BENCHMARKS.md issue 15). Short convolutions run per
-        query head, and the other scans take one K/V head per query head."""
-        return (self.kv_groups > 1 and fused and self.causal and self._kernel_scan is not None and length > 1
-                and self.feature_map == "hedgehog" and not self.short_conv and not (layer is not None and layer.in_place))
+    def _prompt_kernel_scan(self, fused: bool, length: int, layer) -> bool:
+        """Whether a scan over ``length`` tokens runs the mechanism's ``_kernel_scan``: a causal call on the fused
+        kernels over more than one token (a single token takes ``_operator``'s one-token form: one kernel), not a
+        static decoding step."""
+        return (fused and self.causal and self._kernel_scan is not None and length > 1
+                and not (layer is not None and layer.in_place))
+
+    def _shares_kv_in_kernels(self, kernel_scan: bool) -> bool:
+        """Whether a call without a window whose scan is the ``kernel_scan`` reads shared K/V heads where they lie:
+        the feature-map kernel and the scan take them, so the prompt skips the repeat copies (at Qwen2.5-1.5B's
+        shape 5% of a GLA layer at 8K tokens, BENCHMARKS.md issue 15). Short convolutions run per query head."""
+        return kernel_scan and self.kv_groups > 1 and self.feature_map == "hedgehog" and not self.short_conv
 
     def _per_query_head(self, x: torch.Tensor) -> torch.Tensor:
         """A K or V projection [B, T, H_kv*D] → [B, T, H*D], each K/V head repeated for the query heads of its group
@@ -489,10 +502,11 @@ class LinearAttentionStudent(nn.Module):
         grouped = x.view(batch, length, -1, 1, self.head_dim)
         return grouped.expand(-1, -1, -1, self.kv_groups, -1).reshape(batch, length, -1)
 
-    def _scan_inputs(self, hidden_states, projections, valid, layer):
+    def _scan_inputs(self, hidden_states, projections, valid, layer, decay_logits: bool = False):
         """(q, k, v, gates) as the scan reads them (v without ``_value_columns``' normaliser column): the
-        ``projections`` through the short convolutions, feature map and gates; padding keys (``valid`` False)
-        zeroed, one dtype. k and v keep the projections' heads (``_kernels_share_kv``); features are per query head."""
+        ``projections`` through the short convolutions, feature map and gates (``decay_logits``: see ``_gates``);
+        padding keys (``valid`` False) zeroed, one dtype. k and v keep the projections' heads
+        (``_shares_kv_in_kernels``); features are per query head."""
         batch, length, _ = hidden_states.shape
         fused = self._fused(hidden_states)
         q, k, v = projections
@@ -502,7 +516,7 @@ class LinearAttentionStudent(nn.Module):
             q, k, v = (self._convolved(x, name, layer) for x, name in ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
         q, k, v = (x.view(batch, length, -1, self.head_dim) for x in (q, k, v))
         q, k = self._features(q, fused), self._features(k, fused, valid)
-        gates = self._gates(hidden_states, fused)
+        gates = self._gates(hidden_states, fused, decay_logits)
         # One dtype for every kernel input: under autocast the projections come out in bf16 but
         # softmax features, normalised q/k and gates in fp32, and fla's kernels need them to agree.
         q, k = q.to(v.dtype), k.to(v.dtype)
@@ -522,18 +536,20 @@ class LinearAttentionStudent(nn.Module):
             layer.keep(name, history)
         return out
 
-    def _causal_scan(self, q, k, v, gates, layer, fused: bool = False) -> tuple:
+    def _causal_scan(self, q, k, v, gates, layer, fused: bool = False, decay_logits: bool = False,
+                     read_out: bool = False) -> tuple:
         """The forward scan, continuing and updating ``layer``'s state when decoding with a cache: (its output,
-        the normaliser [B, T, H] when ``_kernel_scan`` computed it apart, else None). ``fused``: a causal call
-        over more than one token runs the mechanism's ``_kernel_scan`` where it has one (a single token takes
-        ``_operator``'s one-token form: one kernel).
+        the normaliser [B, T, H] when ``_kernel_scan`` computed it apart, else None). A prompt on the fused kernels
+        (``_prompt_kernel_scan``) runs the mechanism's ``_kernel_scan``; there ``decay_logits`` says that the gates
+        are the log-decays' logits, and ``read_out`` has the scan apply a softmax-like readout itself (the output is
+        then read out and the normaliser None).
 
         A cache keeps one state layout whichever way a call computed it: a softmax-like readout's running key
         sum is the state's last value column, as an all-ones value column leaves it."""
         if layer is not None and layer.in_place:
             return self._step_in_place(q, k, self._value_columns(v), gates, layer.state), None
         state = None if layer is None else layer.state
-        if not (fused and self.causal and self._kernel_scan is not None and q.shape[1] > 1):
+        if not self._prompt_kernel_scan(fused, q.shape[1], layer):
             out, state = self._scan(q, k, v, gates, output_final_state=layer is not None, initial_state=state)
             if layer is not None:
                 layer.advance(state, q.shape[1])
@@ -541,8 +557,9 @@ class LinearAttentionStudent(nn.Module):
         key_sums = self.normalised_readout
         start, start_sum = (state[..., :-1], state[..., -1]) if state is not None and key_sums else (state, None)
         self.last_backend = "triton"
-        out, mass, state, key_sum = self._kernel_scan(q, k, v, *gates, 1.0, start, start_sum,
-                                                      output_final_state=layer is not None, key_sums=key_sums)
+        out, mass, state, key_sum = self._kernel_scan(
+            q, k, v, *gates, 1.0, start, start_sum, output_final_state=layer is not None, key_sums=key_sums,
+            logits_floor=LOG_DECAY_FLOOR if decay_logits else None, normalise=read_out and key_sums)
         if layer is not None:
             layer.advance(state if key_sum is None else torch.cat([state, key_sum[..., None]], dim=-1), q.shape[1])
         return out, mass

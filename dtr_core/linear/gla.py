@@ -266,9 +266,9 @@ class GLAStudent(LinearAttentionStudent):
         with torch.no_grad():
             self.gate_up.bias.copy_(retention_logits(self.key_dim).repeat(self.num_heads))
 
-    def _gates(self, hidden_states, fused):
+    def _gates(self, hidden_states, fused, decay_logits=False):
         batch, length, _ = hidden_states.shape
-        g = self._log_decays(self.gate_up(self.gate_down(hidden_states)), fused)
+        g = self._log_decays(self.gate_up(self.gate_down(hidden_states)), fused, decay_logits)
         return (g.view(batch, length, self.num_heads, self.key_dim),)
 
     @staticmethod

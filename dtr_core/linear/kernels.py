@@ -215,8 +215,8 @@ def _tile(size: int, cap: int) -> int:
 
 def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                        initial_state: torch.Tensor | None = None, initial_key_sum: torch.Tensor | None = None,
-                       output_final_state: bool = False, key_sums: bool = False,
-                       tiles: ScanTiles = ScanTiles()) -> tuple:
+                       output_final_state: bool = False, key_sums: bool = False, logits_floor: float | None = None,
+                       normalise: bool = False, tiles: ScanTiles = ScanTiles()) -> tuple:
     """GLA's chunkwise scan for inference (``gla.gla``'s contract, no gradient), and with ``key_sums`` the normaliser
     a softmax-like readout needs: what an all-ones value column would accumulate, ``mass_t = q_t . z_t`` with
     ``z_t`` the decayed sum of keys, without widening the values.
@@ -237,11 +237,17 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         initial_state: fp32 [B, H, K, V] or None (zeros); initial_key_sum: fp32 [B, H, K] or None (zeros).
         output_final_state: also return the state (and z) after the last token.
         key_sums: also compute the mass and z.
+        logits_floor: if given, g holds the gates' logits and the log-decays are max(logsigmoid(g), logits_floor),
+            computed in fp32 as the chunks' sums are (no separate pass writing them).
+        normalise: with ``key_sums``, return the softmax-like readout o / (mass + 1e-6) (``normalised_readout_triton``)
+            as o, and no mass.
         tiles: the kernels' launch configuration.
 
     Returns (o [B, T, H, V] in q's dtype, mass fp32 [B, T, H] or None, final state fp32 [B, H, K, V] or None,
     final z fp32 [B, H, K] or None).
     """
+    if normalise and not key_sums:
+        raise ValueError("normalise=True reads out by the normaliser: it needs key_sums=True")
     batch, length, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[-2:]
     if heads % value_heads:
@@ -260,7 +266,8 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     key_block, value_block = _tile(key_dim, tiles.state_keys), _tile(value_dim, tiles.state_values)
     decays = torch.empty(batch, length, heads, key_dim, dtype=torch.float32, device=device)
     _chunk_decays_kernel[(chunks, triton.cdiv(key_dim, _SCAN_CHUNK_KEYS), batch * heads)](
-        g, decays, length, H=heads, K=key_dim, BT=_SCAN_CHUNK, BK=_SCAN_CHUNK_KEYS)
+        g, decays, length, 0.0 if logits_floor is None else logits_floor, H=heads, K=key_dim, BT=_SCAN_CHUNK,
+        BK=_SCAN_CHUNK_KEYS, LOGITS=logits_floor is not None)
     tile_grid = (triton.cdiv(key_dim, key_block), triton.cdiv(value_dim, value_block))
     programs = tile_grid[0] * tile_grid[1] * batch * heads
     segments = max(1, min(chunks, tiles.state_programs_per_sm * _multiprocessors(device) // programs))
@@ -286,14 +293,15 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     elif output_final_state:  # one segment: its carry is the final state
         final, final_sum = carries.view(final.shape), carry_sums.view(batch, heads, key_dim)
     out = torch.empty(batch, length, heads, value_dim, dtype=q.dtype, device=device)
-    mass = torch.empty(batch, length, heads, dtype=torch.float32, device=device) if key_sums else out
+    mass = torch.empty(batch, length, heads, dtype=torch.float32, device=device) if key_sums and not normalise \
+        else out  # unwritten without
     value_block = _tile(value_dim, tiles.output_values)
     _gla_chunk_output_kernel[(chunks, triton.cdiv(value_dim, value_block), batch * heads)](
         q, k, v, decays, states, sums, out, mass, scale, length, H=heads, HV=value_heads, K=key_dim, V=value_dim,
         BT=_SCAN_CHUNK, BC=_SCAN_BLOCK, BK=_tile(key_dim, tiles.output_keys), BV=value_block, KEY_SUMS=key_sums,
-        IEEE=ieee, num_warps=tiles.output_warps,
+        NORMALISE=normalise, IEEE=ieee, num_warps=tiles.output_warps,
     )
-    return (out, mass if key_sums else None, final if output_final_state else None,
+    return (out, mass if key_sums and not normalise else None, final if output_final_state else None,
             final_sum if output_final_state and key_sums else None)
 
 
@@ -589,8 +597,12 @@ if triton is not None:
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offsets < n
         x = tl.load(logits + offsets, mask=ok, other=0).to(tl.float32)
-        log_sigmoid = tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
-        tl.store(out + offsets, tl.maximum(log_sigmoid, floor).to(out.dtype.element_ty), mask=ok)
+        tl.store(out + offsets, _floored_log_sigmoid(x, floor).to(out.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _floored_log_sigmoid(x, floor):
+        # log(sigmoid(x)) >= floor, in fp32 without overflow for either sign of x.
+        return tl.maximum(tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x))), floor)
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -601,14 +613,19 @@ if triton is not None:
         return tl.dot(a.to(b.dtype), b)
 
     @triton.jit
-    def _chunk_decays_kernel(g, decays, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-        # One chunk of one (sequence, head), BK key channels: the log-decays summed from the chunk's start, fp32.
+    def _chunk_decays_kernel(g, decays, T, floor, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                             BK: tl.constexpr, LOGITS: tl.constexpr):
+        # One chunk of one (sequence, head), BK key channels: the log-decays summed from the chunk's start, fp32
+        # (LOGITS: g holds logits, whose log-decays max(logsigmoid(g), floor) are taken first).
         i_t, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         tokens, keys = i_t * BT + tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
         ok = (tokens < T)[:, None] & (keys < K)[None, :]
         p = ((i_b * T + tokens[:, None]) * H + i_h) * K + keys[None, :]
-        tl.store(decays + p, tl.cumsum(tl.load(g + p, mask=ok, other=0).to(tl.float32), axis=0), mask=ok)
+        x = tl.load(g + p, mask=ok, other=0).to(tl.float32)
+        if LOGITS:  # rows past T come after every real row: what they add is never stored
+            x = _floored_log_sigmoid(x, floor)
+        tl.store(decays + p, tl.cumsum(x, axis=0), mask=ok)
 
     @triton.jit
     def _gla_chunk_states_kernel(k, v, decays, initial, initial_sum, states, sums, carries, carry_sums, totals, T,
@@ -718,9 +735,9 @@ if triton is not None:
     def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr,
                                  HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY_SUMS: tl.constexpr,
-                                 IEEE: tl.constexpr):
+                                 NORMALISE: tl.constexpr, IEEE: tl.constexpr):
         # One chunk of one (sequence, head), BV value channels: o = (q exp(b)) S + A v and mass = (q exp(b)) . z +
-        # rowsum(A), with b the chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
+        # rowsum(A) (NORMALISE: o / (mass + 1e-6) stored as o, every value tile computing the mass), with b the chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
         # A[i, j] = sum_c q[i,c] k[j,c] exp(b[i,c] - b[j,c]). A is built one block of BC keys at a time as one
         # product, its decays split at a reference row m in the middle of the block: exp(b_i - m) exp(m - b_j).
         # For a key in the block each factor spans at most BC/2 rows (<= 64 nats at the -8 floor: no overflow);
@@ -762,10 +779,14 @@ if triton is not None:
         p_v = ((i_b * T + tokens[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
         b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
         p_out = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
-        tl.store(out + p_out, (inter + _dot(scores, b_v, IEEE)).to(out.dtype.element_ty),
-                 mask=token_ok[:, None] & channel_ok[None, :])
-        if KEY_SUMS and i_v == 0:
-            tl.store(mass + (i_b * T + tokens) * H + i_h, inter_mass + tl.sum(scores, axis=1), mask=token_ok)
+        o = inter + _dot(scores, b_v, IEEE)
+        if KEY_SUMS:
+            row_mass = inter_mass + tl.sum(scores, axis=1)
+            if NORMALISE:
+                o = o / (row_mass[:, None] + 1e-6)
+            elif i_v == 0:
+                tl.store(mass + (i_b * T + tokens) * H + i_h, row_mass, mask=token_ok)
+        tl.store(out + p_out, o.to(out.dtype.element_ty), mask=token_ok[:, None] & channel_ok[None, :])
 
     @triton.jit
     def _normalised_readout_kernel(scan, mass, out, n_rows, D: tl.constexpr, WIDTH: tl.constexpr,

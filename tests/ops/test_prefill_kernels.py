@@ -86,7 +86,7 @@ INTERPRETED = textwrap.dedent("""
     # (not a multiple of one), decays at the -8 floor over many rows (the scores' exponents at their bound) and none
     # at all, more key channels than one tile and more value channels than one program of the state kernel; the
     # chunks in one segment, or (the interpreter counts one multiprocessor) in several; value heads shared by
-    # query heads.
+    # query heads; log-decays given, or taken from logits in the scan with its output read out.
     np.seterr(over="ignore")  # masked scores (a key after its query) may overflow; they are replaced by zeros
     for batch, length, heads, key_dim, value_dim, per_sm, value_heads in (
             (2, 150, 3, 32, 16, 2, 3), (1, 70, 2, 128, 160, 16, 2), (1, 300, 2, 32, 16, 6, 2),
@@ -110,6 +110,17 @@ INTERPRETED = textwrap.dedent("""
         out, mass, final, final_sum = kernels.gla_prefill_triton(q, k, v, g, 0.5, tiles=tiles)
         expected = gla_recurrent(q, k, per_head, g, 0.5)[0]
         assert worst(out, expected) <= 1e-5 * expected.abs().max() and mass is final is final_sum is None
+        # The gates' logits in, the softmax-like readout out (a prompt of a student with that readout).
+        logits = torch.randn(batch, length, heads, key_dim) * 6
+        expected, state = gla_recurrent(q, k, with_ones, F.logsigmoid(logits).clamp_min(-8.0), 0.5,
+                                        torch.cat([start, start_sum[..., None]], dim=-1), output_final_state=True)
+        read_out = expected[..., :-1] / (expected[..., -1:] + 1e-6)
+        out, mass, final, final_sum = kernels.gla_prefill_triton(q, k, v, logits, 0.5, start, start_sum,
+                                                                 output_final_state=True, key_sums=True,
+                                                                 logits_floor=-8.0, normalise=True, tiles=tiles)
+        assert worst(out, read_out) <= 1e-5 * read_out.abs().max() and mass is None
+        assert worst(final, state[..., :-1]) <= 1e-5 * state.abs().max()
+        assert worst(final_sum, state[..., -1]) <= 1e-5 * state.abs().max()
     out_weight = torch.rand(3, 16)
     rms = scan[..., :16] * torch.rsqrt(scan[..., :16].pow(2).mean(-1, keepdim=True) + 1e-6) * out_weight
     assert worst(kernels.rms_readout_triton(scan[..., :16], out_weight), rms.reshape(2, 37, 48)) <= 1e-5
@@ -213,6 +224,28 @@ def test_prefill_kernels_are_chosen_for_inference_on_cuda_only():
     odd = perturbed_student(dict(kind="gla"), hidden_size=30, head_dim=10)
     odd.prefill_kernels = "triton"
     assert odd._fused(torch.randn(1, 4, 30)) is False  # heads not a power of two: the PyTorch forms
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+def test_prefill_kernels_refuse_heads_that_do_not_divide_and_a_readout_without_its_normaliser():
+    q = torch.rand(1, 8, 4, 32)
+    with pytest.raises(ValueError, match="v has 3 heads: they must divide q's 4"):
+        kernels.gla_prefill_triton(q, q, torch.rand(1, 8, 3, 16), -q, 1.0)
+    with pytest.raises(ValueError, match="needs key_sums=True"):
+        kernels.gla_prefill_triton(q, q, torch.rand(1, 8, 2, 16), -q, 1.0, normalise=True)
+    with pytest.raises(ValueError, match="x has 3 heads: they must divide the feature map's 4"):
+        kernels.hedgehog_triton(torch.rand(1, 8, 3, 16), torch.rand(4, 16, 16))
+
+
+def test_only_prompts_on_the_kernel_scan_read_shared_heads():
+    """Which calls take the prompt path (``_prompt_kernel_scan``) and skip the K/V repeat copies."""
+    student = perturbed_student(dict(kind="gla", kv_heads=1))
+    assert student._prompt_kernel_scan(True, 5, None) and student._shares_kv_in_kernels(True)
+    assert not student._prompt_kernel_scan(True, 1, None)  # one token: fla's one-token form
+    assert not student._prompt_kernel_scan(False, 5, None)  # unfused: the operator
+    assert not perturbed_student(dict(kind="gated_deltanet"))._prompt_kernel_scan(True, 5, None)  # no kernel scan
+    assert not perturbed_student(dict(kind="gla", kv_heads=1, short_conv=4))._shares_kv_in_kernels(True)
+    assert not perturbed_student(dict(kind="gla", kv_heads=1, feature_map="identity"))._shares_kv_in_kernels(True)
 
 
 @pytest.mark.gpu
