@@ -188,11 +188,11 @@ _SCAN_CHUNK_KEYS = 32  # key channels per program of the chunk decays' kernel
 
 class ScanTiles(NamedTuple):
     """The launch configuration of ``gla_prefill_triton``'s state and output kernels: the state kernel's [keys,
-    values] tile per program, the output kernel's key channels per step and value channels per program, the warps of
-    each, and how far a prompt's chunks split into segments. The fastest of ``python -m bench.gla_scan --sweep`` on an
-    H200 (BENCHMARKS.md, issue 15, tenth session): the tiles at Qwen2.5-1.5B's shape, batch 1 and 8, 2K and 8K
-    tokens (at Llama-3.2-1B's within 12% of its fastest); the segments at Llama's batch 1 x 8K (they changed batch 1
-    by 5-9% at most). Two warps spill: 5-9x slower."""
+    values] tile per program, its warps and pipeline depths, the output kernel's key channels per step, value channels
+    per program and warps, and how far a prompt's chunks split into segments. From ``python -m bench.gla_scan --sweep``
+    on an H200 (BENCHMARKS.md, issue 15, tenth and eleventh sessions): at 8K tokens and at batch 8 these are within
+    0.3% of the fastest at Llama-3.2-1B's and Qwen2.5-1.5B's shapes. The state kernel's 64 x 128 tile with 4 warps
+    took half the time of 64 x 64 with 8 at Qwen's batch 1 x 8K; two warps spill (5-9x slower)."""
     state_keys: int = 64
     state_values: int = 128
     state_warps: int = 4
