@@ -203,6 +203,10 @@ class ScanTiles(NamedTuple):
     output_keys: int = 32
     output_values: int = 128
     output_warps: int = 4
+    # Whether the output kernel scores each block of 16 keys on its own ([64, 16] products that load the block's keys,
+    # a quarter of the multiplies and key exponentials) instead of as masked [64, 64] products. Not yet timed on a
+    # GPU (DEVELOPERS.md, next GPU session): the sweep keeps the faster form and the other goes.
+    split_scores: bool = False
     # A long prompt with few (sequence, head, tile) programs splits its chunks into segments that run in parallel,
     # up to this many state programs per multiprocessor; a third kernel then carries each segment's start in.
     state_programs_per_sm: int = 4
@@ -299,7 +303,7 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     _gla_chunk_output_kernel[(chunks, triton.cdiv(value_dim, value_block), batch * heads)](
         q, k, v, decays, states, sums, out, mass, scale, length, H=heads, HV=value_heads, K=key_dim, V=value_dim,
         BT=_SCAN_CHUNK, BC=_SCAN_BLOCK, BK=_tile(key_dim, tiles.output_keys), BV=value_block, KEY_SUMS=key_sums,
-        NORMALISE=normalise, IEEE=ieee, num_warps=tiles.output_warps,
+        NORMALISE=normalise, IEEE=ieee, SPLIT=tiles.split_scores, num_warps=tiles.output_warps,
     )
     return (out, mass if key_sums and not normalise else None, final if output_final_state else None,
             final_sum if output_final_state and key_sums else None)
@@ -735,11 +739,14 @@ if triton is not None:
     def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr,
                                  HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY_SUMS: tl.constexpr,
-                                 NORMALISE: tl.constexpr, IEEE: tl.constexpr):
+                                 NORMALISE: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
         # One chunk of one (sequence, head), BV value channels: o = (q exp(b)) S + A v and mass = (q exp(b)) . z +
-        # rowsum(A) (NORMALISE: o / (mass + 1e-6) stored as o, every value tile computing the mass), with b the chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
+        # rowsum(A) (NORMALISE: o / (mass + 1e-6) stored as o, every value tile computing the mass), with b the
+        # chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
         # A[i, j] = sum_c q[i,c] k[j,c] exp(b[i,c] - b[j,c]). A is built one block of BC keys at a time as one
-        # product, its decays split at a reference row m in the middle of the block: exp(b_i - m) exp(m - b_j).
+        # product (SPLIT: [BT, BC] products, one accumulator per block, _key_block_scores; otherwise [BT, BT]
+        # products masked to the block), its decays split at a reference row m in the middle of the block:
+        # exp(b_i - m) exp(m - b_j).
         # For a key in the block each factor spans at most BC/2 rows (<= 64 nats at the -8 floor: no overflow);
         # a query after the block has b_i <= m (its factor <= 1, at worst underflowing where the true weight is
         # below e^-40 anyway). Queries before the block, and keys after the query inside it, are masked.
@@ -753,6 +760,11 @@ if triton is not None:
         here = (i_b * n_chunks + i_t) * H + i_h
         inter = tl.zeros([BT, BV], tl.float32)
         scores = tl.zeros([BT, BT], tl.float32)
+        tl.static_assert(BT == 4 * BC)
+        s0 = tl.zeros([BT, BC], tl.float32)
+        s1 = tl.zeros([BT, BC], tl.float32)
+        s2 = tl.zeros([BT, BC], tl.float32)
+        s3 = tl.zeros([BT, BC], tl.float32)
         inter_mass = tl.zeros([BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             keys = i_k * BK + tl.arange(0, BK)
@@ -770,23 +782,62 @@ if triton is not None:
             inter += _dot(reading, b_s, IEEE)
             if KEY_SUMS:
                 inter_mass += tl.sum(reading * tl.load(sums + here * K + keys, mask=key_ok, other=0)[None, :], axis=1)
-            for c in tl.static_range(BT // BC):
-                middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
-                q_c = b_q * tl.exp(tl.where(block[:, None] >= c, decay - middle[None, :], float("-inf")))
-                k_c = b_k * tl.exp(tl.where(block[:, None] == c, middle[None, :] - decay, float("-inf")))
-                scores += _dot(q_c, tl.trans(k_c), IEEE)
-        scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
-        p_v = ((i_b * T + tokens[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
-        b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
+            if SPLIT:
+                s0 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 0, IEEE)
+                s1 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 1, IEEE)
+                s2 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 2, IEEE)
+                s3 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 3, IEEE)
+            else:
+                for c in tl.static_range(BT // BC):
+                    middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
+                    q_c = b_q * tl.exp(tl.where(block[:, None] >= c, decay - middle[None, :], float("-inf")))
+                    k_c = b_k * tl.exp(tl.where(block[:, None] == c, middle[None, :] - decay, float("-inf")))
+                    scores += _dot(q_c, tl.trans(k_c), IEEE)
         p_out = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
-        o = inter + _dot(scores, b_v, IEEE)
+        if SPLIT:
+            i_hv = i_h // (H // HV)
+            o0, m0 = _key_block_output(s0, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 0, IEEE)
+            o1, m1 = _key_block_output(s1, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 1, IEEE)
+            o2, m2 = _key_block_output(s2, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 2, IEEE)
+            o3, m3 = _key_block_output(s3, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 3, IEEE)
+            o = inter + o0 + o1 + o2 + o3
+            score_mass = m0 + m1 + m2 + m3
+        else:
+            scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
+            p_v = ((i_b * T + tokens[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
+            b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
+            o = inter + _dot(scores, b_v, IEEE)
+            score_mass = tl.sum(scores, axis=1)
         if KEY_SUMS:
-            row_mass = inter_mass + tl.sum(scores, axis=1)
+            row_mass = inter_mass + score_mass
             if NORMALISE:
                 o = o / (row_mass[:, None] + 1e-6)
             elif i_v == 0:
                 tl.store(mass + (i_b * T + tokens) * H + i_h, row_mass, mask=token_ok)
         tl.store(out + p_out, o.to(out.dtype.element_ty), mask=token_ok[:, None] & channel_ok[None, :])
+
+    @triton.jit
+    def _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H: tl.constexpr, K: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, c: tl.constexpr, IEEE: tl.constexpr):
+        # The chunk's scores [BT, BC] against its keys of block c, over this step's key channels.
+        middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
+        q_c = b_q * tl.exp(tl.where((rows // BC)[:, None] >= c, decay - middle[None, :], float("-inf")))
+        block_tokens = i_t * BT + c * BC + tl.arange(0, BC)
+        p = ((i_b * T + block_tokens[:, None]) * H + i_h) * K + keys[None, :]
+        b_k = tl.load(k + p, mask=(block_tokens < T)[:, None] & key_ok[None, :], other=0).to(tl.float32)
+        b_b = tl.load(decays + p + (tl.minimum(block_tokens, T - 1) - block_tokens)[:, None] * H * K,
+                      mask=key_ok[None, :], other=0)
+        return _dot(q_c, tl.trans(b_k * tl.exp(middle[None, :] - b_b)), IEEE)
+
+    @triton.jit
+    def _key_block_output(s_c, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV: tl.constexpr, V: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, c: tl.constexpr, IEEE: tl.constexpr):
+        # Block c's keys' share of the output and of the mass: its scores masked causally, times its values.
+        s_c = tl.where(rows[:, None] >= c * BC + tl.arange(0, BC)[None, :], s_c, 0.0)
+        block_tokens = i_t * BT + c * BC + tl.arange(0, BC)
+        b_v = tl.load(v + ((i_b * T + block_tokens[:, None]) * HV + i_hv) * V + channels[None, :],
+                      mask=(block_tokens < T)[:, None] & channel_ok[None, :], other=0)
+        return _dot(s_c, b_v, IEEE), tl.sum(s_c, axis=1)
 
     @triton.jit
     def _normalised_readout_kernel(scan, mass, out, n_rows, D: tl.constexpr, WIDTH: tl.constexpr,

@@ -115,10 +115,11 @@ INTERPRETED = textwrap.dedent("""
         expected, state = gla_recurrent(q, k, with_ones, F.logsigmoid(logits).clamp_min(-8.0), 0.5,
                                         torch.cat([start, start_sum[..., None]], dim=-1), output_final_state=True)
         read_out = expected[..., :-1] / (expected[..., -1:] + 1e-6)
-        out, mass, final, final_sum = kernels.gla_prefill_triton(q, k, v, logits, 0.5, start, start_sum,
-                                                                 output_final_state=True, key_sums=True,
-                                                                 logits_floor=-8.0, normalise=True, tiles=tiles)
-        assert worst(out, read_out) <= 1e-5 * read_out.abs().max() and mass is None
+        for split in (False, True):  # the output kernel's two forms of the scores
+            out, mass, final, final_sum = kernels.gla_prefill_triton(
+                q, k, v, logits, 0.5, start, start_sum, output_final_state=True, key_sums=True, logits_floor=-8.0,
+                normalise=True, tiles=tiles._replace(split_scores=split))
+            assert worst(out, read_out) <= 1e-5 * read_out.abs().max() and mass is None
         assert worst(final, state[..., :-1]) <= 1e-5 * state.abs().max()
         assert worst(final_sum, state[..., -1]) <= 1e-5 * state.abs().max()
     out_weight = torch.rand(3, 16)
