@@ -169,7 +169,7 @@ class LinearAttentionStudent(nn.Module):
         # Query heads per key/value head: above 1, each group of query heads shares one K/V projection, as in a
         # GQA teacher (its projections cost what the teacher's do); the keys and values are repeated per query
         # head right after the projections, so everything after them sees one K/V head per query head, except on
-        # the kernels that read the shared heads themselves (``_kernels_share_kv``).
+        # the kernels that read the shared heads themselves (``_shares_kv_in_kernels``).
         self.kv_groups = num_heads // kv_heads
         self.chunk_size, self.backend = chunk_size, backend
         # Position in the layer stack, set when the student is installed: names its cache slot.
