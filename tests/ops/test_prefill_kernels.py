@@ -89,7 +89,7 @@ INTERPRETED = textwrap.dedent("""
     # query heads; log-decays given, or taken from logits in the scan with its output read out.
     np.seterr(over="ignore")  # masked scores (a key after its query) may overflow; they are replaced by zeros
     for batch, length, heads, key_dim, value_dim, per_sm, value_heads in (
-            (2, 150, 3, 32, 16, 2, 3), (1, 70, 2, 128, 160, 16, 2), (1, 300, 2, 32, 16, 6, 2),
+            (2, 150, 3, 32, 16, 2, 3), (1, 70, 2, 128, 160, 16, 1), (1, 300, 2, 32, 16, 6, 2),
             (1, 300, 1, 32, 16, 64, 1), (2, 90, 4, 32, 16, 16, 2)):
         tiles = kernels.ScanTiles(state_programs_per_sm=per_sm)
         q, k = torch.rand(batch, length, heads, key_dim), torch.rand(batch, length, heads, key_dim)
