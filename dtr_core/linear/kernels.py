@@ -759,12 +759,14 @@ if triton is not None:
         block = rows // BC
         here = (i_b * n_chunks + i_t) * H + i_h
         inter = tl.zeros([BT, BV], tl.float32)
-        scores = tl.zeros([BT, BT], tl.float32)
-        tl.static_assert(BT == 4 * BC)
-        s0 = tl.zeros([BT, BC], tl.float32)
-        s1 = tl.zeros([BT, BC], tl.float32)
-        s2 = tl.zeros([BT, BC], tl.float32)
-        s3 = tl.zeros([BT, BC], tl.float32)
+        if SPLIT:  # one [BT, BC] accumulator per block of keys
+            tl.static_assert(BT == 4 * BC)
+            s0 = tl.zeros([BT, BC], tl.float32)
+            s1 = tl.zeros([BT, BC], tl.float32)
+            s2 = tl.zeros([BT, BC], tl.float32)
+            s3 = tl.zeros([BT, BC], tl.float32)
+        else:
+            scores = tl.zeros([BT, BT], tl.float32)
         inter_mass = tl.zeros([BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             keys = i_k * BK + tl.arange(0, BK)
@@ -772,7 +774,6 @@ if triton is not None:
             ok = token_ok[:, None] & key_ok[None, :]
             p = ((i_b * T + tokens[:, None]) * H + i_h) * K + keys[None, :]
             b_q = tl.load(q + p, mask=ok, other=0).to(tl.float32) * scale
-            b_k = tl.load(k + p, mask=ok, other=0).to(tl.float32)
             # Rows past T take the last token's decays (as if decayed by 1): the reference rows stay bounded.
             decay = tl.load(decays + p + (tl.minimum(tokens, T - 1) - tokens)[:, None] * H * K, mask=key_ok[None, :],
                             other=0)
@@ -783,14 +784,19 @@ if triton is not None:
             if KEY_SUMS:
                 inter_mass += tl.sum(reading * tl.load(sums + here * K + keys, mask=key_ok, other=0)[None, :], axis=1)
             if SPLIT:
-                s0 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 0, IEEE)
-                s1 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 1, IEEE)
-                s2 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 2, IEEE)
-                s3 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 3, IEEE)
+                # (Triton's calls take no unpacked arguments: each block's call is spelled out.)
+                s0 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 0,
+                                        IEEE)
+                s1 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 1,
+                                        IEEE)
+                s2 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 2,
+                                        IEEE)
+                s3 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 3,
+                                        IEEE)
             else:
+                b_k = tl.load(k + p, mask=ok, other=0).to(tl.float32)
                 for c in tl.static_range(BT // BC):
-                    middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
-                    q_c = b_q * tl.exp(tl.where(block[:, None] >= c, decay - middle[None, :], float("-inf")))
+                    middle, q_c = _block_queries(b_q, decay, rows, BC, c)
                     k_c = b_k * tl.exp(tl.where(block[:, None] == c, middle[None, :] - decay, float("-inf")))
                     scores += _dot(q_c, tl.trans(k_c), IEEE)
         p_out = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
@@ -817,11 +823,17 @@ if triton is not None:
         tl.store(out + p_out, o.to(out.dtype.element_ty), mask=token_ok[:, None] & channel_ok[None, :])
 
     @triton.jit
+    def _block_queries(b_q, decay, rows, BC: tl.constexpr, c: tl.constexpr):
+        # Block c's reference decays (its middle row's) and the queries that score its keys: q exp(b - middle) from
+        # the block's first row on, zero before it.
+        middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
+        return middle, b_q * tl.exp(tl.where((rows // BC)[:, None] >= c, decay - middle[None, :], float("-inf")))
+
+    @triton.jit
     def _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H: tl.constexpr, K: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, c: tl.constexpr, IEEE: tl.constexpr):
         # The chunk's scores [BT, BC] against its keys of block c, over this step's key channels.
-        middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
-        q_c = b_q * tl.exp(tl.where((rows // BC)[:, None] >= c, decay - middle[None, :], float("-inf")))
+        middle, q_c = _block_queries(b_q, decay, rows, BC, c)
         block_tokens = i_t * BT + c * BC + tl.arange(0, BC)
         p = ((i_b * T + block_tokens[:, None]) * H + i_h) * K + keys[None, :]
         b_k = tl.load(k + p, mask=(block_tokens < T)[:, None] & key_ok[None, :], other=0).to(tl.float32)
