@@ -68,8 +68,8 @@ def sweep_configurations() -> tuple[list[kernels.ScanTiles], list[kernels.ScanTi
               for keys, values, warps in itertools.product((32, 64), (64, 128), (4, 8))]
     states += [default._replace(state_programs_per_sm=per_sm) for per_sm in (0, 1, 4, 8)]
     states += [default._replace(state_stages=stages, segmented_state_stages=stages) for stages in (1, 2, 3, 4)]
-    outputs = [default._replace(output_keys=keys, output_values=values, output_warps=warps, split_scores=split)
-               for keys, values, warps, split in itertools.product((32, 64), (64, 128), (4, 8), (False, True))]
+    outputs = [default._replace(output_keys=keys, output_values=values, output_warps=warps)
+               for keys, values, warps in itertools.product((32, 64), (64, 128), (4, 8))]
     return states, outputs
 
 

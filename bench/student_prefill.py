@@ -102,9 +102,9 @@ def host_waits(fn, device) -> int | None:
 def scan_inputs(student, hidden, kernel_scan: bool = False):
     """The student's scan inputs (q, k, v, gates) for ``hidden`` as its forward prepares them: for its operator (a
     K/V head per query head, log-decays), or with ``kernel_scan`` for a prompt's kernel scan (shared K/V heads where
-    the kernels read them, the decays' logits)."""
+    the kernels read them, the gates in the scan's own form)."""
     projections = student._projections(hidden, repeat=not student._shares_kv_in_kernels(kernel_scan))
-    return student._scan_inputs(hidden, projections, None, None, decay_logits=kernel_scan)
+    return student._scan_inputs(hidden, projections, None, None, kernel_gates=kernel_scan)
 
 
 def kernel_table(fn, device, top: int) -> list[dict]:
@@ -154,7 +154,7 @@ def measure(teacher, rotary, students, batch: int, length: int, repeats: int, de
             row["ms"][f"{kind} host"] = host_ms(student_call, repeats, device)
             row[f"{kind} host waits"] = host_waits(student_call, device)
             def scan():
-                return student._causal_scan(*scanned, None, fused, decay_logits=kernel_scan, read_out=kernel_scan)
+                return student._causal_scan(*scanned, None, fused, kernel_gates=kernel_scan, read_out=kernel_scan)
 
             row["ms"][f"{kind} scan"] = median_ms(scan, repeats, device)
             row["ms"][f"{kind} scan host"] = host_ms(scan, repeats, device)

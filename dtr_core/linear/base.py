@@ -113,7 +113,7 @@ class LinearAttentionStudent(nn.Module):
     A subclass sets ``kind`` (its name in ``config_dict()``) and ``state_sums_writes``, and defines
     ``_build_gates`` (its parameters), ``_gates`` (their per-token values) and ``_operator`` (its
     scan) and ``_in_place_step`` (its decoding step on a state it overwrites); it may override
-    ``_resolve_backend`` and set ``_kernel_scan``.
+    ``_resolve_backend`` and define ``_kernel_scan`` with ``_kernel_gates``.
     """
 
     kind: str
@@ -129,9 +129,10 @@ class LinearAttentionStudent(nn.Module):
     # Whether a short call that starts a sequence replays as a CUDA graph on CUDA without gradients
     # (``prefill_graphs.py``): the host's time to issue the kernels bounds such calls. Changes no result.
     replay_prefill: bool = True
-    # The mechanism's own Triton scan for prompts on the fused kernels (``kernels.gla_prefill_triton``'s contract:
-    # the normaliser apart, no value column, the gates' logits and the readout on request), or None: ``_operator``
-    # serves every call.
+    # The mechanism's own Triton scan for prompts on the fused kernels, a method (q, k, v, gates, kernel_gates,
+    # initial state, initial key sum, **options) with ``kernels.gla_prefill_triton``'s contract (the normaliser
+    # apart, no value column, the readout on request): ``gates`` are ``_gates``' log-decays, or with
+    # ``kernel_gates`` what ``_kernel_gates`` gives. None: ``_operator`` serves every call.
     _kernel_scan = None
 
     def __init__(
@@ -213,9 +214,14 @@ class LinearAttentionStudent(nn.Module):
         """Create the mechanism's own parameters (``self.key_dim`` and the projections exist)."""
         raise NotImplementedError
 
-    def _gates(self, hidden_states: torch.Tensor, fused: bool, decay_logits: bool = False) -> tuple:
+    def _gates(self, hidden_states: torch.Tensor, fused: bool) -> tuple:
         """hidden_states [B, T, hidden] → the tuple of per-token gate tensors ``_operator`` takes after v;
-        ``fused``: log-decays by ``_log_decays``' kernel; ``decay_logits``: their logits instead (``_log_decays``)."""
+        ``fused``: log-decays by ``_log_decays``' kernel."""
+        raise NotImplementedError
+
+    def _kernel_gates(self, hidden_states: torch.Tensor) -> tuple:
+        """With a ``_kernel_scan``: the gates in the form that scan takes on a prompt, where it computes the
+        log-decays itself (fewer passes over per-token, per-channel tensors)."""
         raise NotImplementedError
 
     @staticmethod
@@ -339,12 +345,9 @@ class LinearAttentionStudent(nn.Module):
         return features if valid is None else features * valid[:, :, None, None].to(features.dtype)
 
     @staticmethod
-    def _log_decays(logits: torch.Tensor, fused: bool, keep_logits: bool = False) -> torch.Tensor:
+    def _log_decays(logits: torch.Tensor, fused: bool) -> torch.Tensor:
         """Per-token log-decays log(sigmoid(logits)) >= LOG_DECAY_FLOOR: fp32, or in the logits' dtype by one
-        kernel when ``fused`` (the scan reads them in v's dtype either way); with ``keep_logits`` the logits as they
-        are, for a ``_kernel_scan`` that computes the log-decays as it sums them (one pass fewer over them)."""
-        if keep_logits:
-            return logits
+        kernel when ``fused`` (the scan reads them in v's dtype either way)."""
         if fused:
             return kernels.log_decay_triton(logits, LOG_DECAY_FLOOR)
         return F.logsigmoid(logits.float()).clamp_min(LOG_DECAY_FLOOR)
@@ -417,11 +420,11 @@ class LinearAttentionStudent(nn.Module):
         else:
             valid = key_padding_mask(attention_mask, length)
             fused = self._fused(hidden_states)
-            # A prompt on the kernel scan takes the gates' logits and returns its output read out.
+            # A prompt on the kernel scan takes its own form of the gates and returns its output read out.
             kernel_scan = self._prompt_kernel_scan(fused, length, layer)
             projections = self._projections(hidden_states, repeat=not self._shares_kv_in_kernels(kernel_scan))
-            q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer, decay_logits=kernel_scan)
-            out, mass = self._causal_scan(q, k, v, gates, layer, fused, decay_logits=kernel_scan,
+            q, k, v, gates = self._scan_inputs(hidden_states, projections, valid, layer, kernel_gates=kernel_scan)
+            out, mass = self._causal_scan(q, k, v, gates, layer, fused, kernel_gates=kernel_scan,
                                           read_out=kernel_scan)
             if not self.causal:
                 out = out + self._scan(q, k, v, gates, reverse=True)[0]
@@ -502,9 +505,10 @@ class LinearAttentionStudent(nn.Module):
         grouped = x.view(batch, length, -1, 1, self.head_dim)
         return grouped.expand(-1, -1, -1, self.kv_groups, -1).reshape(batch, length, -1)
 
-    def _scan_inputs(self, hidden_states, projections, valid, layer, decay_logits: bool = False):
+    def _scan_inputs(self, hidden_states, projections, valid, layer, kernel_gates: bool = False):
         """(q, k, v, gates) as the scan reads them (v without ``_value_columns``' normaliser column): the
-        ``projections`` through the short convolutions, feature map and gates (``decay_logits``: see ``_gates``);
+        ``projections`` through the short convolutions, feature map and gates (``kernel_gates``: ``_kernel_gates``'
+        form, else ``_gates``');
         padding keys (``valid`` False) zeroed, one dtype. k and v keep the projections' heads
         (``_shares_kv_in_kernels``); features are per query head."""
         batch, length, _ = hidden_states.shape
@@ -516,7 +520,7 @@ class LinearAttentionStudent(nn.Module):
             q, k, v = (self._convolved(x, name, layer) for x, name in ((q, "q_conv"), (k, "k_conv"), (v, "v_conv")))
         q, k, v = (x.view(batch, length, -1, self.head_dim) for x in (q, k, v))
         q, k = self._features(q, fused), self._features(k, fused, valid)
-        gates = self._gates(hidden_states, fused, decay_logits)
+        gates = self._kernel_gates(hidden_states) if kernel_gates else self._gates(hidden_states, fused)
         # One dtype for every kernel input: under autocast the projections come out in bf16 but
         # softmax features, normalised q/k and gates in fp32, and fla's kernels need them to agree.
         q, k = q.to(v.dtype), k.to(v.dtype)
@@ -536,12 +540,12 @@ class LinearAttentionStudent(nn.Module):
             layer.keep(name, history)
         return out
 
-    def _causal_scan(self, q, k, v, gates, layer, fused: bool = False, decay_logits: bool = False,
+    def _causal_scan(self, q, k, v, gates, layer, fused: bool = False, kernel_gates: bool = False,
                      read_out: bool = False) -> tuple:
         """The forward scan, continuing and updating ``layer``'s state when decoding with a cache: (its output,
         the normaliser [B, T, H] when ``_kernel_scan`` computed it apart, else None). A prompt on the fused kernels
-        (``_prompt_kernel_scan``) runs the mechanism's ``_kernel_scan``; there ``decay_logits`` says that the gates
-        are the log-decays' logits, and ``read_out`` has the scan apply a softmax-like readout itself (the output is
+        (``_prompt_kernel_scan``) runs the mechanism's ``_kernel_scan``; there ``kernel_gates`` says that the gates
+        are ``_kernel_gates``' form, and ``read_out`` has the scan apply a softmax-like readout itself (the output is
         then read out and the normaliser None).
 
         A cache keeps one state layout whichever way a call computed it: a softmax-like readout's running key
@@ -558,8 +562,8 @@ class LinearAttentionStudent(nn.Module):
         start, start_sum = (state[..., :-1], state[..., -1]) if state is not None and key_sums else (state, None)
         self.last_backend = "triton"
         out, mass, state, key_sum = self._kernel_scan(
-            q, k, v, *gates, 1.0, start, start_sum, output_final_state=layer is not None, key_sums=key_sums,
-            logits_floor=LOG_DECAY_FLOOR if decay_logits else None, normalise=read_out and key_sums)
+            q, k, v, gates, kernel_gates, start, start_sum, output_final_state=layer is not None, key_sums=key_sums,
+            normalise=read_out and key_sums)
         if layer is not None:
             layer.advance(state if key_sum is None else torch.cat([state, key_sum[..., None]], dim=-1), q.shape[1])
         return out, mass

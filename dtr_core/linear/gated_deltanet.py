@@ -269,9 +269,9 @@ class GatedDeltaNetStudent(LinearAttentionStudent):
             self.decay_proj.bias.copy_(retention_logits(self.num_heads))
             self.beta_proj.bias.fill_(INITIAL_BETA_LOGIT)
 
-    def _gates(self, hidden_states, fused, decay_logits=False):
+    def _gates(self, hidden_states, fused):
         beta = torch.sigmoid(self.beta_proj(hidden_states).float())
-        return self._log_decays(self.decay_proj(hidden_states), fused, decay_logits), beta
+        return self._log_decays(self.decay_proj(hidden_states), fused), beta
 
     @staticmethod
     def _operator(q, k, v, gates, **kwargs) -> Output:

@@ -34,7 +34,7 @@ from .backends import (
     starting_state,
     to_chunks,
 )
-from .base import LinearAttentionStudent, retention_logits
+from .base import LOG_DECAY_FLOOR, LinearAttentionStudent, retention_logits
 from .kernels import gla_prefill_triton, gla_step_triton
 
 try:  # optional: backends.resolve_backend refuses the fla backends when fla could not be imported
@@ -266,14 +266,22 @@ class GLAStudent(LinearAttentionStudent):
         with torch.no_grad():
             self.gate_up.bias.copy_(retention_logits(self.key_dim).repeat(self.num_heads))
 
-    def _gates(self, hidden_states, fused, decay_logits=False):
+    def _gates(self, hidden_states, fused):
         batch, length, _ = hidden_states.shape
-        g = self._log_decays(self.gate_up(self.gate_down(hidden_states)), fused, decay_logits)
+        g = self._log_decays(self.gate_up(self.gate_down(hidden_states)), fused)
         return (g.view(batch, length, self.num_heads, self.key_dim),)
+
+    def _kernel_gates(self, hidden_states):
+        # The gate's low-rank activations: the scan takes gate_up's logits and their log-decays as it sums them.
+        return (self.gate_down(hidden_states),)
+
+    def _kernel_scan(self, q, k, v, gates, kernel_gates, initial_state, initial_key_sum, **options):
+        low_rank = dict(gate_up=(self.gate_up.weight, self.gate_up.bias), logits_floor=LOG_DECAY_FLOOR) \
+            if kernel_gates else {}
+        return gla_prefill_triton(q, k, v, *gates, 1.0, initial_state, initial_key_sum, **low_rank, **options)
 
     @staticmethod
     def _operator(q, k, v, gates, **kwargs) -> Output:
         return gla(q, k, v, *gates, **kwargs)
 
     _in_place_step = staticmethod(gla_step_)
-    _kernel_scan = staticmethod(gla_prefill_triton)

@@ -184,13 +184,14 @@ def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
 _SCAN_CHUNK = 64  # tokens per chunk of the prefill scan
 _SCAN_BLOCK = 16  # rows per decay reference inside a chunk: exponents stay within 8 rows (64 nats at the floor)
 _SCAN_CHUNK_KEYS = 32  # key channels per program of the chunk decays' kernel
+_CHUNK_DECAY_WARPS = 2  # 13-16% faster than 4 at Qwen2.5-1.5B's 1 and 8 x 8K (H200; 64 channels or 8 warps no faster)
 
 
 class ScanTiles(NamedTuple):
     """The launch configuration of ``gla_prefill_triton``'s state and output kernels: the state kernel's [keys,
     values] tile per program, its warps and pipeline depths, the output kernel's key channels per step, value channels
     per program and warps, and how far a prompt's chunks split into segments. From ``python -m bench.gla_scan --sweep``
-    on an H200 (BENCHMARKS.md, issue 15, tenth and eleventh sessions): at 8K tokens and at batch 8 these are within
+    on an H200 (BENCHMARKS.md, issue 15, tenth to twelfth sessions): at 8K tokens and at batch 8 these are within
     0.3% of the fastest at Llama-3.2-1B's and Qwen2.5-1.5B's shapes. The state kernel's 64 x 128 tile with 4 warps
     took half the time of 64 x 64 with 8 at Qwen's batch 1 x 8K; two warps spill (5-9x slower)."""
     state_keys: int = 64
@@ -203,10 +204,6 @@ class ScanTiles(NamedTuple):
     output_keys: int = 32
     output_values: int = 128
     output_warps: int = 4
-    # Whether the output kernel scores each block of 16 keys on its own ([64, 16] products that load the block's keys,
-    # a quarter of the multiplies and key exponentials) instead of as masked [64, 64] products. Not yet timed on a
-    # GPU (DEVELOPERS.md, next GPU session): the sweep keeps the faster form and the other goes.
-    split_scores: bool = False
     # A long prompt with few (sequence, head, tile) programs splits its chunks into segments that run in parallel,
     # up to this many state programs per multiprocessor; a third kernel then carries each segment's start in.
     state_programs_per_sm: int = 4
@@ -219,30 +216,35 @@ def _tile(size: int, cap: int) -> int:
 
 def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                        initial_state: torch.Tensor | None = None, initial_key_sum: torch.Tensor | None = None,
-                       output_final_state: bool = False, key_sums: bool = False, logits_floor: float | None = None,
-                       normalise: bool = False, tiles: ScanTiles = ScanTiles()) -> tuple:
+                       output_final_state: bool = False, key_sums: bool = False,
+                       gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                       logits_floor: float | None = None, normalise: bool = False,
+                       tiles: ScanTiles = ScanTiles()) -> tuple:
     """GLA's chunkwise scan for inference (``gla.gla``'s contract, no gradient), and with ``key_sums`` the normaliser
     a softmax-like readout needs: what an all-ones value column would accumulate, ``mass_t = q_t . z_t`` with
     ``z_t`` the decayed sum of keys, without widening the values.
 
     fla's ``chunk_gla`` takes six kernels; with hedgehog features (K = 2 x the head size) its intra-chunk scores,
     built in 16 x 16 tiles by three of them that read q, k and the decays again for every tile, were half its time on
-    an H200 (BENCHMARKS.md, issue 15, ninth session). Here one kernel sums each chunk's log-decays
-    (``_chunk_decays_kernel``: summing across a tile's threads inside the other two cost more than reading these
-    back), one walks the chunks of a (sequence, head) and stores the state (and z) entering each
+    an H200 (BENCHMARKS.md, issue 15, ninth session). Here one kernel sums each chunk's log-decays, on a student's
+    prompt from the gate's low-rank activations (``_chunk_decays_kernel``: summing across a tile's threads inside the
+    other two cost more than reading these back), one walks the chunks of a (sequence, head) and stores the state (and z) entering each
     (``_gla_chunk_states_kernel``; a prompt with few such programs in parallel segments, joined by
     ``_gla_segment_starts_kernel``), and one program per (chunk, head) computes the chunk's scores, its output and
     its mass in registers (``_gla_chunk_output_kernel``).
 
     Args:
-        q, k, g: [B, T, H, K], g a log-decay in [-8, 0] (``base.LOG_DECAY_FLOOR``: the scores' exponents are
-            bounded by 8 rows of it). v: [B, T, H_v, V], H_v dividing H: query head h reads value head
-            h // (H / H_v) (a GQA teacher's shared heads, read where they lie instead of repeated). scale: multiplies q.
+        q, k: [B, T, H, K]. v: [B, T, H_v, V], H_v dividing H: query head h reads value head h // (H / H_v) (a GQA
+            teacher's shared heads, read where they lie instead of repeated). scale: multiplies q.
+        g: [B, T, H, K], a log-decay in [-8, 0] (``base.LOG_DECAY_FLOOR``: the scores' exponents are bounded by 8
+            rows of it), or with ``gate_up`` the gate's low-rank activations [B, T, R].
         initial_state: fp32 [B, H, K, V] or None (zeros); initial_key_sum: fp32 [B, H, K] or None (zeros).
         output_final_state: also return the state (and z) after the last token.
         key_sums: also compute the mass and z.
-        logits_floor: if given, g holds the gates' logits and the log-decays are max(logsigmoid(g), logits_floor),
-            computed in fp32 as the chunks' sums are (no separate pass writing them).
+        gate_up, logits_floor: given together, g holds the gate's low-rank activations (a GLA student's
+            ``gate_down`` output) and gate_up = (W [H*K, R], bias [H*K] or None) its up-projection: the log-decays
+            are max(logsigmoid(g W^T + bias), logits_floor), computed in fp32 as the chunks' sums are (the logits are
+            never stored: at Qwen2.5-1.5B's shape they were 6% of a GLA layer's GPU time at 8K tokens).
         normalise: with ``key_sums``, return the softmax-like readout o / (mass + 1e-6) (``normalised_readout_triton``)
             as o, and no mass.
         tiles: the kernels' launch configuration.
@@ -252,6 +254,8 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     """
     if normalise and not key_sums:
         raise ValueError("normalise=True reads out by the normaliser: it needs key_sums=True")
+    if (gate_up is None) != (logits_floor is None):
+        raise ValueError("gate_up and logits_floor come together: the log-decays of low-rank gates need both")
     batch, length, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[-2:]
     if heads % value_heads:
@@ -269,9 +273,17 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     start_sum = final_sum if initial_key_sum is None else initial_key_sum.float().contiguous()
     key_block, value_block = _tile(key_dim, tiles.state_keys), _tile(value_dim, tiles.state_values)
     decays = torch.empty(batch, length, heads, key_dim, dtype=torch.float32, device=device)
+    up_weight, up_bias = (None, None) if gate_up is None else gate_up
+    rank = 1 if gate_up is None else up_weight.shape[1]
+    if gate_up is not None and (g.shape != (batch, length, rank) or up_weight.shape != (heads * key_dim, rank)):
+        raise ValueError(f"low-rank gates: g {tuple(g.shape)} and W {tuple(up_weight.shape)} must be "
+                         f"[B, T, R] = [{batch}, {length}, R] and [H*K, R] = [{heads * key_dim}, R]")
     _chunk_decays_kernel[(chunks, triton.cdiv(key_dim, _SCAN_CHUNK_KEYS), batch * heads)](
-        g, decays, length, 0.0 if logits_floor is None else logits_floor, H=heads, K=key_dim, BT=_SCAN_CHUNK,
-        BK=_SCAN_CHUNK_KEYS, LOGITS=logits_floor is not None)
+        g, decays if gate_up is None else up_weight.to(g.dtype).contiguous(),
+        decays if up_bias is None else up_bias.contiguous(), decays, length,
+        0.0 if logits_floor is None else logits_floor, H=heads, K=key_dim, R=rank, BT=_SCAN_CHUNK,
+        BK=_SCAN_CHUNK_KEYS, BR=max(16, triton.next_power_of_2(rank)), LOW_RANK=gate_up is not None,
+        HAS_BIAS=up_bias is not None, IEEE=ieee, num_warps=_CHUNK_DECAY_WARPS)
     tile_grid = (triton.cdiv(key_dim, key_block), triton.cdiv(value_dim, value_block))
     programs = tile_grid[0] * tile_grid[1] * batch * heads
     segments = max(1, min(chunks, tiles.state_programs_per_sm * _multiprocessors(device) // programs))
@@ -303,7 +315,7 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     _gla_chunk_output_kernel[(chunks, triton.cdiv(value_dim, value_block), batch * heads)](
         q, k, v, decays, states, sums, out, mass, scale, length, H=heads, HV=value_heads, K=key_dim, V=value_dim,
         BT=_SCAN_CHUNK, BC=_SCAN_BLOCK, BK=_tile(key_dim, tiles.output_keys), BV=value_block, KEY_SUMS=key_sums,
-        NORMALISE=normalise, IEEE=ieee, SPLIT=tiles.split_scores, num_warps=tiles.output_warps,
+        NORMALISE=normalise, IEEE=ieee, num_warps=tiles.output_warps,
     )
     return (out, mass if key_sums and not normalise else None, final if output_final_state else None,
             final_sum if output_final_state and key_sums else None)
@@ -617,19 +629,30 @@ if triton is not None:
         return tl.dot(a.to(b.dtype), b)
 
     @triton.jit
-    def _chunk_decays_kernel(g, decays, T, floor, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                             BK: tl.constexpr, LOGITS: tl.constexpr):
+    def _chunk_decays_kernel(g, up_weight, up_bias, decays, T, floor, H: tl.constexpr, K: tl.constexpr,
+                             R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                             LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr):
         # One chunk of one (sequence, head), BK key channels: the log-decays summed from the chunk's start, fp32
-        # (LOGITS: g holds logits, whose log-decays max(logsigmoid(g), floor) are taken first).
+        # (LOW_RANK: g holds the gate's R activations per token; the logits g W^T + bias, from the [BK, R] rows of
+        # W for these channels, give the log-decays max(logsigmoid(logits), floor)).
         i_t, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         i_b, i_h = i_bh // H, i_bh % H
         tokens, keys = i_t * BT + tl.arange(0, BT), i_k * BK + tl.arange(0, BK)
-        ok = (tokens < T)[:, None] & (keys < K)[None, :]
+        token_ok, key_ok = tokens < T, keys < K
         p = ((i_b * T + tokens[:, None]) * H + i_h) * K + keys[None, :]
-        x = tl.load(g + p, mask=ok, other=0).to(tl.float32)
-        if LOGITS:  # rows past T come after every real row: what they add is never stored
+        if LOW_RANK:  # rows past T come after every real row: what they add is never stored
+            ranks = tl.arange(0, BR)
+            b_g = tl.load(g + (i_b * T + tokens[:, None]) * R + ranks[None, :],
+                          mask=token_ok[:, None] & (ranks < R)[None, :], other=0)
+            b_w = tl.load(up_weight + (i_h * K + keys[None, :]) * R + ranks[:, None],
+                          mask=(ranks < R)[:, None] & key_ok[None, :], other=0)
+            x = _dot(b_g, b_w, IEEE)
+            if HAS_BIAS:
+                x += tl.load(up_bias + i_h * K + keys, mask=key_ok, other=0).to(tl.float32)[None, :]
             x = _floored_log_sigmoid(x, floor)
-        tl.store(decays + p, tl.cumsum(x, axis=0), mask=ok)
+        else:
+            x = tl.load(g + p, mask=token_ok[:, None] & key_ok[None, :], other=0).to(tl.float32)
+        tl.store(decays + p, tl.cumsum(x, axis=0), mask=token_ok[:, None] & key_ok[None, :])
 
     @triton.jit
     def _gla_chunk_states_kernel(k, v, decays, initial, initial_sum, states, sums, carries, carry_sums, totals, T,
@@ -739,14 +762,14 @@ if triton is not None:
     def _gla_chunk_output_kernel(q, k, v, decays, states, sums, out, mass, scale, T, H: tl.constexpr,
                                  HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY_SUMS: tl.constexpr,
-                                 NORMALISE: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
+                                 NORMALISE: tl.constexpr, IEEE: tl.constexpr):
         # One chunk of one (sequence, head), BV value channels: o = (q exp(b)) S + A v and mass = (q exp(b)) . z +
         # rowsum(A) (NORMALISE: o / (mass + 1e-6) stored as o, every value tile computing the mass), with b the
         # chunk's decays (_chunk_decays_kernel), S and z entering it and the causal scores
         # A[i, j] = sum_c q[i,c] k[j,c] exp(b[i,c] - b[j,c]). A is built one block of BC keys at a time as one
-        # product (SPLIT: [BT, BC] products, one accumulator per block, _key_block_scores; otherwise [BT, BT]
-        # products masked to the block), its decays split at a reference row m in the middle of the block:
-        # exp(b_i - m) exp(m - b_j).
+        # [BT, BT] product masked to the block (scoring each block as a [BT, BC] product was no faster on an H200,
+        # BENCHMARKS.md issue 15, twelfth session), its decays split at a reference row m in the middle of the
+        # block: exp(b_i - m) exp(m - b_j).
         # For a key in the block each factor spans at most BC/2 rows (<= 64 nats at the -8 floor: no overflow);
         # a query after the block has b_i <= m (its factor <= 1, at worst underflowing where the true weight is
         # below e^-40 anyway). Queries before the block, and keys after the query inside it, are masked.
@@ -759,14 +782,7 @@ if triton is not None:
         block = rows // BC
         here = (i_b * n_chunks + i_t) * H + i_h
         inter = tl.zeros([BT, BV], tl.float32)
-        if SPLIT:  # one [BT, BC] accumulator per block of keys
-            tl.static_assert(BT == 4 * BC)
-            s0 = tl.zeros([BT, BC], tl.float32)
-            s1 = tl.zeros([BT, BC], tl.float32)
-            s2 = tl.zeros([BT, BC], tl.float32)
-            s3 = tl.zeros([BT, BC], tl.float32)
-        else:
-            scores = tl.zeros([BT, BT], tl.float32)
+        scores = tl.zeros([BT, BT], tl.float32)
         inter_mass = tl.zeros([BT], tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             keys = i_k * BK + tl.arange(0, BK)
@@ -779,41 +795,30 @@ if triton is not None:
                             other=0)
             b_s = tl.load(states + here * K * V + keys[:, None] * V + channels[None, :],
                           mask=key_ok[:, None] & channel_ok[None, :], other=0)
-            reading = b_q * tl.exp(decay)
-            inter += _dot(reading, b_s, IEEE)
-            if KEY_SUMS:
-                inter_mass += tl.sum(reading * tl.load(sums + here * K + keys, mask=key_ok, other=0)[None, :], axis=1)
-            if SPLIT:
-                # (Triton's calls take no unpacked arguments: each block's call is spelled out.)
-                s0 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 0,
-                                        IEEE)
-                s1 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 1,
-                                        IEEE)
-                s2 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 2,
-                                        IEEE)
-                s3 += _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H, K, BT, BC, 3,
-                                        IEEE)
-            else:
-                b_k = tl.load(k + p, mask=ok, other=0).to(tl.float32)
-                for c in tl.static_range(BT // BC):
-                    middle, q_c = _block_queries(b_q, decay, rows, BC, c)
-                    k_c = b_k * tl.exp(tl.where(block[:, None] == c, middle[None, :] - decay, float("-inf")))
-                    scores += _dot(q_c, tl.trans(k_c), IEEE)
+            b_k = tl.load(k + p, mask=ok, other=0).to(tl.float32)
+            # Each key decayed to its block's middle row (read back, as the rows past T are): one exponential per
+            # key, where one per key and block computed the same values and masked three quarters of them.
+            row_middles = tl.load(decays + p + (tl.minimum(i_t * BT + block * BC + BC // 2, T - 1) - tokens)[:, None]
+                                  * H * K, mask=key_ok[None, :], other=0)
+            k_middle = b_k * tl.exp(row_middles - decay)
+            for c in tl.static_range(BT // BC):
+                middle = tl.load(decays + ((i_b * T + tl.minimum(i_t * BT + c * BC + BC // 2, T - 1)) * H + i_h) * K
+                                 + keys, mask=key_ok, other=0)
+                # Queries from the block's first row on score its keys.
+                q_c = b_q * tl.exp(tl.where(block[:, None] >= c, decay - middle[None, :], float("-inf")))
+                scores += _dot(q_c, tl.trans(tl.where(block[:, None] == c, k_middle, 0.0)), IEEE)
+                if c == 0:  # q exp(b) from block 0's queries: exp(b - m) <= e^64 (rows before m), exp(m) >= e^-72
+                    reading = q_c * tl.exp(middle)[None, :]
+                    inter += _dot(reading, b_s, IEEE)
+                    if KEY_SUMS:
+                        inter_mass += tl.sum(reading * tl.load(sums + here * K + keys, mask=key_ok, other=0)[None, :],
+                                             axis=1)
         p_out = ((i_b * T + tokens[:, None]) * H + i_h) * V + channels[None, :]
-        if SPLIT:
-            i_hv = i_h // (H // HV)
-            o0, m0 = _key_block_output(s0, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 0, IEEE)
-            o1, m1 = _key_block_output(s1, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 1, IEEE)
-            o2, m2 = _key_block_output(s2, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 2, IEEE)
-            o3, m3 = _key_block_output(s3, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV, V, BT, BC, 3, IEEE)
-            o = inter + o0 + o1 + o2 + o3
-            score_mass = m0 + m1 + m2 + m3
-        else:
-            scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
-            p_v = ((i_b * T + tokens[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
-            b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
-            o = inter + _dot(scores, b_v, IEEE)
-            score_mass = tl.sum(scores, axis=1)
+        scores = tl.where(rows[:, None] >= rows[None, :], scores, 0.0)
+        p_v = ((i_b * T + tokens[:, None]) * HV + i_h // (H // HV)) * V + channels[None, :]
+        b_v = tl.load(v + p_v, mask=token_ok[:, None] & channel_ok[None, :], other=0)
+        o = inter + _dot(scores, b_v, IEEE)
+        score_mass = tl.sum(scores, axis=1)
         if KEY_SUMS:
             row_mass = inter_mass + score_mass
             if NORMALISE:
@@ -821,35 +826,6 @@ if triton is not None:
             elif i_v == 0:
                 tl.store(mass + (i_b * T + tokens) * H + i_h, row_mass, mask=token_ok)
         tl.store(out + p_out, o.to(out.dtype.element_ty), mask=token_ok[:, None] & channel_ok[None, :])
-
-    @triton.jit
-    def _block_queries(b_q, decay, rows, BC: tl.constexpr, c: tl.constexpr):
-        # Block c's reference decays (its middle row's) and the queries that score its keys: q exp(b - middle) from
-        # the block's first row on, zero before it.
-        middle = tl.sum(tl.where(rows[:, None] == c * BC + BC // 2, decay, 0.0), axis=0)
-        return middle, b_q * tl.exp(tl.where((rows // BC)[:, None] >= c, decay - middle[None, :], float("-inf")))
-
-    @triton.jit
-    def _key_block_scores(b_q, decay, rows, k, decays, i_b, i_h, i_t, keys, key_ok, T, H: tl.constexpr, K: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, c: tl.constexpr, IEEE: tl.constexpr):
-        # The chunk's scores [BT, BC] against its keys of block c, over this step's key channels.
-        middle, q_c = _block_queries(b_q, decay, rows, BC, c)
-        block_tokens = i_t * BT + c * BC + tl.arange(0, BC)
-        p = ((i_b * T + block_tokens[:, None]) * H + i_h) * K + keys[None, :]
-        b_k = tl.load(k + p, mask=(block_tokens < T)[:, None] & key_ok[None, :], other=0).to(tl.float32)
-        b_b = tl.load(decays + p + (tl.minimum(block_tokens, T - 1) - block_tokens)[:, None] * H * K,
-                      mask=key_ok[None, :], other=0)
-        return _dot(q_c, tl.trans(b_k * tl.exp(middle[None, :] - b_b)), IEEE)
-
-    @triton.jit
-    def _key_block_output(s_c, rows, v, i_b, i_hv, i_t, channels, channel_ok, T, HV: tl.constexpr, V: tl.constexpr,
-                          BT: tl.constexpr, BC: tl.constexpr, c: tl.constexpr, IEEE: tl.constexpr):
-        # Block c's keys' share of the output and of the mass: its scores masked causally, times its values.
-        s_c = tl.where(rows[:, None] >= c * BC + tl.arange(0, BC)[None, :], s_c, 0.0)
-        block_tokens = i_t * BT + c * BC + tl.arange(0, BC)
-        b_v = tl.load(v + ((i_b * T + block_tokens[:, None]) * HV + i_hv) * V + channels[None, :],
-                      mask=(block_tokens < T)[:, None] & channel_ok[None, :], other=0)
-        return _dot(s_c, b_v, IEEE), tl.sum(s_c, axis=1)
 
     @triton.jit
     def _normalised_readout_kernel(scan, mass, out, n_rows, D: tl.constexpr, WIDTH: tl.constexpr,

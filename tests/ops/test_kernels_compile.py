@@ -83,8 +83,9 @@ LAUNCHES = textwrap.dedent("""
                                    torch.zeros(B, H, 2 * D), output_final_state=True, key_sums=True,
                                    tiles=kernels.ScanTiles(state_programs_per_sm=64))  # in segments
         kernels.gla_prefill_triton(features, features, x, decay, 1.0)
-        kernels.gla_prefill_triton(features, features, x[:, :, :2], decay, 1.0, key_sums=True, logits_floor=-8.0,
-                                   normalise=True, tiles=kernels.ScanTiles(split_scores=True))  # shared values
+        up = (torch.rand(H * 2 * D, 16, dtype=dtype), torch.rand(H * 2 * D))
+        kernels.gla_prefill_triton(features, features, x[:, :, :2], torch.rand(B, T, 16, dtype=dtype), 1.0,
+                                   key_sums=True, gate_up=up, logits_floor=-8.0, normalise=True)  # shared values
         step = torch.randn(B, 1, H, D, dtype=dtype)
         kernels.gla_step_triton(step, step, step, -torch.rand(B, 1, H, D, dtype=dtype), 0.125,
                                 torch.zeros(B, H, D, D))

@@ -86,7 +86,7 @@ INTERPRETED = textwrap.dedent("""
     # (not a multiple of one), decays at the -8 floor over many rows (the scores' exponents at their bound) and none
     # at all, more key channels than one tile and more value channels than one program of the state kernel; the
     # chunks in one segment, or (the interpreter counts one multiprocessor) in several; value heads shared by
-    # query heads; log-decays given, or taken from logits in the scan with its output read out.
+    # query heads; log-decays given, or taken from low-rank gates in the scan with its output read out.
     np.seterr(over="ignore")  # masked scores (a key after its query) may overflow; they are replaced by zeros
     for batch, length, heads, key_dim, value_dim, per_sm, value_heads in (
             (2, 150, 3, 32, 16, 2, 3), (1, 70, 2, 128, 160, 16, 1), (1, 300, 2, 32, 16, 6, 2),
@@ -110,16 +110,19 @@ INTERPRETED = textwrap.dedent("""
         out, mass, final, final_sum = kernels.gla_prefill_triton(q, k, v, g, 0.5, tiles=tiles)
         expected = gla_recurrent(q, k, per_head, g, 0.5)[0]
         assert worst(out, expected) <= 1e-5 * expected.abs().max() and mass is final is final_sum is None
-        # The gates' logits in, the softmax-like readout out (a prompt of a student with that readout).
-        logits = torch.randn(batch, length, heads, key_dim) * 6
+        # Low-rank gates in (their logits and log-decays taken in the scan), the softmax-like readout out (a prompt
+        # of a GLA student): a rank below tl.dot's 16 and one above, neither a power of two.
+        rank = 3 + key_dim // 8
+        low_rank, up_weight, up_bias = (torch.randn(batch, length, rank), torch.randn(heads * key_dim, rank),
+                                        torch.randn(heads * key_dim) * 3)
+        logits = (low_rank @ up_weight.T + up_bias).view(batch, length, heads, key_dim)
         expected, state = gla_recurrent(q, k, with_ones, F.logsigmoid(logits).clamp_min(-8.0), 0.5,
                                         torch.cat([start, start_sum[..., None]], dim=-1), output_final_state=True)
         read_out = expected[..., :-1] / (expected[..., -1:] + 1e-6)
-        for split in (False, True):  # the output kernel's two forms of the scores
-            out, mass, final, final_sum = kernels.gla_prefill_triton(
-                q, k, v, logits, 0.5, start, start_sum, output_final_state=True, key_sums=True, logits_floor=-8.0,
-                normalise=True, tiles=tiles._replace(split_scores=split))
-            assert worst(out, read_out) <= 1e-5 * read_out.abs().max() and mass is None
+        out, mass, final, final_sum = kernels.gla_prefill_triton(
+            q, k, v, low_rank, 0.5, start, start_sum, output_final_state=True, key_sums=True,
+            gate_up=(up_weight, up_bias), logits_floor=-8.0, normalise=True, tiles=tiles)
+        assert worst(out, read_out) <= 1e-5 * read_out.abs().max() and mass is None
         assert worst(final, state[..., :-1]) <= 1e-5 * state.abs().max()
         assert worst(final_sum, state[..., -1]) <= 1e-5 * state.abs().max()
     out_weight = torch.rand(3, 16)
@@ -228,12 +231,17 @@ def test_prefill_kernels_are_chosen_for_inference_on_cuda_only():
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
-def test_prefill_kernels_refuse_heads_that_do_not_divide_and_a_readout_without_its_normaliser():
+def test_prefill_kernels_refuse_heads_that_do_not_divide_a_readout_without_its_normaliser_and_unfit_gates():
     q = torch.rand(1, 8, 4, 32)
     with pytest.raises(ValueError, match="v has 3 heads: they must divide q's 4"):
         kernels.gla_prefill_triton(q, q, torch.rand(1, 8, 3, 16), -q, 1.0)
     with pytest.raises(ValueError, match="needs key_sums=True"):
         kernels.gla_prefill_triton(q, q, torch.rand(1, 8, 2, 16), -q, 1.0, normalise=True)
+    with pytest.raises(ValueError, match="gate_up and logits_floor come together"):
+        kernels.gla_prefill_triton(q, q, q, q, 1.0, logits_floor=-8.0)
+    with pytest.raises(ValueError, match=r"must be \[B, T, R\] = \[1, 8, R\] and \[H\*K, R\] = \[128, R\]"):
+        kernels.gla_prefill_triton(q, q, q, torch.rand(1, 8, 5), 1.0, gate_up=(torch.rand(128, 4), None),
+                                   logits_floor=-8.0)
     with pytest.raises(ValueError, match="x has 3 heads: they must divide the feature map's 4"):
         kernels.hedgehog_triton(torch.rand(1, 8, 3, 16), torch.rand(4, 16, 16))
 
