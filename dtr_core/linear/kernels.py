@@ -228,9 +228,9 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     built in 16 x 16 tiles by three of them that read q, k and the decays again for every tile, were half its time on
     an H200 (BENCHMARKS.md, issue 15, ninth session). Here one kernel sums each chunk's log-decays, on a student's
     prompt from the gate's low-rank activations (``_chunk_decays_kernel``: summing across a tile's threads inside the
-    other two cost more than reading these back), one walks the chunks of a (sequence, head) and stores the state (and z) entering each
-    (``_gla_chunk_states_kernel``; a prompt with few such programs in parallel segments, joined by
-    ``_gla_segment_starts_kernel``), and one program per (chunk, head) computes the chunk's scores, its output and
+    other two cost more than reading these back), one walks the chunks of a (sequence, head) and stores the state
+    (and z) entering each (``_gla_chunk_states_kernel``; a prompt with few such programs in parallel segments, joined
+    by ``_gla_segment_starts_kernel``), and one program per (chunk, head) computes the chunk's scores, its output and
     its mass in registers (``_gla_chunk_output_kernel``).
 
     Args:
@@ -244,7 +244,7 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         gate_up, logits_floor: given together, g holds the gate's low-rank activations (a GLA student's
             ``gate_down`` output) and gate_up = (W [H*K, R], bias [H*K] or None) its up-projection: the log-decays
             are max(logsigmoid(g W^T + bias), logits_floor), computed in fp32 as the chunks' sums are (the logits are
-            never stored: at Qwen2.5-1.5B's shape they were 6% of a GLA layer's GPU time at 8K tokens).
+            never stored: one GEMM and 50 MB fewer at Qwen2.5-1.5B's shape, 1 x 8K tokens).
         normalise: with ``key_sums``, return the softmax-like readout o / (mass + 1e-6) (``normalised_readout_triton``)
             as o, and no mass.
         tiles: the kernels' launch configuration.
