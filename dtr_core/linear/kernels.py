@@ -184,16 +184,16 @@ def log_decay_triton(logits: torch.Tensor, floor: float) -> torch.Tensor:
 _SCAN_CHUNK = 64  # tokens per chunk of the prefill scan
 _SCAN_BLOCK = 16  # rows per decay reference inside a chunk: exponents stay within 8 rows (64 nats at the floor)
 _SCAN_CHUNK_KEYS = 32  # key channels per program of the chunk decays' kernel
-_CHUNK_DECAY_WARPS = 2  # 13-16% faster than 4 at Qwen2.5-1.5B's 1 and 8 x 8K (H200; 64 channels or 8 warps no faster)
 
 
 class ScanTiles(NamedTuple):
-    """The launch configuration of ``gla_prefill_triton``'s state and output kernels: the state kernel's [keys,
-    values] tile per program, its warps and pipeline depths, the output kernel's key channels per step, value channels
-    per program and warps, and how far a prompt's chunks split into segments. From ``python -m bench.gla_scan --sweep``
+    """The launch configuration of ``gla_prefill_triton``'s kernels: the chunk-decay kernel's warps, the state kernel's
+    [keys, values] tile per program, its warps and pipeline depths, the output kernel's key channels per step, value
+    channels per program and warps, and how far a prompt's chunks split into segments. From ``python -m bench.gla_scan --sweep``
     on an H200 (BENCHMARKS.md, issue 15, tenth to twelfth sessions): at 8K tokens and at batch 8 these are within
     0.3% of the fastest at Llama-3.2-1B's and Qwen2.5-1.5B's shapes. The state kernel's 64 x 128 tile with 4 warps
     took half the time of 64 x 64 with 8 at Qwen's batch 1 x 8K; two warps spill (5-9x slower)."""
+    decay_warps: int = 2  # the whole scan 2-3% faster than with 4 at both shapes' 1 and 8 x 8K (twelfth session)
     state_keys: int = 64
     state_values: int = 128
     state_warps: int = 4
@@ -283,7 +283,7 @@ def gla_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         decays if up_bias is None else up_bias.contiguous(), decays, length,
         0.0 if logits_floor is None else logits_floor, H=heads, K=key_dim, R=rank, BT=_SCAN_CHUNK,
         BK=_SCAN_CHUNK_KEYS, BR=max(16, triton.next_power_of_2(rank)), LOW_RANK=gate_up is not None,
-        HAS_BIAS=up_bias is not None, IEEE=ieee, num_warps=_CHUNK_DECAY_WARPS)
+        HAS_BIAS=up_bias is not None, IEEE=ieee, num_warps=tiles.decay_warps)
     tile_grid = (triton.cdiv(key_dim, key_block), triton.cdiv(value_dim, value_block))
     programs = tile_grid[0] * tile_grid[1] * batch * heads
     segments = max(1, min(chunks, tiles.state_programs_per_sm * _multiprocessors(device) // programs))
